@@ -1,0 +1,1 @@
+"""Lightning callbacks (layer freezing, LoRA injection, MLflow tracking), installed as ivl.callbacks."""

@@ -1,0 +1,17 @@
+"""`python -m ivl.bench {layers}`: GPU benchmarks whose numbers go into docs/benchmarks.md."""
+
+import argparse
+
+from ivl.bench import layers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m ivl.bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    layers.add_arguments(sub.add_parser("layers", help=layers.__doc__.splitlines()[0]))
+    args = parser.parse_args()
+    {"layers": layers.run}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Forward and forward+backward time of one token-mixing layer (GDN, SWA, full attention) at 4B shapes.
+
+Times one mixer layer of the `infinitevl-4b` preset (hidden 2048) on a [1, T, 2048] input, with CUDA events,
+after warm-up (which also absorbs FlexAttention's compilation), as the median of several repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+
+import torch
+
+from ivl.model import HybridConfig
+from ivl.model.attention import SlidingWindowAttention
+from ivl.model.gated_deltanet import GatedDeltaNet
+from ivl.model.layers import MultimodalRotaryEmbedding
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768, 65536])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--preset", default="infinitevl-4b")
+
+
+def time_ms(fn, repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def run(args: argparse.Namespace) -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("ivl.bench layers times GPU kernels; no CUDA device is visible")
+    dtype = getattr(torch, args.dtype)
+    config = HybridConfig.preset(args.preset)
+    mixers = {
+        "GDN": GatedDeltaNet(config, 1),
+        f"SWA (window {config.window})": SlidingWindowAttention(config, 0),
+        "full attention": SlidingWindowAttention(HybridConfig.preset(args.preset, window=None), 0),
+    }
+    rotary = MultimodalRotaryEmbedding(config.head_dim, config.rope_theta, config.mrope_section).cuda()
+    print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | {args.dtype} | "
+          f"{datetime.date.today()} | hidden {config.hidden_size}, batch 1\n")
+    print("| layer | " + " | ".join(f"{t // 1024}K fwd / fwd+bwd (ms)" for t in args.lengths) + " |")
+    print("| --- |" + " --- |" * len(args.lengths))
+    for name, layer in mixers.items():
+        layer = layer.to("cuda", dtype)
+        cells = []
+        for T in args.lengths:
+            x = torch.randn(1, T, config.hidden_size, device="cuda", dtype=dtype, requires_grad=True)
+            pos = torch.arange(T, device="cuda")[None, None].expand(3, 1, -1)
+            rope = rotary(pos, dtype)
+            grad = torch.randn_like(x)
+
+            def forward():
+                with torch.no_grad():
+                    layer(x, rope=rope)
+
+            def forward_backward():
+                layer(x, rope=rope).backward(grad)
+
+            try:
+                cells.append(f"{time_ms(forward, args.repeats):.2f} / {time_ms(forward_backward, args.repeats):.2f}")
+            except torch.OutOfMemoryError:
+                cells.append("OOM")
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+            torch.cuda.empty_cache()
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)

@@ -1,0 +1,76 @@
+"""The hybrid inference cache: constant memory however long the input grows.
+
+Attention layers keep at most ``window`` keys/values in a ring buffer (token t lives in slot t % window), so the
+cache stops growing once the window is full. Gated DeltaNet layers keep one [H, K, V] state and the last
+``conv_size - 1`` inputs of each short convolution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class WindowKVCache:
+    """Keys/values of one attention layer, [B, S, Hkv, D], and the token index held in each slot, [S]."""
+
+    window: int | None
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """Store new keys/values [B, T, Hkv, D] at token indices ``positions`` [T] (consecutive)."""
+        if self.keys is None:
+            self.keys, self.values, self.positions = keys[:, :0], values[:, :0], positions[:0]
+        if self.window is None:  # full attention: the cache grows with the input, by definition
+            self.keys = torch.cat([self.keys, keys], dim=1)
+            self.values = torch.cat([self.values, values], dim=1)
+            self.positions = torch.cat([self.positions, positions])
+            return
+        size = min(int(positions[-1]) + 1, self.window)
+        if self.keys.shape[1] < size:  # still filling the window: grow to the slots the new tokens take
+            grow = size - self.keys.shape[1]
+            self.keys = torch.cat([self.keys, keys.new_zeros(keys.shape[0], grow, *keys.shape[2:])], dim=1)
+            self.values = torch.cat([self.values, values.new_zeros(values.shape[0], grow, *values.shape[2:])], 1)
+            self.positions = torch.cat([self.positions, positions.new_full((grow,), -1)])
+        keep = min(keys.shape[1], self.window)  # only the last `window` new tokens can ever be seen again
+        slots = positions[-keep:] % self.window
+        self.keys[:, slots] = keys[:, -keep:]
+        self.values[:, slots] = values[:, -keep:]
+        self.positions[slots] = positions[-keep:]
+
+
+@dataclass
+class RecurrentCache:
+    """State of one Gated DeltaNet layer: [B, H, K, V] (float32) and the short-convolution tails [B, C, W-1]."""
+
+    state: torch.Tensor | None = None
+    conv: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class HybridCache:
+    """One entry per layer plus the number of tokens seen so far (the next token's index)."""
+
+    def __init__(self, layer_types: list[str], window: int | None):
+        self.layers = [WindowKVCache(window) if kind == "attention" else RecurrentCache() for kind in layer_types]
+        self.seen_tokens = 0
+
+    def __getitem__(self, i: int):
+        return self.layers[i]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def nbytes(self) -> int:
+        """Bytes held by every cached tensor."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, WindowKVCache):
+                tensors = [layer.keys, layer.values, layer.positions]
+            else:
+                tensors = [layer.state, *layer.conv.values()]
+            total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return total

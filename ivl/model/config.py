@@ -1,0 +1,152 @@
+"""HybridConfig: every size of the hybrid language model, and which token mixer each layer uses."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+@dataclass
+class HybridConfig:
+    """Configuration of the hybrid (sliding-window attention + Gated DeltaNet) language model.
+
+    ``layer_types`` says, per layer, which token mixer it uses. Leave it empty to derive it from
+    ``hybrid_ratio``: one attention layer opens each block of ``1 / hybrid_ratio`` layers (InfiniteVL's 1/4 gives
+    attention at layers 0, 4, 8, ...); ratio 0 means no attention layer at all.
+    """
+
+    vocab_size: int = 151936
+    """Token vocabulary size (the embedding and LM-head rows)."""
+    hidden_size: int = 2048
+    """Width of the residual stream."""
+    intermediate_size: int = 11008
+    """Hidden width of each SwiGLU MLP."""
+    num_layers: int = 36
+    """Number of token-mixing layers (each followed by an MLP)."""
+    layer_types: list[str] = field(default_factory=list)
+    """Per-layer mixer: "attention" or "gated_deltanet". Derived from hybrid_ratio when empty."""
+    hybrid_ratio: float | None = 0.25
+    """Fraction of attention layers (one per block of 1/ratio); used only when layer_types is empty."""
+
+    # Sliding-window attention layers (Qwen2.5-VL's attention, restricted to a window).
+    num_attention_heads: int = 16
+    """Query heads of the attention layers."""
+    num_key_value_heads: int = 2
+    """Key/value heads of the attention layers (grouped-query attention)."""
+    head_dim: int = 128
+    """Per-head width of the attention layers."""
+    attention_bias: bool = True
+    """Biases on the q/k/v projections (Qwen2.5 has them; o_proj never does)."""
+    window: int | None = 8192
+    """Tokens each attention query sees, itself included; None for full causal attention."""
+    rope_theta: float = 1_000_000.0
+    """RoPE base."""
+    mrope_section: list[int] = field(default_factory=lambda: [16, 24, 24])
+    """Rotary frequencies given to the temporal, height and width position axes; sums to head_dim / 2."""
+
+    # Gated DeltaNet layers.
+    gdn_num_heads: int = 16
+    """Heads of the Gated DeltaNet layers."""
+    gdn_head_k_dim: int = 128
+    """Key (and query) width per Gated DeltaNet head."""
+    gdn_head_v_dim: int = 256
+    """Value width per Gated DeltaNet head (the state per head is head_k_dim x head_v_dim)."""
+    gdn_conv_size: int = 4
+    """Width of the causal depthwise convolution after the q/k/v projections."""
+
+    rms_norm_eps: float = 1e-6
+    """Epsilon of every RMSNorm."""
+    tie_word_embeddings: bool = True
+    """Share the embedding matrix with the LM head."""
+    initializer_range: float = 0.02
+    """Standard deviation of the normal init of linear and embedding weights."""
+
+    def __post_init__(self) -> None:
+        if not self.layer_types:
+            if self.hybrid_ratio is None:
+                raise ValueError("HybridConfig needs either layer_types or hybrid_ratio")
+            self.layer_types = layer_types_from_ratio(self.num_layers, self.hybrid_ratio)
+        else:
+            self.layer_types = list(self.layer_types)
+            self.hybrid_ratio = self.layer_types.count("attention") / len(self.layer_types)
+        if len(self.layer_types) != self.num_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries but num_layers is {self.num_layers}")
+        from ivl.model.mixers import MIXERS  # the registry imports the layers, which import this module
+
+        for i, kind in enumerate(self.layer_types):
+            if kind not in MIXERS:
+                raise ValueError(f"layer_types[{i}] = {kind!r} is not a known mixer; choose from {sorted(MIXERS)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+        if sum(self.mrope_section) * 2 != self.head_dim:
+            raise ValueError(f"mrope_section {self.mrope_section} must sum to head_dim / 2 = {self.head_dim // 2}")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"window must be >= 1 or None; got {self.window}")
+
+    @property
+    def attention_layers(self) -> list[int]:
+        return [i for i, kind in enumerate(self.layer_types) if kind == "attention"]
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "HybridConfig":
+        """A named configuration: "tiny" (tests, demo) or "infinitevl-4b" (the paper's model)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def tiny(cls, **overrides) -> "HybridConfig":
+        return cls.preset("tiny", **overrides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "HybridConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown HybridConfig fields {unknown}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "HybridConfig":
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from err
+        return cls.from_dict(data)
+
+
+def layer_types_from_ratio(num_layers: int, ratio: float) -> list[str]:
+    """One attention layer at the start of each block of round(1 / ratio) layers; the rest Gated DeltaNet."""
+    if not 0 <= ratio <= 1:
+        raise ValueError(f"hybrid_ratio must be in [0, 1]; got {ratio}")
+    if ratio == 0:
+        return ["gated_deltanet"] * num_layers
+    block = round(1 / ratio)
+    return ["attention" if i % block == 0 else "gated_deltanet" for i in range(num_layers)]
+
+
+PRESETS: dict[str, dict] = {
+    # Qwen2.5-VL-3B's language model with 3 of every 4 attention layers replaced by Gated DeltaNet.
+    "infinitevl-4b": dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_layers=36, hybrid_ratio=0.25,
+        num_attention_heads=16, num_key_value_heads=2, head_dim=128, attention_bias=True, window=8192,
+        rope_theta=1_000_000.0, mrope_section=[16, 24, 24], gdn_num_heads=16, gdn_head_k_dim=128,
+        gdn_head_v_dim=256, gdn_conv_size=4, rms_norm_eps=1e-6, tie_word_embeddings=True,
+    ),
+    # Small enough that the whole test suite runs on 2 CPU cores; keeps every structural feature (GQA, mRoPE,
+    # a window shorter than test sequences, value heads wider than key heads).
+    "tiny": dict(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=4, hybrid_ratio=0.25,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention_bias=True, window=16,
+        rope_theta=10_000.0, mrope_section=[2, 3, 3], gdn_num_heads=2, gdn_head_k_dim=16, gdn_head_v_dim=32,
+        gdn_conv_size=4, rms_norm_eps=1e-6, tie_word_embeddings=True,
+    ),
+}

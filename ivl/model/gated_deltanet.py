@@ -1,0 +1,134 @@
+"""Gated DeltaNet: the linear, constant-memory token mixer of the hybrid blocks.
+
+Parameter names follow fla's ``GatedDeltaNet`` layer (q/k/v/a/b/g/o projections, ``A_log``, ``dt_bias``,
+``{q,k,v}_conv1d``, ``o_norm``), so checkpoints trained with fla-based code (the public InfiniteVL) map one to one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ivl.kernels import gated_delta_rule
+from ivl.model.cache import RecurrentCache
+from ivl.model.layers import GatedRMSNorm
+
+if TYPE_CHECKING:
+    from ivl.model.config import HybridConfig
+
+MIMIC_DT = 1e-3
+
+
+class ShortConvolution(nn.Module):
+    """Causal depthwise 1D convolution followed by SiLU, aware of packed sequences and of a cached tail."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))  # nn.Conv1d's layout
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(
+        self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, tail: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, C]; tail [B, W-1, C], the inputs before x (zeros if None). Returns (y, new tail)."""
+        B, T, C = x.shape
+        W = self.kernel_size
+        if tail is None:
+            tail = x.new_zeros(B, W - 1, C)
+        xp = torch.cat([tail.to(x.dtype), x], dim=1)  # [B, W-1+T, C]
+        w = self.weight[:, 0, :]  # [C, W]; tap W-1 multiplies the current token
+        if cu_seqlens is not None:
+            cu = cu_seqlens.to(device=x.device, dtype=torch.long)
+            pos = torch.arange(T, device=x.device) - cu[torch.bucketize(torch.arange(T, device=x.device), cu[1:],
+                                                                          right=True)]
+        y = x.new_zeros(B, T, C)
+        for back in range(W):  # tap reaching `back` tokens into the past
+            term = xp[:, W - 1 - back : W - 1 - back + T] * w[:, W - 1 - back]
+            if cu_seqlens is not None:  # a tap must not reach into the previous packed sequence
+                term = term * (pos >= back)[None, :, None].to(term.dtype)
+            y = y + term
+        return F.silu(y), xp[:, -(W - 1):]
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, config: HybridConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = H = config.gdn_num_heads
+        self.head_k_dim = config.gdn_head_k_dim
+        self.head_v_dim = config.gdn_head_v_dim
+        hidden = config.hidden_size
+        key_dim, value_dim = H * self.head_k_dim, H * self.head_v_dim
+        self.q_proj = nn.Linear(hidden, key_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, key_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, value_dim, bias=False)
+        self.a_proj = nn.Linear(hidden, H, bias=False)
+        self.b_proj = nn.Linear(hidden, H, bias=False)
+        self.A_log = nn.Parameter(torch.zeros(H))
+        self.dt_bias = nn.Parameter(torch.zeros(H))
+        self.q_conv1d = ShortConvolution(key_dim, config.gdn_conv_size)
+        self.k_conv1d = ShortConvolution(key_dim, config.gdn_conv_size)
+        self.v_conv1d = ShortConvolution(value_dim, config.gdn_conv_size)
+        self.g_proj = nn.Linear(hidden, value_dim, bias=False)
+        self.o_norm = GatedRMSNorm(self.head_v_dim, eps=config.rms_norm_eps)
+        self.o_proj = nn.Linear(value_dim, hidden, bias=False)
+        self.reset_mimic()
+
+    @torch.no_grad()
+    def reset_mimic(self) -> None:
+        """InfiniteVL's "mimic" initialisation: a fresh layer starts close to a pass-through.
+
+        Identity short convolutions (weight 1 on the current token), zero a/b projections (beta = 0.5),
+        A = 1 and dt = 1e-3, so the decay exp(g) = exp(-softplus(dt_bias)) starts at about 0.999.
+        """
+        for conv in (self.q_conv1d, self.k_conv1d, self.v_conv1d):
+            conv.weight.zero_()
+            conv.weight[:, 0, -1] = 1.0
+        self.a_proj.weight.zero_()
+        self.b_proj.weight.zero_()
+        self.A_log.zero_()
+        # dt_bias = softplus^{-1}(dt)
+        self.dt_bias.fill_(MIMIC_DT + math.log(-math.expm1(-MIMIC_DT)))
+        self.o_norm.weight.fill_(1.0)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        cache: RecurrentCache | None = None,
+        token_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [B, T, hidden]. Takes the mixers' common arguments; rope and token_index are unused (no positions)."""
+        B, T, _ = x.shape
+        H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
+        if cache is not None and cu_seqlens is not None:
+            raise ValueError("a cache holds one stream per batch row; pass padded batches, not cu_seqlens")
+        conv = cache.conv if cache is not None else {}
+        q, conv_q = self.q_conv1d(self.q_proj(x), cu_seqlens, conv.get("q"))
+        k, conv_k = self.k_conv1d(self.k_proj(x), cu_seqlens, conv.get("k"))
+        v, conv_v = self.v_conv1d(self.v_proj(x), cu_seqlens, conv.get("v"))
+        q, k = _l2norm(q.view(B, T, H, K)), _l2norm(k.view(B, T, H, K))
+        v = v.view(B, T, H, V)
+        beta = self.b_proj(x).sigmoid()
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        o, state = gated_delta_rule(
+            q, k, v, g, beta, initial_state=cache.state if cache is not None else None,
+            output_final_state=cache is not None, cu_seqlens=cu_seqlens,
+        )
+        if cache is not None:
+            cache.state, cache.conv = state, {"q": conv_q, "k": conv_k, "v": conv_v}
+        gate = self.g_proj(x).view(B, T, H, V)
+        o = self.o_norm(o, gate)
+        return self.o_proj(o.reshape(B, T, H * V))
+
+
+def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    # fla's l2norm (x / sqrt(sum x^2 + eps)) rather than F.normalize's clamp, to match fla-trained checkpoints.
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)

@@ -1,0 +1,70 @@
+"""Building blocks shared by the mixers and the blocks: RMSNorm, gated RMSNorm, SwiGLU MLP, multimodal RoPE."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 (as Qwen2 does) so bf16 activations do not lose the small-variance rows.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class GatedRMSNorm(RMSNorm):
+    """RMSNorm(x) * SiLU(gate): Gated DeltaNet's output norm (fla's FusedRMSNormGated), per head."""
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * x32 * F.silu(gate.float())).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MultimodalRotaryEmbedding(nn.Module):
+    """Qwen2-VL's multimodal RoPE: each rotary frequency follows one of three position axes (time, height, width).
+
+    ``mrope_section`` gives how many of the head_dim / 2 frequencies each axis takes, lowest frequencies first
+    for time. Text tokens carry the same position on all three axes, which reduces this to plain 1D RoPE.
+    """
+
+    def __init__(self, head_dim: int, theta: float, mrope_section: list[int]):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        axis = torch.tensor([a for a, n in enumerate(mrope_section) for _ in range(n)])
+        self.register_buffer("axis", axis, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [3, B, T] -> (cos, sin), each [B, T, head_dim]."""
+        # The position each frequency rotates by: frequency f follows axis[f].
+        pos = position_ids.float()[self.axis]  # [F, B, T]
+        angles = pos.permute(1, 2, 0) * self.inv_freq  # [B, T, F]
+        angles = torch.cat([angles, angles], dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, T, H, D] by (cos, sin) [B, T, D], pairing dimension i with i + D/2 (the HF convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos[:, :, None] + rotated * sin[:, :, None]

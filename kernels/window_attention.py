@@ -1,0 +1,165 @@
+"""Causal grouped-query attention restricted to a sliding window.
+
+Token i attends to tokens i - window + 1 .. i (``window=None``: all earlier tokens). Backends, fastest first:
+flash-attn's varlen kernel (CUDA, when installed), FlexAttention (CUDA), SDPA with an explicit banded mask (CPU,
+and the reference the others are tested against).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from ivl.kernels._fla import flash_attn_varlen
+
+
+def sliding_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int | None,
+    cu_seqlens: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Sliding-window causal attention.
+
+    Args:
+        q: [B, T, Hq, D]; k, v: [B, T, Hkv, D] with Hq a multiple of Hkv (grouped-query attention).
+        window: tokens each query sees, itself included; None for full causal attention.
+        cu_seqlens: int32 [N + 1] boundaries of sequences packed along T (B must be 1); no token attends across.
+        scale: softmax scale; defaults to D ** -0.5.
+
+    Returns:
+        [B, T, Hq, D] in q's dtype.
+    """
+    _check_inputs(q, k, v, window, cu_seqlens)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if q.is_cuda and flash_attn_varlen() is not None and q.dtype in (torch.float16, torch.bfloat16):
+        return _flash_attn(q, k, v, window, cu_seqlens, scale)
+    if q.is_cuda:
+        return _flex_attention(q, k, v, window, cu_seqlens, scale)
+    mask = band_mask(q.shape[1], window, cu_seqlens, q.device)
+    return _sdpa(q, k, v, mask, scale)
+
+
+def attention_at_positions(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    window: int | None,
+    scale: float | None = None,
+    k_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Window attention where keys carry explicit token indices: the decoding path over a (ring-buffer) cache.
+
+    q: [B, Tq, Hq, D] at token indices q_pos [Tq]; k, v: [B, Tk, Hkv, D] at k_pos [Tk] in any order. A key is seen
+    when 0 <= q_pos - k_pos < window (and k_valid [B, Tk], if given, is true: padding and empty slots are not).
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    dist = q_pos[:, None] - k_pos[None, :]
+    mask = dist >= 0
+    if window is not None:
+        mask = mask & (dist < window)
+    mask = mask[None, None]  # [1, 1, Tq, Tk]
+    if k_valid is not None:
+        mask = mask & k_valid[:, None, None, :]
+    return _sdpa(q, k, v, mask, scale)
+
+
+def band_mask(T: int, window: int | None, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:
+    """[T, T] boolean mask: True where query i may attend to key j."""
+    i = torch.arange(T, device=device)
+    dist = i[:, None] - i[None, :]
+    mask = dist >= 0
+    if window is not None:
+        mask = mask & (dist < window)
+    if cu_seqlens is not None:
+        doc = _document_ids(cu_seqlens, T, device)
+        mask = mask & (doc[:, None] == doc[None, :])
+    return mask
+
+
+def _check_inputs(q, k, v, window, cu_seqlens) -> None:
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"expected q [B, T, Hq, D] and k, v [B, T, Hkv, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must agree on B, T and D; got {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1 or None; got {window}")
+    if cu_seqlens is not None and q.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens the batch must be packed along T (B == 1); got B = {q.shape[0]}")
+
+
+def _document_ids(cu_seqlens: torch.Tensor, T: int, device) -> torch.Tensor:
+    cu = cu_seqlens.to(device=device, dtype=torch.long)
+    return torch.bucketize(torch.arange(T, device=device), cu[1:], right=True)
+
+
+def _sdpa(q, k, v, mask, scale):
+    # SDPA wants [B, H, T, D]; enable_gqa broadcasts the key/value heads over their query groups.
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2],
+    )
+    return out.transpose(1, 2)
+
+
+def _flash_attn(q, k, v, window, cu_seqlens, scale):
+    B, T, Hq, D = q.shape
+    if cu_seqlens is None:
+        cu_seqlens = torch.arange(0, (B + 1) * T, T, device=q.device, dtype=torch.int32)
+        max_len = T
+    else:
+        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
+        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    out = flash_attn_varlen()(
+        q.reshape(B * T, Hq, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D),
+        cu_seqlens, cu_seqlens, max_len, max_len, softmax_scale=scale, causal=True,
+        window_size=(window - 1, 0) if window is not None else (-1, -1),
+    )
+    return out.reshape(B, T, Hq, D)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_attention(q, k, v, window, cu_seqlens, scale):
+    block_mask = _block_mask(q.shape[1], window, tuple(cu_seqlens.tolist()) if cu_seqlens is not None else None,
+                             q.device)
+    out = _compiled_flex_attention()(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2],
+    )
+    return out.transpose(1, 2)
+
+
+@functools.lru_cache(maxsize=16)
+def _block_mask(T: int, window: int | None, cu_seqlens: tuple[int, ...] | None, device):
+    """FlexAttention's block-sparse mask, built once per (length, window, packing): every layer reuses it."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    doc = _document_ids(torch.tensor(cu_seqlens), T, device) if cu_seqlens is not None else None
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = q_idx >= kv_idx
+        if window is not None:
+            keep = keep & (q_idx - kv_idx < window)
+        if doc is not None:
+            keep = keep & (doc[q_idx] == doc[kv_idx])
+        return keep
+
+    # _compile=True builds the mask block by block instead of materialising T x T booleans (4 GB at 64K).
+    return create_block_mask(mask_mod, None, None, T, T, device=device, _compile=True)

@@ -1,0 +1,90 @@
+"""GPU fast paths (fla's Triton kernels, FlexAttention / flash-attn) against the PyTorch paths they replace."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ivl.kernels import gated_delta_rule, sliding_window_attention
+from ivl.kernels._fla import fla_gated_delta
+from ivl.kernels.gated_delta import _chunked, _varlen
+from ivl.kernels.window_attention import _sdpa, band_mask
+from ivl.model import HybridConfig, HybridLM
+
+pytestmark = pytest.mark.gpu
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def gdn_inputs(B, T, H, K, V, dtype):
+    q = F.normalize(torch.randn(B, T, H, K, device="cuda"), dim=-1).to(dtype)
+    k = F.normalize(torch.randn(B, T, H, K, device="cuda"), dim=-1).to(dtype)
+    v = torch.randn(B, T, H, V, device="cuda", dtype=dtype)
+    g = F.logsigmoid(torch.randn(B, T, H, device="cuda") + 4)
+    beta = torch.rand(B, T, H, device="cuda", dtype=dtype)
+    h0 = torch.randn(B, H, K, V, device="cuda")
+    return [t.requires_grad_(True) for t in (q, k, v, g, beta, h0)]
+
+
+def test_fla_is_installed():
+    assert fla_gated_delta() is not None, "install the [gpu] extra: the GPU path would silently be the slow one"
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 5e-3), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_gated_delta_fla_matches_pytorch_path(dtype, tol, varlen):
+    B, T, H, K, V = (1, 8192, 4, 128, 256) if varlen else (2, 8192, 4, 128, 256)
+    q, k, v, g, beta, h0 = gdn_inputs(B, T, H, K, V, dtype)
+    cu = torch.tensor([0, 1000, 1001, 5000, 8192], dtype=torch.int32, device="cuda") if varlen else None
+    if varlen:
+        h0 = torch.randn(4, H, K, V, device="cuda", requires_grad=True)
+    w = torch.randn(B, T, H, V, device="cuda")
+    o, s = gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    grads = torch.autograd.grad((o.float() * w).sum() + s.sum(), [q, k, v, g, beta, h0])
+    inputs32 = [t.float() for t in (q, k, v, g, beta)]
+    if varlen:
+        o_ref, s_ref = _varlen(*inputs32, K**-0.5, h0, True, cu)
+    else:
+        o_ref, s_ref = _chunked(*inputs32, K**-0.5, h0)
+    grads_ref = torch.autograd.grad((o_ref * w).sum() + s_ref.sum(), [q, k, v, g, beta, h0])
+    assert rel_err(o, o_ref) < tol
+    assert rel_err(s, s_ref) < tol
+    for name, a, b in zip("q k v g beta h0".split(), grads, grads_ref):
+        assert rel_err(a, b) < 2 * tol, name
+
+
+def test_gated_delta_decode_step_on_gpu():
+    q, k, v, g, beta, h0 = (t.detach() for t in gdn_inputs(3, 1, 4, 128, 256, torch.float32))
+    o, s = gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    o_ref, s_ref = _chunked(q, k, v, g, beta, 128**-0.5, h0)
+    assert rel_err(o, o_ref) < 1e-3 and rel_err(s, s_ref) < 1e-3
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-3), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("window", [1024, None])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_window_attention_gpu_matches_sdpa_band(dtype, tol, window, varlen):
+    T, Hq, Hkv, D = 8192, 16, 2, 128
+    q = torch.randn(1, T, Hq, D, device="cuda", dtype=dtype, requires_grad=True)
+    k = torch.randn(1, T, Hkv, D, device="cuda", dtype=dtype, requires_grad=True)
+    v = torch.randn(1, T, Hkv, D, device="cuda", dtype=dtype, requires_grad=True)
+    cu = torch.tensor([0, 3000, 3001, 8192], dtype=torch.int32, device="cuda") if varlen else None
+    w = torch.randn(1, T, Hq, D, device="cuda")
+    out = sliding_window_attention(q, k, v, window, cu_seqlens=cu)
+    grads = torch.autograd.grad((out.float() * w).sum(), [q, k, v])
+    ref = _sdpa(*(t.float() for t in (q, k, v)), band_mask(T, window, cu, "cuda"), D**-0.5)
+    grads_ref = torch.autograd.grad((ref * w).sum(), [q, k, v])
+    assert rel_err(out, ref) < tol
+    for a, b in zip(grads, grads_ref):
+        assert rel_err(a, b) < 2 * tol
+
+
+def test_hybrid_lm_cached_decoding_on_gpu():
+    model = HybridLM(HybridConfig.tiny()).cuda().eval()
+    ids = torch.randint(0, 256, (2, 50), device="cuda")
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache()
+        pieces = [model(ids[:, :33], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(33, 50)]
+    assert rel_err(torch.cat(pieces, 1), full) < 1e-3

@@ -1,0 +1,67 @@
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ivl.model import HybridConfig
+from ivl.model.gated_deltanet import GatedDeltaNet, ShortConvolution
+from ivl.model.layers import MultimodalRotaryEmbedding, apply_rotary
+
+
+def test_short_convolution_matches_conv1d():
+    conv = ShortConvolution(6, 4)
+    x = torch.randn(2, 11, 6)
+    y, tail = conv(x)
+    ref = F.conv1d(F.pad(x.transpose(1, 2), (3, 0)), conv.weight, groups=6)
+    torch.testing.assert_close(y, F.silu(ref).transpose(1, 2))
+    torch.testing.assert_close(tail, x[:, -3:])
+
+
+def test_short_convolution_varlen_and_tail():
+    conv = ShortConvolution(6, 4)
+    a, b = torch.randn(1, 5, 6), torch.randn(1, 2, 6)
+    packed, _ = conv(torch.cat([a, b], 1), cu_seqlens=torch.tensor([0, 5, 7], dtype=torch.int32))
+    torch.testing.assert_close(packed, torch.cat([conv(a)[0], conv(b)[0]], 1))
+    # continuing from a tail equals running the concatenation
+    y1, tail = conv(a[:, :3])
+    y2, _ = conv(a[:, 3:], tail=tail)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), conv(a)[0])
+
+
+def test_mimic_initialisation():
+    layer = GatedDeltaNet(HybridConfig.tiny(), 1)
+    x = torch.randn(1, 5, layer.q_proj.in_features)
+    # identity short convolutions: silu(x) of the current token only
+    y, _ = layer.q_conv1d(x @ layer.q_proj.weight.T)
+    torch.testing.assert_close(y, F.silu(x @ layer.q_proj.weight.T))
+    beta = layer.b_proj(x).sigmoid()
+    decay = torch.exp(-layer.A_log.exp() * F.softplus(layer.a_proj(x) + layer.dt_bias))
+    torch.testing.assert_close(beta, torch.full_like(beta, 0.5))
+    torch.testing.assert_close(decay, torch.full_like(decay, math.exp(-1e-3)), rtol=1e-6, atol=1e-6)
+
+
+def test_text_positions_reduce_to_plain_rope():
+    """Same position on all three axes = 1D RoPE: dims (i, i + D/2) rotate by pos * theta^(-2i/D)."""
+    D, theta = 16, 10_000.0
+    rope = MultimodalRotaryEmbedding(D, theta, [2, 3, 3])
+    pos = torch.arange(7)
+    cos, sin = rope(pos[None, None].expand(3, 1, -1), torch.float32)
+    x = torch.randn(1, 7, 2, D)
+    out = apply_rotary(x, cos, sin)
+    freqs = theta ** (-torch.arange(0, D, 2).double() / D)
+    angle = pos[:, None].double() * freqs  # [T, D/2]
+    z = torch.complex(x[..., : D // 2].double(), x[..., D // 2 :].double()) * torch.polar(
+        torch.ones_like(angle), angle
+    )[None, :, None]
+    torch.testing.assert_close(out.double(), torch.cat([z.real, z.imag], -1), rtol=1e-5, atol=1e-5)
+
+
+def test_each_axis_drives_its_own_frequencies():
+    rope = MultimodalRotaryEmbedding(16, 10_000.0, [2, 3, 3])
+    base = torch.zeros(3, 1, 1, dtype=torch.long)
+    moved = base.clone()
+    moved[1] = 5  # move the height axis only
+    cos0, _ = rope(base, torch.float32)
+    cos1, _ = rope(moved, torch.float32)
+    changed = (cos0 != cos1)[0, 0, :8]
+    assert changed.tolist() == [False, False, True, True, True, False, False, False]
