@@ -133,7 +133,7 @@ def _flash_attn(q, k, v, window, cu_seqlens, scale):
 def _compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)
 
 
 def _flex_attention(q, k, v, window, cu_seqlens, scale):
