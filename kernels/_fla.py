@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 
 
@@ -19,6 +20,21 @@ def fla_gated_delta():
     except ImportError:
         return None
     return chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+
+
+@functools.cache
+def fla_gated_backward_is_broken() -> bool:
+    """True where fla refuses its gated chunk backward: Triton 3.4 up to 3.7.1 miscompiles it on Hopper
+    (fla issue #640) and fla raises instead, unless tilelang provides another backend. The GPU machines ship
+    Triton 3.6, so training there takes fla's forward with a PyTorch backward (see gated_delta.py).
+    """
+    try:
+        from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
+    except ImportError:
+        return False
+    if not (IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1):
+        return False
+    return importlib.util.find_spec("tilelang") is None
 
 
 @functools.cache

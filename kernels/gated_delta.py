@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ivl.kernels._fla import fla_gated_delta
+from ivl.kernels._fla import fla_gated_backward_is_broken, fla_gated_delta
 
 CHUNK_SIZE = 64
 
@@ -58,6 +58,11 @@ def gated_delta_rule(
         scale = q.shape[-1] ** -0.5
     if q.is_cuda and fla_gated_delta() is not None:
         chunk, recurrent = fla_gated_delta()
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state))
+        if needs_grad and fla_gated_backward_is_broken():
+            o, state = _FlaForwardTorchBackward.apply(q, k, v, g, beta, initial_state, scale, cu_seqlens)
+            return o, (state if output_final_state else None)
         # fla's recurrent kernel is the fast one for decoding single tokens; the chunked one for everything else.
         fn = recurrent if q.shape[1] == 1 and cu_seqlens is None else chunk
         o, state = fn(
@@ -72,6 +77,39 @@ def gated_delta_rule(
     else:
         o, state = _chunked(q, k, v, g, beta, scale, initial_state)
     return o, (state if output_final_state else None)
+
+
+class _FlaForwardTorchBackward(torch.autograd.Function):
+    """fla's chunked forward; the backward recomputes the chunked PyTorch path and differentiates it.
+
+    Used only where fla's own gated backward is known to be wrong (``fla_gated_backward_is_broken``): training
+    stays correct there, at the cost of a slower backward.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, initial_state, scale, cu_seqlens):
+        chunk, _ = fla_gated_delta()
+        o, state = chunk(q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state,
+                         output_final_state=True, cu_seqlens=cu_seqlens)
+        ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens)
+        ctx.scale = scale
+        return o, state.float()
+
+    @staticmethod
+    def backward(ctx, d_o, d_state):
+        q, k, v, g, beta, initial_state, cu_seqlens = ctx.saved_tensors
+        inputs = [t.detach().float().requires_grad_() for t in (q, k, v, g, beta)]
+        h0 = initial_state.detach().float().requires_grad_() if initial_state is not None else None
+        with torch.enable_grad():
+            if cu_seqlens is not None:
+                o, state = _varlen(*inputs, ctx.scale, h0, True, cu_seqlens)
+            else:
+                o, state = _chunked(*inputs, ctx.scale, h0)
+            wrt = inputs + ([h0] if h0 is not None else [])
+            grads = torch.autograd.grad((o, state), wrt, (d_o.float(), d_state.float()))
+        grads = [gr.to(t.dtype) for gr, t in zip(grads, (q, k, v, g, beta))] + [
+            grads[5].to(initial_state.dtype) if initial_state is not None else None]
+        return (*grads, None, None)
 
 
 def _check_inputs(q, k, v, g, beta, initial_state, cu_seqlens) -> None:
