@@ -88,3 +88,31 @@ def test_tied_embeddings():
     assert model.lm_head.weight is model.embed_tokens.weight
     untied = HybridLM(HybridConfig.tiny(tie_word_embeddings=False))
     assert untied.lm_head.weight is not untied.embed_tokens.weight
+
+
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_left_padded_batch_equals_unpadded_rows(chunk):
+    """Padding tokens are invisible: each row of a left-padded batch gives the logits of its prompt alone."""
+    model = tiny_lm()
+    window = model.config.window
+    lengths = [2 * window + 3, window - 4]
+    T = max(lengths)
+    rows = [torch.randint(0, 256, (1, n)) for n in lengths]
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    positions = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, T - row.shape[1]:] = row
+        mask[b, T - row.shape[1]:] = 1
+        positions[b, T - row.shape[1]:] = torch.arange(row.shape[1])
+    with torch.no_grad():
+        if chunk is None:
+            batched = model(ids, position_ids=positions, attention_mask=mask)
+        else:
+            cache = model.new_cache()
+            batched = torch.cat([model(ids[:, a:a + chunk], position_ids=positions[:, a:a + chunk],
+                                       attention_mask=mask[:, a:a + chunk], cache=cache)
+                                 for a in range(0, T, chunk)], dim=1)
+        for b, row in enumerate(rows):
+            alone = model(row)
+            torch.testing.assert_close(batched[b, T - row.shape[1]:], alone[0], rtol=1e-4, atol=1e-4)

@@ -1,7 +1,10 @@
-"""The InfiniteVL-style model in plain PyTorch: config, layers, hybrid LM, cache."""
+"""The plain-PyTorch model: config, layers, hybrid LM, cache, vision tower, InfiniteVL and teacher conversion."""
 
 from ivl.model.cache import HybridCache
-from ivl.model.config import HybridConfig
+from ivl.model.config import HybridConfig, InfiniteVLConfig
 from ivl.model.lm import HybridLM
+from ivl.model.vlm import InfiniteVL, InfiniteVLOutput
+from ivl.model.convert import ConversionReport, convert_qwen2_5_vl
 
-__all__ = ["HybridCache", "HybridConfig", "HybridLM"]
+__all__ = ["ConversionReport", "HybridCache", "HybridConfig", "HybridLM", "InfiniteVL", "InfiniteVLConfig",
+           "InfiniteVLOutput", "convert_qwen2_5_vl"]

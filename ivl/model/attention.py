@@ -39,26 +39,36 @@ class SlidingWindowAttention(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         cache: WindowKVCache | None = None,
         token_index: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [B, T, hidden]; rope (cos, sin) [B, T, head_dim]; with a cache, token_index [T] gives each token's
-        index in the stream (the window is counted in tokens, not in RoPE positions)."""
+        """x [B, T, hidden]; rope (cos, sin) [B, T, head_dim]; token_index [T] gives each token's index in the
+        stream (the window is counted in tokens, not in RoPE positions); attention_mask [B, T] is False/0 at
+        padding tokens, which no query sees."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is None:
-            out = sliding_window_attention(q, k, v, self.window, cu_seqlens=cu_seqlens)
+        if cache is not None and cu_seqlens is not None:
+            raise ValueError("a cache holds one stream per batch row; pass padded batches, not cu_seqlens")
+        if token_index is None:
+            token_index = torch.arange(T, device=x.device)
+        if cache is not None and cache.keys is not None and cache.keys.shape[1] > 0:
+            keys = torch.cat([cache.keys, k], dim=1)
+            values = torch.cat([cache.values, v], dim=1)
+            positions = torch.cat([cache.positions, token_index])
+            valid = None
+            if attention_mask is not None or not bool(cache.valid.all()):
+                new_valid = attention_mask.bool() if attention_mask is not None else cache.valid.new_ones(B, T)
+                valid = torch.cat([cache.valid, new_valid], dim=1)
+            out = attention_at_positions(q, keys, values, token_index, positions, self.window, k_valid=valid)
+        elif attention_mask is not None and not bool(attention_mask.all()):
+            # Padding inside the batch (left-padded prompts): the explicit-mask path.
+            out = attention_at_positions(q, k, v, token_index, token_index, self.window,
+                                         k_valid=attention_mask.bool())
         else:
-            if cu_seqlens is not None:
-                raise ValueError("a cache holds one stream per batch row; pass padded batches, not cu_seqlens")
-            if cache.keys is not None and cache.keys.shape[1] > 0:
-                keys = torch.cat([cache.keys, k], dim=1)
-                values = torch.cat([cache.values, v], dim=1)
-                positions = torch.cat([cache.positions, token_index])
-                out = attention_at_positions(q, keys, values, token_index, positions, self.window)
-            else:
-                out = sliding_window_attention(q, k, v, self.window)
-            cache.update(k, v, token_index)
+            out = sliding_window_attention(q, k, v, self.window, cu_seqlens=cu_seqlens)
+        if cache is not None:
+            cache.update(k, v, token_index, attention_mask)
         return self.o_proj(out.reshape(B, T, -1))

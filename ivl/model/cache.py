@@ -20,27 +20,39 @@ class WindowKVCache:
     keys: torch.Tensor | None = None
     values: torch.Tensor | None = None
     positions: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    """[B, S]: False for padding tokens (left-padded batches), which no query may see."""
 
-    def update(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
-        """Store new keys/values [B, T, Hkv, D] at token indices ``positions`` [T] (consecutive)."""
+    def update(
+        self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> None:
+        """Store new keys/values [B, T, Hkv, D] at token indices ``positions`` [T] (consecutive); ``valid``
+        [B, T] marks real (non-padding) tokens, all of them when None."""
+        B = keys.shape[0]
+        if valid is None:
+            valid = torch.ones(B, keys.shape[1], dtype=torch.bool, device=keys.device)
+        valid = valid.bool()
         if self.keys is None:
-            self.keys, self.values, self.positions = keys[:, :0], values[:, :0], positions[:0]
+            self.keys, self.values, self.positions, self.valid = keys[:, :0], values[:, :0], positions[:0], valid[:, :0]
         if self.window is None:  # full attention: the cache grows with the input, by definition
             self.keys = torch.cat([self.keys, keys], dim=1)
             self.values = torch.cat([self.values, values], dim=1)
             self.positions = torch.cat([self.positions, positions])
+            self.valid = torch.cat([self.valid, valid], dim=1)
             return
         size = min(int(positions[-1]) + 1, self.window)
         if self.keys.shape[1] < size:  # still filling the window: grow to the slots the new tokens take
             grow = size - self.keys.shape[1]
-            self.keys = torch.cat([self.keys, keys.new_zeros(keys.shape[0], grow, *keys.shape[2:])], dim=1)
-            self.values = torch.cat([self.values, values.new_zeros(values.shape[0], grow, *values.shape[2:])], 1)
+            self.keys = torch.cat([self.keys, keys.new_zeros(B, grow, *keys.shape[2:])], dim=1)
+            self.values = torch.cat([self.values, values.new_zeros(B, grow, *values.shape[2:])], 1)
             self.positions = torch.cat([self.positions, positions.new_full((grow,), -1)])
+            self.valid = torch.cat([self.valid, valid.new_zeros(B, grow)], dim=1)
         keep = min(keys.shape[1], self.window)  # only the last `window` new tokens can ever be seen again
         slots = positions[-keep:] % self.window
         self.keys[:, slots] = keys[:, -keep:]
         self.values[:, slots] = values[:, -keep:]
         self.positions[slots] = positions[-keep:]
+        self.valid[:, slots] = valid[:, -keep:]
 
 
 @dataclass
@@ -69,7 +81,7 @@ class HybridCache:
         total = 0
         for layer in self.layers:
             if isinstance(layer, WindowKVCache):
-                tensors = [layer.keys, layer.values, layer.positions]
+                tensors = [layer.keys, layer.values, layer.positions, layer.valid]
             else:
                 tensors = [layer.state, *layer.conv.values()]
             total += sum(t.numel() * t.element_size() for t in tensors if t is not None)

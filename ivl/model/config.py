@@ -150,3 +150,57 @@ PRESETS: dict[str, dict] = {
         gdn_conv_size=4, rms_norm_eps=1e-6, tie_word_embeddings=True,
     ),
 }
+
+
+@dataclass
+class InfiniteVLConfig:
+    """The whole vision-language model: the hybrid LM, the Qwen2.5-VL vision tower and the special tokens.
+
+    ``vision`` holds the keyword arguments of transformers' ``Qwen2_5_VLVisionConfig`` (the tower is theirs,
+    unchanged); token ids default to Qwen2.5-VL's.
+    """
+
+    text: HybridConfig = field(default_factory=HybridConfig)
+    """The hybrid language model."""
+    vision: dict = field(default_factory=dict)
+    """Keyword arguments of transformers' Qwen2_5_VLVisionConfig (depth, hidden_size, out_hidden_size, ...)."""
+    image_token_id: int = 151655
+    """<|image_pad|>: one per merged image patch."""
+    video_token_id: int = 151656
+    """<|video_pad|>: one per merged video patch."""
+    vision_start_token_id: int = 151652
+    """<|vision_start|>, before every image or video."""
+    eos_token_ids: list[int] = field(default_factory=lambda: [151645, 151643])
+    """Tokens that end generation (<|im_end|>, <|endoftext|>)."""
+    pad_token_id: int = 151643
+    """Filler for finished rows in batched generation."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.text, dict):
+            self.text = HybridConfig.from_dict(self.text)
+        out = self.vision.get("out_hidden_size")
+        if out is not None and out != self.text.hidden_size:
+            raise ValueError(f"vision.out_hidden_size ({out}) must equal text.hidden_size ({self.text.hidden_size})")
+        for name in ("image_token_id", "video_token_id", "vision_start_token_id", "pad_token_id"):
+            if not 0 <= getattr(self, name) < self.text.vocab_size:
+                raise ValueError(f"{name} = {getattr(self, name)} is outside the vocabulary ({self.text.vocab_size})")
+
+    @property
+    def spatial_merge_size(self) -> int:
+        return self.vision.get("spatial_merge_size", 2)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.vision.get("tokens_per_second", 4)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "text": self.text.to_dict(), "model_type": "infinitevl"}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "InfiniteVLConfig":
+        data = {k: v for k, v in data.items() if k not in ("model_type", "dtype")}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown InfiniteVLConfig fields {unknown}")
+        return cls(**data)

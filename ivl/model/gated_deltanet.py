@@ -103,8 +103,15 @@ class GatedDeltaNet(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         cache: RecurrentCache | None = None,
         token_index: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [B, T, hidden]. Takes the mixers' common arguments; rope and token_index are unused (no positions)."""
+        """x [B, T, hidden]. Takes the mixers' common arguments; rope and token_index are unused (no positions).
+
+        Padding tokens (attention_mask 0) enter as zeros: with k = v = 0 they neither write to the state nor
+        reach the convolution of later tokens, so a left-padded row ends in the state its unpadded prompt gives.
+        """
+        if attention_mask is not None:
+            x = x * attention_mask[..., None].to(x.dtype)
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
         if cache is not None and cu_seqlens is not None:

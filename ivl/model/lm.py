@@ -23,8 +23,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, rope, cu_seqlens=None, cache=None, token_index=None) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x), rope=rope, cu_seqlens=cu_seqlens, cache=cache, token_index=token_index)
+    def forward(self, x, rope, cu_seqlens=None, cache=None, token_index=None, attention_mask=None) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x), rope=rope, cu_seqlens=cu_seqlens, cache=cache,
+                           token_index=token_index, attention_mask=attention_mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -60,9 +61,11 @@ class HybridLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         cache: HybridCache | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab]. See ``hidden_states`` for the arguments."""
-        return self.lm_head(self.hidden_states(input_ids, inputs_embeds, position_ids, cu_seqlens, cache))
+        return self.lm_head(self.hidden_states(input_ids, inputs_embeds, position_ids, cu_seqlens, cache,
+                                               attention_mask))
 
     def hidden_states(
         self,
@@ -71,6 +74,7 @@ class HybridLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         cache: HybridCache | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-normed hidden states [B, T, hidden].
 
@@ -80,6 +84,8 @@ class HybridLM(nn.Module):
                 each packed sequence.
             cu_seqlens: int32 [N + 1] boundaries of sequences packed along T (B == 1); nothing crosses them.
             cache: a ``HybridCache`` from ``new_cache()``: the call continues the cached stream and extends it.
+            attention_mask: [B, T], 0 at padding tokens (left-padded prompts), which no other token sees. Right
+                padding needs no mask: causality already hides it.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -93,7 +99,7 @@ class HybridLM(nn.Module):
             position_ids = position_ids[None].expand(3, -1, -1)
         rope = self.rotary(position_ids, h.dtype)
         for i, layer in enumerate(self.layers):
-            h = layer(h, rope, cu_seqlens, cache[i] if cache is not None else None, token_index)
+            h = layer(h, rope, cu_seqlens, cache[i] if cache is not None else None, token_index, attention_mask)
         if cache is not None:
             cache.seen_tokens += T
         return self.norm(h)

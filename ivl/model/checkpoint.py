@@ -1,0 +1,92 @@
+"""Self-describing checkpoint folders: config.json + safetensors (one file, or shards with an index)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+CONFIG = "config.json"
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+def save(model: nn.Module, config: dict, directory: str | Path, max_shard_size: str | int = "5GB") -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = _unique_tensors(model)
+    dtype = next(iter(state.values())).dtype if state else torch.float32
+    (directory / CONFIG).write_text(json.dumps({**config, "dtype": str(dtype).removeprefix("torch.")}, indent=2))
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: state[n].contiguous() for n in names}, directory / filename, metadata={"format": "pt"})
+    index = directory / INDEX
+    if split.is_sharded:
+        index.write_text(json.dumps({"metadata": split.metadata, "weight_map": split.tensor_to_filename}, indent=2))
+    elif index.exists():  # an older, sharded save in the same folder would shadow this one
+        index.unlink()
+
+
+def read_config(directory: str | Path) -> tuple[dict, torch.dtype]:
+    path = Path(directory) / CONFIG
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: not a checkpoint folder written by save_pretrained")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from err
+    return config, getattr(torch, config.get("dtype", "float32"))
+
+
+def load_into(model: nn.Module, directory: str | Path) -> None:
+    """Load every tensor of the folder into ``model`` (same names; tied copies need not be stored)."""
+    directory = Path(directory)
+    files = _weight_files(directory)
+    state = model.state_dict()
+    loaded = set()
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name not in state:
+                    raise ValueError(f"{file}: tensor {name!r} does not belong to this model")
+                tensor = f.get_tensor(name)
+                if tensor.shape != state[name].shape:
+                    raise ValueError(f"{file}: {name} has shape {tuple(tensor.shape)}, the model expects "
+                                     f"{tuple(state[name].shape)}")
+                with torch.no_grad():
+                    state[name].copy_(tensor)
+                loaded.add(name)
+    missing = [n for n in state if n not in loaded and n not in _tied_names(model)]
+    if missing:
+        raise ValueError(f"{directory}: no tensor for {len(missing)} parameters, e.g. {missing[:5]}")
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    index = directory / INDEX
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [directory / f for f in sorted(set(weight_map.values()))]
+    if (directory / SINGLE).exists():
+        return [directory / SINGLE]
+    raise FileNotFoundError(f"{directory} holds neither {SINGLE} nor {INDEX}")
+
+
+def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict without the second name of tied parameters (safetensors refuses shared storage)."""
+    tied = _tied_names(model)
+    return {n: t.detach() for n, t in model.state_dict().items() if n not in tied}
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """Names of parameters that are another parameter under a second name (e.g. a tied LM head)."""
+    seen, tied = set(), set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(name)
+        seen.add(id(p))
+    return tied

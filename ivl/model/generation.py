@@ -1,0 +1,86 @@
+"""Generation with the constant-memory cache: chunked prefill, then one token per step."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ivl.model.lm import HybridLM
+
+
+def generate(
+    lm: HybridLM,
+    embeds: torch.Tensor,
+    position_ids: torch.Tensor,
+    next_position: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    stop_token_ids: list[int],
+    pad_token_id: int,
+    on_token: Callable[[torch.Tensor], None] | None,
+    prefill_chunk: int | None,
+    generator: torch.Generator | None,
+    return_scores: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """New tokens [B, n] (and, with return_scores, the logits [B, n, vocab] each token was chosen from). embeds [B, T, hidden] (vision features in place), position_ids [3, B, T], next_position
+    [B] the position of the first new token; attention_mask [B, T] 0 on left padding."""
+    B, T, _ = embeds.shape
+    if attention_mask is not None:
+        _check_left_padded(attention_mask)
+        if bool(attention_mask.all()):
+            attention_mask = None
+    cache = lm.new_cache()
+    step = prefill_chunk or T
+    for start in range(0, T, step):
+        end = min(start + step, T)
+        hidden = lm.hidden_states(
+            inputs_embeds=embeds[:, start:end], position_ids=position_ids[:, :, start:end], cache=cache,
+            attention_mask=attention_mask[:, start:end] if attention_mask is not None else None,
+        )
+    logits = lm.lm_head(hidden[:, -1])
+    stops = torch.tensor(stop_token_ids, device=embeds.device, dtype=torch.long)
+    finished = torch.zeros(B, dtype=torch.bool, device=embeds.device)
+    tokens, scores = [], []
+    for s in range(max_new_tokens):
+        if return_scores:
+            scores.append(logits.float())
+        token = _select(logits, do_sample, temperature, top_p, generator)
+        token = token.masked_fill(finished, pad_token_id)
+        tokens.append(token)
+        if on_token is not None:
+            on_token(token)
+        finished |= torch.isin(token, stops)
+        if bool(finished.all()) or s == max_new_tokens - 1:
+            break
+        pos = (next_position + s)[None, :, None].expand(3, -1, 1)
+        logits = lm(token[:, None], position_ids=pos, cache=cache)[:, -1]
+    out = torch.stack(tokens, dim=1) if tokens else embeds.new_zeros(B, 0, dtype=torch.long)
+    if return_scores:
+        return out, torch.stack(scores, dim=1) if scores else embeds.new_zeros(B, 0, lm.config.vocab_size)
+    return out
+
+
+def _select(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator) -> torch.Tensor:
+    if not do_sample or temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        # Nucleus: keep the smallest set of most likely tokens whose mass reaches top_p (the top one always).
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _check_left_padded(mask: torch.Tensor) -> None:
+    # Once a row starts its real tokens it must not go back to padding.
+    bad = (mask[:, 1:] < mask[:, :-1]).any(dim=1)
+    if bool(bad.any()):
+        raise ValueError(f"generate needs left padding (attention_mask 0 only before the prompt); rows "
+                         f"{bad.nonzero().flatten().tolist()} have padding after real tokens")
