@@ -180,10 +180,13 @@ def _chunked(q, k, v, g, beta, scale, initial_state, chunk_size: int = CHUNK_SIZ
 
     S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
     outs = []
-    for i in range(n):
-        u = U0[:, :, i] - W[:, :, i] @ S
-        outs.append(q_decayed[:, :, i] @ S + qk[:, :, i] @ u)
-        S = chunk_decay[:, :, i, None, None] * S + k_to_end[:, :, i].transpose(-1, -2) @ u
+    # unbind once: indexing chunk i inside the loop would make autograd allocate a full-size gradient per chunk,
+    # which turns the backward quadratic in the length.
+    per_chunk = zip(*(t.unbind(2) for t in (U0, W, q_decayed, qk, k_to_end, chunk_decay)))
+    for u0, w, qd, qk_i, k_end, decay_i in per_chunk:
+        u = u0 - w @ S
+        outs.append(qd @ S + qk_i @ u)
+        S = decay_i[..., None, None] * S + k_end.transpose(-1, -2) @ u
     o = torch.stack(outs, dim=2)  # [B, H, n, C, V]
     o = o.permute(0, 2, 3, 1, 4).reshape(B, n * C, H, V)[:, :T]
     return o.to(out_dtype), S

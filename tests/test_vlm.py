@@ -204,3 +204,19 @@ def test_placeholders_without_pixels_are_an_error(teacher):
     inputs["pixel_values"] = None
     with pytest.raises(ValueError, match="4 image placeholder tokens but no image pixels"):
         student(**inputs)
+
+
+def test_convert_command_writes_a_loadable_checkpoint(teacher, tmp_path):
+    from ivl.convert import main
+
+    teacher.save_pretrained(tmp_path / "teacher")
+    main(["--teacher", str(tmp_path / "teacher"), "--out", str(tmp_path / "student"), "--hybrid-ratio", "0.5",
+          "--window", "64"])
+    student = InfiniteVL.from_pretrained(tmp_path / "student")
+    assert student.config.text.layer_types == ["attention", "gated_deltanet"] * 2
+    assert student.config.text.window == 64
+    t = dict(teacher.named_parameters())
+    assert torch.equal(student.lm.layers[2].mixer.k_proj.weight, t["model.language_model.layers.2.self_attn.k_proj.weight"])
+    report = __import__("json").loads((tmp_path / "student" / "conversion_report.json").read_text())
+    assert report["new_parameters"] == sum(p.numel() for n, p in student.named_parameters()
+                                           if n.startswith(("lm.layers.1.mixer.", "lm.layers.3.mixer.")))

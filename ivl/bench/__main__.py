@@ -1,16 +1,17 @@
-"""`python -m ivl.bench {layers}`: GPU benchmarks whose numbers go into docs/benchmarks.md."""
+"""`python -m ivl.bench {layers,convert}`: GPU benchmarks whose numbers go into docs/benchmarks.md."""
 
 import argparse
 
-from ivl.bench import layers
+from ivl.bench import convert, layers
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m ivl.bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     layers.add_arguments(sub.add_parser("layers", help=layers.__doc__.splitlines()[0]))
+    convert.add_arguments(sub.add_parser("convert", help=convert.__doc__.splitlines()[0]))
     args = parser.parse_args()
-    {"layers": layers.run}[args.command](args)
+    {"layers": layers.run, "convert": convert.run}[args.command](args)
 
 
 if __name__ == "__main__":

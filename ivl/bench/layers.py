@@ -23,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--preset", default="infinitevl-4b")
+    parser.add_argument("--mixers", nargs="+", default=["gdn", "swa", "full"], choices=["gdn", "swa", "full"])
 
 
 def time_ms(fn, repeats: int) -> float:
@@ -45,11 +46,12 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit("ivl.bench layers times GPU kernels; no CUDA device is visible")
     dtype = getattr(torch, args.dtype)
     config = HybridConfig.preset(args.preset)
-    mixers = {
-        "GDN": GatedDeltaNet(config, 1),
-        f"SWA (window {config.window})": SlidingWindowAttention(config, 0),
-        "full attention": SlidingWindowAttention(HybridConfig.preset(args.preset, window=None), 0),
+    builders = {
+        "gdn": ("GDN", lambda: GatedDeltaNet(config, 1)),
+        "swa": (f"SWA (window {config.window})", lambda: SlidingWindowAttention(config, 0)),
+        "full": ("full attention", lambda: SlidingWindowAttention(HybridConfig.preset(args.preset, window=None), 0)),
     }
+    mixers = {builders[m][0]: builders[m][1]() for m in args.mixers}
     rotary = MultimodalRotaryEmbedding(config.head_dim, config.rope_theta, config.mrope_section).cuda()
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | {args.dtype} | "
           f"{datetime.date.today()} | hidden {config.hidden_size}, batch 1\n")

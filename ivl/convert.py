@@ -1,0 +1,47 @@
+"""python -m ivl.convert --teacher DIR --out DIR [--hybrid-ratio 0.25] [--window 8192] [--dtype bfloat16]
+
+Converts a local Qwen2.5-VL checkpoint into an InfiniteVL checkpoint folder: weights (config.json + safetensors),
+the teacher's tokenizer and chat template (when the teacher folder has them), and conversion_report.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from ivl.model.convert import GDN_INITS, convert_qwen2_5_vl
+from ivl.model.mixers import MIXERS
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ivl.convert", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--teacher", required=True, type=Path, help="Qwen2.5-VL checkpoint folder")
+    parser.add_argument("--out", required=True, type=Path, help="folder to write the InfiniteVL checkpoint to")
+    parser.add_argument("--hybrid-ratio", type=float, default=0.25, help="fraction of layers kept as attention")
+    parser.add_argument("--layer-types", help=f"comma-separated per-layer mixers ({', '.join(MIXERS)}); "
+                                              "overrides --hybrid-ratio")
+    parser.add_argument("--window", type=int, default=8192, help="sliding window; 0 for full attention")
+    parser.add_argument("--gdn-init", choices=GDN_INITS, default="mimic")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the teacher's")
+    args = parser.parse_args(argv)
+
+    layer_types = args.layer_types.split(",") if args.layer_types else None
+    model, report = convert_qwen2_5_vl(
+        args.teacher, hybrid_ratio=args.hybrid_ratio, window=args.window or None, layer_types=layer_types,
+        gdn_init=args.gdn_init, dtype=getattr(torch, args.dtype) if args.dtype else None,
+    )
+    model.save_pretrained(args.out)
+    (args.out / "conversion_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    if (args.teacher / "tokenizer_config.json").exists():
+        from ivl.data import Processor
+
+        Processor.from_pretrained(args.teacher).save_pretrained(args.out)
+    print(report)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
