@@ -17,12 +17,23 @@ def to(inputs, device):
 def test_infinitevl_gpu_matches_cpu():
     student = randomise_gdn(convert_qwen2_5_vl(tiny_teacher(), window=12)[0])
     inputs = {k: v for k, v in image_video_prompt(batch=2).items() if k in MODEL_INPUTS}
+
+    def rel(a, b):
+        return ((a.float() - b).norm() / b.norm()).item()
+
     with torch.no_grad():
         cpu = student(**inputs).logits
         gpu32 = student.cuda()(**to(inputs, "cuda")).logits.cpu()
-        gpu16 = student.to(torch.bfloat16)(**to(inputs, "cuda")).logits.float().cpu()
-    assert ((gpu32 - cpu).norm() / cpu.norm()) < 1e-3
-    assert ((gpu16 - cpu).norm() / cpu.norm()) < 3e-2
+        gpu16 = student.to(torch.bfloat16)(**to(inputs, "cuda")).logits.cpu()
+        cpu16 = student.cpu()(**inputs).logits
+    err32, err16, cpu_err16 = rel(gpu32, cpu), rel(gpu16, cpu), rel(cpu16, cpu)
+    print(f"relative logit error vs CPU fp32: GPU fp32 {err32:.2e}, GPU bf16 {err16:.2e}, CPU bf16 {cpu_err16:.2e}")
+    # fp32 on the GPU is not bit-exact fp32: fla's Triton kernels multiply in TF32 (the kernel test allows 5e-3
+    # for the same reason) and cuDNN's patch-embedding convolution may too.
+    assert err32 < 5e-3
+    # This tiny random model amplifies bf16 rounding (about 20% even on the CPU), so the bf16 GPU path is held
+    # to the accuracy of the bf16 CPU path rather than to a fixed number.
+    assert err16 < 1.5 * cpu_err16
 
 
 def test_cached_generate_on_gpu_equals_cpu():
