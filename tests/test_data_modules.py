@@ -1,0 +1,164 @@
+"""Encoding, packing, resuming and bad input of the DataModules, on real files."""
+
+import json
+
+import pytest
+import torch
+
+from ivl.data import BadSample, CorpusSpec, ImageDataModule, Processor, SampleEncoder, VideoDataModule, read_corpus
+from ivl.model import HybridConfig, InfiniteVL, InfiniteVLConfig
+from media_files import write_image, write_video
+
+COLORS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return Processor.from_pretrained(image_max_pixels=56 * 56, video_max_pixels=56 * 56, video_min_pixels=56 * 56)
+
+
+def color_corpus(folder, n=12, name="c.jsonl"):
+    records = []
+    for i in range(n):
+        color = list(COLORS)[i % 3]
+        write_image(folder / f"{color}.png", COLORS[color])
+        records.append({"image": f"{color}.png", "conversations": [
+            {"from": "human", "value": f"<image>\nQuestion {i}: what color is it?"},
+            {"from": "gpt", "value": color + "." * (i % 4)}]})
+    path = folder / name
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return path
+
+
+def test_labels_cover_exactly_the_answers(tmp_path, processor):
+    [sample] = read_corpus(CorpusSpec(str(color_corpus(tmp_path, n=1))))
+    item = SampleEncoder(processor)(sample)
+    answer = processor.tokenizer.decode(item["input_ids"][item["labels"] != -100])
+    assert answer == "red<|im_end|>"
+    assert int((item["input_ids"] == processor.image_token_id).sum()) == item["image_grid_thw"].prod() // 4
+
+
+def test_video_sample_carries_timestamps(tmp_path, processor):
+    write_video(tmp_path / "clip.mp4", [COLORS["red"], COLORS["blue"]], frames_per_color=8, fps=8)  # 2 s
+    record = {"video": "clip.mp4", "conversations": [{"from": "human", "value": "<video>first color?"},
+                                                      {"from": "gpt", "value": "red"}]}
+    (tmp_path / "v.jsonl").write_text(json.dumps(record) + "\n")
+    [sample] = read_corpus(CorpusSpec(str(tmp_path / "v.jsonl")))
+    item = SampleEncoder(processor, video_fps=2.0)(sample)
+    assert item["video_grid_thw"].tolist() == [[2, 4, 4]]  # 2 s at 2 fps = 4 frames = 2 temporal patches
+    assert item["second_per_grid_ts"].tolist() == [1.0]
+    # the first temporal patch is red, the second blue
+    first = item["pixel_values_videos"].view(2, 16, 3, -1)[:, 0, :, 0]
+    assert first[0, 0] > first[0, 2] and first[1, 2] > first[1, 0]
+
+
+def test_missing_and_corrupt_images_name_file_line_and_path(tmp_path, processor):
+    path = color_corpus(tmp_path, n=3)
+    (tmp_path / "green.png").unlink()
+    (tmp_path / "blue.png").write_bytes(b"not a png")
+    samples = read_corpus(CorpusSpec(str(path)))
+    encoder = SampleEncoder(processor)
+    with pytest.raises(BadSample, match=rf"c\.jsonl:2: image {tmp_path / 'green.png'} not found"):
+        encoder(samples[1])
+    with pytest.raises(BadSample, match=rf"c\.jsonl:3: image {tmp_path / 'blue.png'} cannot be decoded"):
+        encoder(samples[2])
+
+
+def test_over_budget_is_an_error_or_a_truncation(tmp_path, processor):
+    [sample] = read_corpus(CorpusSpec(str(color_corpus(tmp_path, n=1))))
+    n = len(SampleEncoder(processor)(sample)["input_ids"])
+    with pytest.raises(BadSample, match=rf"c\.jsonl:1: {n} tokens, over the per-sample budget of {n - 1}"):
+        SampleEncoder(processor, max_tokens=n - 1)(sample)
+    item = SampleEncoder(processor, max_tokens=n - 1, truncation="truncate")(sample)
+    assert len(item["input_ids"]) == n - 1
+    first_image_token = int((item["input_ids"] == processor.image_token_id).nonzero()[0])
+    with pytest.raises(BadSample, match="would cut through an image"):
+        SampleEncoder(processor, max_tokens=first_image_token + 1, truncation="truncate")(sample)
+
+
+def test_bad_samples_are_skipped_counted_and_logged(tmp_path, caplog):
+    path = color_corpus(tmp_path, n=6)
+    with path.open("a") as f:
+        f.write('{"image": "red.png", "conversations": [\n')
+        f.write(json.dumps({"image": "gone.png", "conversations": [{"from": "human", "value": "<image>?"},
+                                                                    {"from": "gpt", "value": "x"}]}) + "\n")
+    dm = ImageDataModule(train=[{"path": str(path)}], pack_tokens=None, batch_size=2, skip_bad_samples=True,
+                         image_max_pixels=56 * 56)
+    dm.setup()
+    assert len(dm.bad_at_read) == 1 and "c.jsonl:7: malformed JSON line" in dm.bad_at_read[0]
+    loader = dm.train_dataloader()
+    with caplog.at_level("WARNING"):
+        seen = sum(len(b["sources"]) for b in loader)
+    assert seen == 6 and len(loader.skipped) == 1 and "gone.png not found" in loader.skipped[0]
+    assert "skipped 1 bad sample" in caplog.text
+    strict = ImageDataModule(train=[{"path": str(path)}], pack_tokens=None, image_max_pixels=56 * 56)
+    with pytest.raises(BadSample, match=r"c\.jsonl:7: malformed JSON line"):
+        strict.setup()
+
+
+def test_packed_batches_respect_the_budget_and_leak_nothing(tmp_path):
+    dm = ImageDataModule(train=[{"path": str(color_corpus(tmp_path))}], pack_tokens=120, image_max_pixels=56 * 56)
+    batches = list(dm.train_dataloader())
+    assert sorted(s for b in batches for s in b["sources"]) == sorted(f"{tmp_path / 'c.jsonl'}:{i}" for i in range(1, 13))
+    assert all(b["input_ids"].shape[1] <= 120 for b in batches) and any(len(b["sources"]) > 1 for b in batches)
+    torch.manual_seed(0)
+    model = InfiniteVL(InfiniteVLConfig(
+        text=HybridConfig.tiny(vocab_size=151936, window=8),
+        vision=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                    fullatt_block_indexes=[0]))).eval()
+    batch = next(b for b in batches if len(b["sources"]) > 1)
+    cu = batch["cu_seqlens"].tolist()
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                       image_grid_thw=batch["image_grid_thw"], cu_seqlens=batch["cu_seqlens"]).logits
+        patches = (batch["image_grid_thw"].prod(-1)).tolist()
+        starts = [sum(patches[:i]) for i in range(len(patches))]
+        for i, (a, z) in enumerate(zip(cu[:-1], cu[1:])):
+            alone = model(input_ids=batch["input_ids"][:, a:z],
+                          pixel_values=batch["pixel_values"][starts[i]:starts[i] + patches[i]],
+                          image_grid_thw=batch["image_grid_thw"][i:i + 1]).logits
+            torch.testing.assert_close(packed[:, a:z], alone, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_gives_the_remaining_batches(tmp_path, workers):
+    def module():
+        return ImageDataModule(train=[{"path": str(color_corpus(tmp_path, n=20))}], pack_tokens=None, batch_size=3,
+                               num_workers=workers, seed=7, image_max_pixels=56 * 56)
+
+    dm = module()
+    loader = dm.train_dataloader()
+    first_epoch = [b["sources"] for b in loader]
+    second_epoch = iter(loader)
+    taken = [next(second_epoch)["sources"] for _ in range(3)]
+    state = dm.state_dict()
+    rest = [b["sources"] for b in second_epoch]
+    assert taken + rest != first_epoch  # a new epoch is a new shuffle
+
+    resumed = module()
+    resumed.load_state_dict(state)
+    assert [b["sources"] for b in resumed.train_dataloader()] == rest
+
+
+def test_mixture_follows_weights(tmp_path):
+    a = color_corpus(tmp_path / "a", n=10)
+    b = color_corpus(tmp_path / "b", n=10)
+    dm = ImageDataModule(train=[{"path": str(a), "weight": 3.0}, {"path": str(b), "weight": 1.0}],
+                         pack_tokens=None, batch_size=4, samples_per_epoch=40, image_max_pixels=56 * 56)
+    dm.setup()
+    plan = dm.train_dataloader().plan(0)
+    indices = [i for batch in plan for i in batch]
+    assert len(indices) == 40 and sum(i < 10 for i in indices) == 30
+
+
+def test_video_datamodule_batches(tmp_path):
+    for i, (first, second) in enumerate([("red", "blue"), ("blue", "green")]):
+        write_video(tmp_path / f"v{i}.mp4", [COLORS[first], COLORS[second]], frames_per_color=4, fps=4)
+    records = [{"video": f"v{i}.mp4", "conversations": [{"from": "human", "value": "<video>Which color first?"},
+                                                          {"from": "gpt", "value": c}]}
+               for i, c in enumerate(["red", "blue"])]
+    (tmp_path / "v.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    dm = VideoDataModule(train=[{"path": str(tmp_path / "v.jsonl")}], pack_tokens=512, video_max_pixels=56 * 56)
+    [batch] = list(dm.train_dataloader())
+    assert batch["video_grid_thw"].shape == (2, 3) and batch["cu_seqlens"].tolist()[0] == 0
+    assert batch["second_per_grid_ts"].shape == (2,)
