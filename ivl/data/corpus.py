@@ -49,6 +49,8 @@ class Sample:
     """In order of appearance in the messages."""
     source: str
     """Where it came from: "file:line" or "shard.tar:key"."""
+    task: str | None = None
+    """The record's "task" field, else the corpus name: accuracy is reported per task."""
 
 
 @dataclass
@@ -84,7 +86,9 @@ def read_corpus(spec: CorpusSpec, skip_bad_samples: bool = False, bad: list | No
             try:
                 if isinstance(record, BadSample):
                     raise record
-                samples.append(to_sample(record, source, root, members))
+                sample = to_sample(record, source, root, members)
+                sample.task = sample.task or spec.name
+                samples.append(sample)
             except BadSample as err:
                 if not skip_bad_samples:
                     raise
@@ -229,7 +233,8 @@ def to_sample(record: dict, source: str, root: Path, members: dict | None = None
                             f"lists {len(listed[kind])} {kind}(s)")
     if not any(m["role"] == "assistant" for m in messages):
         raise BadSample(f"{source}: no assistant turn in '{field_name}' (nothing to learn)")
-    return Sample(messages=messages, media=media, source=source)
+    task = record.get("task") if isinstance(record.get("task"), str) else None
+    return Sample(messages=messages, media=media, source=source, task=task)
 
 
 def _split_tags(text: str):

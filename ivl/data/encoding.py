@@ -47,7 +47,7 @@ class SampleEncoder:
         labels = self._answer_labels(input_ids)
         if len(input_ids) > self.max_tokens:
             input_ids, labels = self._truncate(input_ids, labels, sample.source)
-        return {"input_ids": input_ids, "labels": labels, **inputs, "source": sample.source}
+        return {"input_ids": input_ids, "labels": labels, **inputs, "source": sample.source, "task": sample.task}
 
     def _answer_labels(self, ids: torch.Tensor) -> torch.Tensor:
         """Copy ids inside assistant turns (after '<|im_start|>assistant\\n', through '<|im_end|>'), -100 elsewhere."""

@@ -47,6 +47,7 @@ def collate_packed(items: list[dict]) -> dict:
         "cu_seqlens": cu,
         **_vision(items),
         "sources": [item["source"] for item in items],
+        "tasks": [item.get("task") for item in items],
     }
 
 
@@ -60,4 +61,4 @@ def collate_padded(items: list[dict], pad_token_id: int) -> dict:
         n = len(item["input_ids"])
         ids[b, :n], labels[b, :n], mask[b, :n] = item["input_ids"], item["labels"], 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask, **_vision(items),
-            "sources": [item["source"] for item in items]}
+            "sources": [item["source"] for item in items], "tasks": [item.get("task") for item in items]}

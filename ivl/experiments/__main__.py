@@ -1,7 +1,6 @@
-"""`python -m ivl.experiments`: the training CLI (LightningCLI). Lands with the training-stages issue."""
+"""python -m ivl.experiments {fit,validate,test,predict} --config experiments/X.yaml [--key value ...]"""
 
-import sys
+from ivl.experiments.cli import main
 
 if __name__ == "__main__":
-    print("ivl.experiments: the training CLI is not yet available (the training stages have not landed).")
-    sys.exit(0)
+    main()

@@ -181,11 +181,16 @@ class InfiniteVL(nn.Module):
         return {"vision": vision, "language_model": lm, "total": vision + lm}
 
 
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None):
-    """Cross-entropy of token t + 1 given tokens <= t, over labels != -100; never across a packed boundary."""
+def next_token_targets(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T - 1]: the label each position t < T - 1 predicts (t + 1's), -100 where nothing is predicted."""
     targets = labels[:, 1:].clone()
     if cu_seqlens is not None:
         # The last token of a sample must not be asked to predict the first token of the next one.
-        ends = cu_seqlens[1:-1].long() - 1
-        targets[:, ends] = -100
+        targets[:, cu_seqlens[1:-1].long() - 1] = -100
+    return targets
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None):
+    """Cross-entropy of token t + 1 given tokens <= t, over labels != -100; never across a packed boundary."""
+    targets = next_token_targets(labels, cu_seqlens)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)

@@ -1,0 +1,20 @@
+"""TokenThroughput: Lightning's ThroughputMonitor, told how to count samples and tokens in ivl batches."""
+
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import ThroughputMonitor
+
+
+def _samples(batch) -> int:
+    return len(batch["sources"]) if "sources" in batch else batch["input_ids"].shape[0]
+
+
+def _tokens(batch) -> int:
+    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+
+
+class TokenThroughput(ThroughputMonitor):
+    """Logs samples/s and tokens/s (``throughput/*``) of training batches, packed or padded."""
+
+    def __init__(self, window_size: int = 20):
+        super().__init__(batch_size_fn=_samples, length_fn=_tokens, window_size=window_size)

@@ -1,0 +1,8 @@
+"""The three training stages, one LightningModule each."""
+
+from ivl.stages.base import StageModule
+from ivl.stages.distill import DistillModule
+from ivl.stages.instruct import InstructModule
+from ivl.stages.long_context import LongContextModule
+
+__all__ = ["DistillModule", "InstructModule", "LongContextModule", "StageModule"]

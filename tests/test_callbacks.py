@@ -1,0 +1,46 @@
+"""LayerFreezing and LoRAInjection on a real stage and Trainer."""
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from ivl.callbacks import LayerFreezing, LoRAInjection
+from ivl.stages import InstructModule
+from test_stages import corpus, fixed_batch
+
+
+def trainer(callbacks, steps):
+    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+
+
+def test_layer_freezing_freezes_then_unfreezes_on_schedule(tmp_path):
+    module = InstructModule(teacher="tiny", window=64, trainable=[".*"])
+    vision_before = {n: p.clone() for n, p in module.model.visual.named_parameters()}
+    freezing = LayerFreezing(patterns=[r"model\.visual"], module_types=["SlidingWindowAttention"],
+                             unfreeze_at_epoch={1: [r"model\.visual"]})
+    batch = fixed_batch(corpus(tmp_path))
+    trainer([freezing], steps=2).fit(module, DataLoader([batch] * 2, batch_size=None))  # epoch 0 only
+    assert all(torch.equal(p, vision_before[n]) for n, p in module.model.visual.named_parameters())
+    assert not module.model.lm.layers[0].mixer.q_proj.weight.requires_grad  # attention layers by type
+    assert module.model.lm.layers[1].mixer.q_proj.weight.requires_grad
+
+    module = InstructModule(teacher="tiny", window=64, trainable=[".*"])
+    freezing = LayerFreezing(patterns=[r"model\.visual"], unfreeze_at_epoch={1: [r"model\.visual"]})
+    trainer([freezing], steps=4).fit(module, DataLoader([batch] * 2, batch_size=None))  # epochs 0 and 1
+    assert any(not torch.equal(p, vision_before[n]) for n, p in module.model.visual.named_parameters())
+
+
+def test_lora_injection_trains_only_adapters(tmp_path):
+    module = InstructModule(teacher="tiny", window=64, trainable=[".*"])
+    base = {n: p.clone() for n, p in module.model.named_parameters()}
+    batch = fixed_batch(corpus(tmp_path))
+    trainer([LoRAInjection(r=4, target_modules=["q_proj", "v_proj"])], steps=3).fit(
+        module, DataLoader([batch] * 3, batch_size=None))
+    names = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    assert names and all("lora_" in n for n in names)
+    changed = {n for n, p in module.model.named_parameters() if "lora_" in n and "lora_B" in n and p.abs().sum() > 0}
+    assert changed  # lora_B starts at zero: a non-zero one was trained
+    for n, p in module.model.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base[n.replace(".base_layer", "")]), n

@@ -1,0 +1,179 @@
+"""The three stages on tiny models: losses fall, the right parameters train, adapters reload, runs resume."""
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader
+
+from ivl.data import ImageDataModule
+from ivl.model import InfiniteVL
+from ivl.stages import DistillModule, InstructModule, LongContextModule
+from media_files import write_image
+
+COLORS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}
+
+
+def corpus(folder, n=6):
+    records = []
+    for i in range(n):
+        color = list(COLORS)[i % 3]
+        write_image(folder / f"{color}.png", COLORS[color])
+        records.append({"image": f"{color}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat color is it?"}, {"from": "gpt", "value": color}]})
+    path = folder / "c.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return path
+
+
+def datamodule(path, packed=True, **kwargs):
+    return ImageDataModule(train=[{"path": str(path)}], val=[{"path": str(path)}], image_max_pixels=56 * 56,
+                           pack_tokens=1024 if packed else None, batch_size=2, **kwargs)
+
+
+def fixed_batch(path, packed=True):
+    dm = datamodule(path, packed)
+    return next(iter(dm.train_dataloader()))
+
+
+class Losses(Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def fit_on(module, batch, steps=8):
+    losses = Losses()
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[losses])
+    trainer.fit(module, train_dataloaders=DataLoader([batch] * steps, batch_size=None))
+    return losses.losses
+
+
+def test_instruct_loss_falls(tmp_path):
+    module = InstructModule(teacher="tiny", window=64, lr=1e-2, warmup_ratio=0.0)
+    losses = fit_on(module, fixed_batch(corpus(tmp_path)), steps=12)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_layerwise_distillation_trains_only_gdn_and_leaves_the_teacher(tmp_path):
+    module = DistillModule(teacher="tiny", window=64, layerwise_steps=-1, lr=1e-3, warmup_ratio=0.0)
+    teacher_before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
+    batch = fixed_batch(corpus(tmp_path), packed=False)
+    loss = module.layerwise_loss(batch)
+    loss.backward()
+    with_grad = {n for n, p in module.model.named_parameters() if p.grad is not None}
+    gdn = {n for n in with_grad if n.split(".")[2] in {"1", "2", "3"} and ".mixer." in n}
+    assert with_grad and with_grad == gdn  # layers 1-3 are GDN, layer 0 attention
+    module.zero_grad()
+    losses = fit_on(module, batch)
+    assert losses[-1] < 0.5 * losses[0]
+    assert all(torch.equal(v, teacher_before[k]) for k, v in module.teacher.state_dict().items())
+    assert not any(k.startswith("teacher") for k in module.state_dict())  # the teacher stays out of checkpoints
+
+
+def test_end_to_end_distillation_kl_falls(tmp_path):
+    module = DistillModule(teacher="tiny", window=64, layerwise_steps=0, lr=3e-3, warmup_ratio=0.0,
+                           trainable=[r"lm\..*"])
+    batch = fixed_batch(corpus(tmp_path), packed=False)
+    assert module.phase() == "end_to_end"
+    losses = fit_on(module, batch)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_phases_switch_after_layerwise_steps():
+    module = DistillModule(teacher="tiny", window=64, layerwise_steps=2)
+    module.trainer = None
+    assert module.phase() == "layerwise"
+
+
+def test_long_context_trains_only_lora_and_the_adapter_reloads(tmp_path):
+    module = LongContextModule(teacher="tiny", window=64, lora_r=4, lr=3e-3, warmup_ratio=0.0)
+    assert all("lora_" in n for n, p in module.named_parameters() if p.requires_grad)
+    batch = fixed_batch(corpus(tmp_path))
+    losses = fit_on(module, batch)
+    assert losses[-1] < losses[0]
+    inputs = module.model_inputs(batch)
+    with torch.no_grad():
+        trained = module.model.eval()(**inputs).logits
+    module.save_adapter(tmp_path / "adapter")
+
+    fresh = LongContextModule(teacher="tiny", window=64, lora_r=4)  # same seed: the same base weights
+    with torch.no_grad():
+        assert not torch.allclose(fresh.model.eval()(**inputs).logits, trained)
+        fresh.load_adapter(tmp_path / "adapter")
+        torch.testing.assert_close(fresh.model(**inputs).logits, trained, rtol=0, atol=0)
+    module.export(tmp_path / "merged")
+    merged = InfiniteVL.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, trained, rtol=1e-4, atol=1e-4)
+
+
+def test_interrupted_fit_resumes_with_the_same_losses(tmp_path):
+    path = corpus(tmp_path, n=12)
+
+    class Interrupt(Callback):  # a crash after step 4, with the run configured for 8 (same LR schedule)
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 4:
+                trainer.should_stop = True
+
+    def run(max_steps, folder, ckpt_path=None, interrupt=False):
+        losses = Losses()
+        checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / folder, save_last=True,
+                                                         every_n_train_steps=1)
+        trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, num_sanity_val_steps=0,
+                            callbacks=[losses, checkpoint] + ([Interrupt()] if interrupt else []),
+                            limit_val_batches=0)
+        torch.manual_seed(0)
+        module = InstructModule(teacher="tiny", window=64, lr=3e-3, warmup_ratio=0.0)
+        dm = ImageDataModule(train=[{"path": str(path)}], image_max_pixels=56 * 56, pack_tokens=None, batch_size=2)
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        return losses.losses
+
+    full = run(8, "full")  # 6 batches per epoch: the resume point (step 4) is mid-epoch, the run crosses an epoch
+    first = run(8, "interrupted", interrupt=True)
+    rest = run(8, "interrupted", ckpt_path=str(tmp_path / "interrupted" / "last.ckpt"))
+    assert len(first) == 4 and len(rest) == 4
+    torch.testing.assert_close(torch.tensor(first + rest), torch.tensor(full), rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoints_carry_the_data_position(tmp_path):
+    """Lightning stores the loader's position in the checkpoint (without it a resumed epoch would restart)."""
+    path = corpus(tmp_path, n=12)
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[checkpoint], limit_val_batches=0)
+    module = InstructModule(teacher="tiny", window=64)
+    trainer.fit(module, datamodule=ImageDataModule(train=[{"path": str(path)}], image_max_pixels=56 * 56,
+                                                   pack_tokens=None, batch_size=2))
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["loops"]["fit_loop"]["state_dict"]
+    assert state["combined_loader"] == [{"epoch": 0, "consumed": 3}]
+
+
+def test_accuracy_is_exact_match_of_greedy_generation(tmp_path):
+    """The teacher-forced accuracy must agree, sample by sample, with generating each answer greedily."""
+    torch.manual_seed(0)
+    module = InstructModule(teacher="tiny", window=64, lr=1e-2, warmup_ratio=0.0)
+    batch = fixed_batch(corpus(tmp_path))
+    fit_on(module, batch, steps=6)  # partly trained: some answers right, some wrong
+    model = module.model.eval()
+    from ivl.stages.base import answer_loss_and_accuracy
+
+    with torch.no_grad():
+        _, correct = answer_loss_and_accuracy(model, batch)
+    cu = batch["cu_seqlens"].tolist()
+    patches = batch["image_grid_thw"].prod(-1).tolist()
+    for i, (a, z) in enumerate(zip(cu[:-1], cu[1:])):
+        ids, labels = batch["input_ids"][0, a:z], batch["labels"][0, a:z]
+        start = int((labels != -100).nonzero()[0])
+        answer = labels[start:]
+        pixels = batch["pixel_values"][sum(patches[:i]):sum(patches[:i + 1])]
+        generated = model.generate(input_ids=ids[None, :start], pixel_values=pixels,
+                                   image_grid_thw=batch["image_grid_thw"][i:i + 1], max_new_tokens=len(answer),
+                                   stop_token_ids=[])
+        assert bool(correct[i]) == torch.equal(generated[0], answer)
