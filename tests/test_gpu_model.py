@@ -47,3 +47,13 @@ def test_cached_generate_on_gpu_equals_cpu():
     # rest while the token streams agree
     torch.testing.assert_close(gpu_scores[:, 0].cpu(), cpu_scores[:, 0], rtol=1e-3, atol=1e-3)
     assert gpu_tokens.shape == (1, 16)
+
+
+def test_cuda_graph_generate_equals_dynamic_generate():
+    student = randomise_gdn(convert_qwen2_5_vl(tiny_teacher(), window=12)[0]).cuda()
+    inputs = to({k: v for k, v in image_video_prompt(batch=2).items() if k in MODEL_INPUTS}, "cuda")
+    graphed, graphed_scores = student.generate(**inputs, max_new_tokens=16, stop_token_ids=[],
+                                               decoder="cuda_graph", return_scores=True)
+    dynamic, dynamic_scores = student.generate(**inputs, max_new_tokens=16, stop_token_ids=[], return_scores=True)
+    torch.testing.assert_close(graphed_scores[:, 0], dynamic_scores[:, 0], rtol=1e-3, atol=1e-3)
+    assert graphed.shape == dynamic.shape

@@ -7,6 +7,9 @@ from typing import Callable
 import torch
 
 from ivl.model.lm import HybridLM
+from ivl.model.static_cache import StaticCache, decode_step
+
+DECODERS = ("dynamic", "static", "cuda_graph")
 
 
 def generate(
@@ -26,9 +29,18 @@ def generate(
     prefill_chunk: int | None,
     generator: torch.Generator | None,
     return_scores: bool = False,
+    decoder: str = "dynamic",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """New tokens [B, n] (and, with return_scores, the logits [B, n, vocab] each token was chosen from). embeds [B, T, hidden] (vision features in place), position_ids [3, B, T], next_position
-    [B] the position of the first new token; attention_mask [B, T] 0 on left padding."""
+    [B] the position of the first new token; attention_mask [B, T] 0 on left padding.
+
+    decoder: "dynamic" (the growing cache), "static" (fixed-shape buffers, ``decode_step``) or "cuda_graph" (the
+    static step captured once in a CUDA graph and replayed per token: no per-kernel launch cost).
+    """
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}; got {decoder!r}")
+    if decoder == "cuda_graph" and not embeds.is_cuda:
+        raise ValueError("decoder='cuda_graph' needs the model on a CUDA device")
     B, T, _ = embeds.shape
     if attention_mask is not None:
         _check_left_padded(attention_mask)
@@ -43,6 +55,7 @@ def generate(
             attention_mask=attention_mask[:, start:end] if attention_mask is not None else None,
         )
     logits = lm.lm_head(hidden[:, -1])
+    step = _dynamic_step(lm, cache) if decoder == "dynamic" else _static_step(lm, cache, B, T, decoder, embeds.device)
     stops = torch.tensor(stop_token_ids, device=embeds.device, dtype=torch.long)
     finished = torch.zeros(B, dtype=torch.bool, device=embeds.device)
     tokens, scores = [], []
@@ -57,12 +70,48 @@ def generate(
         finished |= torch.isin(token, stops)
         if bool(finished.all()) or s == max_new_tokens - 1:
             break
-        pos = (next_position + s)[None, :, None].expand(3, -1, 1)
-        logits = lm(token[:, None], position_ids=pos, cache=cache)[:, -1]
+        logits = step(token, (next_position + s)[None, :, None].expand(3, -1, 1), T + s)
     out = torch.stack(tokens, dim=1) if tokens else embeds.new_zeros(B, 0, dtype=torch.long)
     if return_scores:
         return out, torch.stack(scores, dim=1) if scores else embeds.new_zeros(B, 0, lm.config.vocab_size)
     return out
+
+
+def _dynamic_step(lm, cache):
+    def step(token, position, index):
+        return lm(token[:, None], position_ids=position, cache=cache)[:, -1]
+    return step
+
+
+def _static_step(lm, cache, B, T, decoder, device):
+    """A decode step over fixed buffers; with "cuda_graph" captured once (after a warm-up on a copy of the cache,
+    so the real one is not advanced) and replayed with the step's inputs copied into its input buffers."""
+    static = StaticCache.from_cache(lm, cache, B)
+    token = torch.zeros(B, dtype=torch.long, device=device)
+    position = torch.zeros(3, B, 1, dtype=torch.long, device=device)
+    index = torch.tensor(T, device=device)
+    if decoder == "static":
+        def step(tok, pos, i):
+            token.copy_(tok), position.copy_(pos), index.fill_(i)
+            return decode_step(lm, static, token, position, index)
+        return step
+    scratch = StaticCache.from_cache(lm, cache, B)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            decode_step(lm, scratch, token, position, index)
+    torch.cuda.current_stream().wait_stream(side)
+    del scratch
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = decode_step(lm, static, token, position, index)
+
+    def replay(tok, pos, i):
+        token.copy_(tok), position.copy_(pos), index.fill_(i)
+        graph.replay()
+        return logits.clone()
+    return replay
 
 
 def _select(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator) -> torch.Tensor:

@@ -138,8 +138,11 @@ class InfiniteVL(nn.Module):
         generator: torch.Generator | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
         return_scores: bool = False,
+        decoder: str = "dynamic",
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """New tokens [B, n <= max_new_tokens]; rows that stopped early are filled with ``pad_token_id``.
+        ``decoder``: "dynamic" cache, "static" fixed-shape buffers, or "cuda_graph" (one captured decode step
+        replayed per token; CUDA only).
         With ``return_scores``, also the logits [B, n, vocab] each token was chosen from.
 
         Prompts in a batch are left-padded (attention_mask 0 on the left). The prompt is prefilled through the
@@ -154,7 +157,7 @@ class InfiniteVL(nn.Module):
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
             stop_token_ids=self.config.eos_token_ids if stop_token_ids is None else stop_token_ids,
             pad_token_id=self.config.pad_token_id, on_token=on_token, prefill_chunk=prefill_chunk,
-            generator=generator, return_scores=return_scores,
+            generator=generator, return_scores=return_scores, decoder=decoder,
         )
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
