@@ -1,8 +1,8 @@
-"""`python -m ivl.bench {layers,convert,data,inference}`: GPU benchmarks whose numbers go into docs/benchmarks.md."""
+"""`python -m ivl.bench {layers,convert,data,inference,stream}`: GPU benchmarks whose numbers go into docs/benchmarks.md."""
 
 import argparse
 
-from ivl.bench import convert, data, inference, layers
+from ivl.bench import convert, data, inference, layers, stream
 
 
 def main() -> None:
@@ -12,8 +12,11 @@ def main() -> None:
     convert.add_arguments(sub.add_parser("convert", help=convert.__doc__.splitlines()[0]))
     data.add_arguments(sub.add_parser("data", help=data.__doc__.splitlines()[0]))
     inference.add_arguments(sub.add_parser("inference", help=inference.__doc__.splitlines()[0]))
+    stream.add_arguments(sub.add_parser("stream", help=stream.__doc__.splitlines()[0]))
     args = parser.parse_args()
-    {"layers": layers.run, "convert": convert.run, "data": data.run, "inference": inference.run}[args.command](args)
+    commands = {"layers": layers.run, "convert": convert.run, "data": data.run, "inference": inference.run,
+                "stream": stream.run}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":
