@@ -85,10 +85,18 @@ def test_end_to_end_distillation_kl_falls(tmp_path):
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_phases_switch_after_layerwise_steps():
-    module = DistillModule(teacher="tiny", window=64, layerwise_steps=2)
-    module.trainer = None
-    assert module.phase() == "layerwise"
+def test_phases_switch_after_layerwise_steps(tmp_path):
+    module = DistillModule(teacher="tiny", window=64, layerwise_steps=2, warmup_ratio=0.0)
+    phases = []
+
+    class Record(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            phases.append(pl_module.phase())
+
+    batch = fixed_batch(corpus(tmp_path), packed=False)
+    L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[Record()]).fit(module, DataLoader([batch] * 4, batch_size=None))
+    assert phases == ["layerwise", "layerwise", "end_to_end", "end_to_end"]
 
 
 def test_long_context_trains_only_lora_and_the_adapter_reloads(tmp_path):
