@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import os
+
+
+def _optional(disable_env: str, module: str, *names: str):
+    """The named attributes of an optional module, or None when it is missing or ``disable_env`` is set to 1."""
+    if os.environ.get(disable_env) == "1":
+        return None
+    try:
+        imported = importlib.import_module(module)
+    except ImportError:
+        return None
+    return tuple(getattr(imported, name) for name in names)
 
 
 @functools.cache
@@ -13,13 +25,15 @@ def fla_gated_delta():
 
     Set IVL_DISABLE_FLA=1 to force the PyTorch path (used to compare the two on a GPU).
     """
-    if os.environ.get("IVL_DISABLE_FLA") == "1":
-        return None
-    try:
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
-    except ImportError:
-        return None
-    return chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+    return _optional("IVL_DISABLE_FLA", "fla.ops.gated_delta_rule", "chunk_gated_delta_rule",
+                     "fused_recurrent_gated_delta_rule")
+
+
+@functools.cache
+def fla_causal_conv1d():
+    """fla's Triton causal depthwise convolution ([B, T, D] layout, fused SiLU, varlen), or None without fla."""
+    found = _optional("IVL_DISABLE_FLA", "fla.modules.causal_conv1d", "causal_conv1d")
+    return found[0] if found else None
 
 
 @functools.cache
@@ -40,10 +54,5 @@ def fla_gated_backward_is_broken() -> bool:
 @functools.cache
 def flash_attn_varlen():
     """flash-attn's varlen function, or None when flash-attn is not installed (it has no CPU build)."""
-    if os.environ.get("IVL_DISABLE_FLASH_ATTN") == "1":
-        return None
-    try:
-        from flash_attn import flash_attn_varlen_func
-    except ImportError:
-        return None
-    return flash_attn_varlen_func
+    found = _optional("IVL_DISABLE_FLASH_ATTN", "flash_attn", "flash_attn_varlen_func")
+    return found[0] if found else None
