@@ -45,6 +45,33 @@ def sliding_window_attention(
     return _sdpa(q, k, v, mask, scale)
 
 
+def sliding_window_attention_after_prefix(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, scale: float | None = None
+) -> torch.Tensor:
+    """Sliding-window attention of a chunk that continues a cached prefix: the chunked-prefill path.
+
+    q: [B, T, Hq, D], the chunk's queries; k, v: [B, P + T, Hkv, D], the P cached keys/values in token order
+    followed by the chunk's own, all consecutive tokens, so query i is token P + i. On CUDA this is FlexAttention
+    with a block-sparse band, so a chunk costs T x window rather than T x (P + T) work; elsewhere SDPA with the
+    explicit band.
+    """
+    P = k.shape[1] - q.shape[1]
+    if P < 0 or k.shape != v.shape or q.shape[0] != k.shape[0]:
+        raise ValueError(f"expected q [B, T, Hq, D] and k, v [B, P + T, Hkv, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if q.is_cuda:
+        block_mask = _prefix_block_mask(q.shape[1], P, window, q.device)
+        out = _compiled_flex_attention()(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scale,
+            enable_gqa=q.shape[2] != k.shape[2],
+        )
+        return out.transpose(1, 2)
+    positions = torch.arange(k.shape[1], device=q.device)
+    return attention_at_positions(q, k, v, positions[P:], positions, window, scale)
+
+
 def attention_at_positions(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -163,3 +190,17 @@ def _block_mask(T: int, window: int | None, cu_seqlens: tuple[int, ...] | None, 
 
     # _compile=True builds the mask block by block instead of materialising T x T booleans (4 GB at 64K).
     return create_block_mask(mask_mod, None, None, T, T, device=device, _compile=True)
+
+
+@functools.lru_cache(maxsize=16)
+def _prefix_block_mask(T: int, P: int, window: int | None, device):
+    """The band for T queries at key indices P .. P + T - 1 over P + T keys, built once per shape."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = q_idx + P >= kv_idx
+        if window is not None:
+            keep = keep & (q_idx + P - kv_idx < window)
+        return keep
+
+    return create_block_mask(mask_mod, None, None, T, P + T, device=device, _compile=True)

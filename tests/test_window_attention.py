@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ivl.kernels import sliding_window_attention
-from ivl.kernels.window_attention import attention_at_positions
+from ivl.kernels.window_attention import attention_at_positions, sliding_window_attention_after_prefix
 from references import dense_window_attention
 
 
@@ -47,6 +47,15 @@ def test_keys_at_positions_in_any_order():
     ref = dense_window_attention(q, k, v, window)[:, -4:]
     perm = torch.randperm(20)
     out = attention_at_positions(q[:, -4:], k[:, perm], v[:, perm], torch.arange(16, 20), perm, window)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [6, None])
+def test_chunk_after_cached_prefix_equals_rows_of_the_whole(window):
+    """Chunked prefill: the last T queries over (P cached + T new) keys are those rows of attention over all."""
+    q, k, v = qkv(T=20)
+    ref = dense_window_attention(q, k, v, window)[:, -7:]
+    out = sliding_window_attention_after_prefix(q[:, -7:], k, v, window)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 

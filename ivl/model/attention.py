@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from ivl.kernels import sliding_window_attention
-from ivl.kernels.window_attention import attention_at_positions
+from ivl.kernels.window_attention import attention_at_positions, sliding_window_attention_after_prefix
 from ivl.model.cache import WindowKVCache
 from ivl.model.layers import apply_rotary
 
@@ -54,7 +54,16 @@ class SlidingWindowAttention(nn.Module):
             raise ValueError("a cache holds one stream per batch row; pass padded batches, not cu_seqlens")
         if token_index is None:
             token_index = torch.arange(T, device=x.device)
-        if cache is not None and cache.keys is not None and cache.keys.shape[1] > 0:
+        if (cache is not None and cache.keys is not None and cache.keys.shape[1] > 0 and x.is_cuda and T >= 128
+                and attention_mask is None and bool(cache.valid.all())):
+            # Chunked prefill without padding: the cached tokens are the ones just before this chunk, so in
+            # token order they and the chunk form one band, which a block-sparse kernel skips outside of.
+            # (Single decode tokens stay on the masked path below: the band's shape changes every step.)
+            order = cache.positions.argsort()
+            keys = torch.cat([cache.keys[:, order], k], dim=1)
+            values = torch.cat([cache.values[:, order], v], dim=1)
+            out = sliding_window_attention_after_prefix(q, keys, values, self.window)
+        elif cache is not None and cache.keys is not None and cache.keys.shape[1] > 0:
             keys = torch.cat([cache.keys, k], dim=1)
             values = torch.cat([cache.values, v], dim=1)
             positions = torch.cat([cache.positions, token_index])
