@@ -2,16 +2,17 @@
 
 ``HybridCache`` grows its attention rings while the window fills and swaps tensors per step, which is right for
 prefill but not capturable. ``StaticCache`` holds every buffer at its final shape from the start: per attention
-layer a [B, window] ring of keys/values with the token index and validity of each slot, per Gated DeltaNet layer
-its state and convolution tails. ``decode_step`` updates them in place, reading the step's token index from a
-tensor, so the same kernels run on the same addresses every step.
+layer a [B, Hkv, window, D] ring of keys/values (heads first: one head's keys form one matrix) with the token
+index and validity of each slot, per Gated DeltaNet layer its state and convolution tails. ``decode_step``
+updates them in place, reading the step's token index from a tensor, so the same kernels run on the same
+addresses every step.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from ivl.kernels.fused import fused
 from ivl.model.cache import HybridCache, RecurrentCache, WindowKVCache
 from ivl.model.gated_deltanet import GatedDeltaNet
 from ivl.model.layers import apply_rotary
@@ -42,8 +43,8 @@ class StaticCache:
                 })
             else:
                 self.layers.append({
-                    "keys": torch.zeros(batch, S, m.num_kv_heads, m.head_dim, device=device, dtype=dtype),
-                    "values": torch.zeros(batch, S, m.num_kv_heads, m.head_dim, device=device, dtype=dtype),
+                    "keys": torch.zeros(batch, m.num_kv_heads, S, m.head_dim, device=device, dtype=dtype),
+                    "values": torch.zeros(batch, m.num_kv_heads, S, m.head_dim, device=device, dtype=dtype),
                     "positions": torch.full((S,), EMPTY, dtype=torch.long, device=device),
                     "valid": torch.zeros(batch, S, dtype=torch.bool, device=device),
                 })
@@ -60,8 +61,8 @@ class StaticCache:
                         buffers[name].copy_(layer.conv[name])
             elif isinstance(layer, WindowKVCache) and layer.keys is not None:
                 slots = layer.positions % static.window
-                buffers["keys"][:, slots] = layer.keys
-                buffers["values"][:, slots] = layer.values
+                buffers["keys"][:, :, slots] = layer.keys.transpose(1, 2)
+                buffers["values"][:, :, slots] = layer.values.transpose(1, 2)
                 buffers["positions"][slots] = layer.positions
                 buffers["valid"][:, slots] = layer.valid
         return static
@@ -109,15 +110,28 @@ def _attention_step(m, x, rope, buffers, token_index, window) -> torch.Tensor:
     cos, sin = rope
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     slot = (token_index % window).view(1)
-    buffers["keys"].index_copy_(1, slot, k)
-    buffers["values"].index_copy_(1, slot, v)
+    buffers["keys"].index_copy_(2, slot, k.transpose(1, 2))
+    buffers["values"].index_copy_(2, slot, v.transpose(1, 2))
     buffers["positions"].index_copy_(0, slot, token_index.view(1))
     buffers["valid"].index_fill_(1, slot, True)
     pos = buffers["positions"]
     mask = (pos > token_index - window) & (pos <= token_index)  # [S]
-    mask = (mask[None] & buffers["valid"])[:, None, None, :]  # [B, 1, 1, S]
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), buffers["keys"].transpose(1, 2), buffers["values"].transpose(1, 2),
-        attn_mask=mask, enable_gqa=True,
-    )
-    return m.o_proj(out.transpose(1, 2).reshape(B, 1, -1))
+    out = _decode_attention(q, buffers["keys"], buffers["values"], mask[None] & buffers["valid"])
+    return m.o_proj(out)
+
+
+@fused
+def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query per row over the ring: q [B, 1, Hq, D], keys/values [B, Hkv, S, D], mask [B, S] -> [B, 1, Hq * D].
+
+    Two batched matrix products around a softmax, with the query heads of a key/value head as the rows of one
+    product. SDPA's kernels run a single masked query per (row, head) block without splitting the keys, which
+    reads the window at a small fraction of memory bandwidth.
+    """
+    B, _, Hq, D = q.shape
+    Hkv = keys.shape[1]
+    grouped = q.view(B, Hkv, Hq // Hkv, D)  # query head h reads key/value head h // (Hq / Hkv)
+    scores = (grouped @ keys.transpose(-1, -2)).float() * D**-0.5  # [B, Hkv, G, S]
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    out = scores.softmax(-1).to(values.dtype) @ values  # [B, Hkv, G, D]
+    return out.reshape(B, 1, Hq * D)
