@@ -7,7 +7,10 @@ import torch.nn.functional as F
 from ivl.kernels import gated_delta_rule, sliding_window_attention
 from ivl.kernels._fla import fla_gated_delta
 from ivl.kernels.gated_delta import _chunked, _varlen
-from ivl.kernels.window_attention import _sdpa, band_mask
+from ivl.kernels.window_attention import _sdpa, band_mask, sliding_window_attention_after_prefix
+from ivl.model.gated_deltanet import ShortConvolution, _causal_conv_silu, _l2norm
+from ivl.model.layers import apply_rotary, gated_rms_norm, rms_norm, silu_mul
+from ivl.model.static_cache import _decode_attention
 from ivl.model import HybridConfig, HybridLM
 
 pytestmark = pytest.mark.gpu
@@ -78,6 +81,71 @@ def test_window_attention_gpu_matches_sdpa_band(dtype, tol, window, varlen):
     assert rel_err(out, ref) < tol
     for a, b in zip(grads, grads_ref):
         assert rel_err(a, b) < 2 * tol
+
+
+@pytest.mark.parametrize("window", [1024, None])
+def test_prefix_window_attention_gpu_matches_sdpa_band(window):
+    """FlexAttention over a cached prefix (the chunked-prefill path) against SDPA with the explicit band."""
+    P, T, Hq, Hkv, D = 1024, 512, 16, 2, 128
+    q = torch.randn(1, T, Hq, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, P + T, Hkv, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, P + T, Hkv, D, device="cuda", dtype=torch.bfloat16)
+    out = sliding_window_attention_after_prefix(q, k, v, window)
+    ref = _sdpa(*(t.float() for t in (q, k, v)), band_mask(P + T, window, None, "cuda")[P:], D**-0.5)
+    assert rel_err(out, ref) < 1e-2
+
+
+def test_fused_functions_match_eager_on_gpu():
+    """The torch.compile'd elementwise chains compute what their eager definitions do."""
+    x = torch.randn(2, 300, 4, 64, device="cuda", dtype=torch.bfloat16)
+    gate, w = torch.randn_like(x), torch.randn(64, device="cuda")
+    cos, sin = torch.randn(2, 300, 64, device="cuda", dtype=torch.bfloat16).unbind(0)
+    xc, cw = torch.randn(2, 300, 96, device="cuda", dtype=torch.bfloat16), torch.randn(96, 4, device="cuda")
+    tail = torch.randn(2, 3, 96, device="cuda", dtype=torch.bfloat16)
+    pos = torch.tensor([0, 1, 0, 1, 2] * 60, device="cuda")
+    keys, values = torch.randn(2, 2, 2, 512, 64, device="cuda", dtype=torch.bfloat16)
+    attention = (x[:, :1], keys, values, torch.rand(2, 512, device="cuda") > 0.3)
+    cases = [
+        (rms_norm, (x, w.bfloat16(), 1e-6)), (gated_rms_norm, (x, gate, w, 1e-6)), (silu_mul, (x, gate)),
+        (apply_rotary, (x, cos[None].expand(2, -1, -1), sin[None].expand(2, -1, -1))), (_l2norm, (x,)),
+        (_causal_conv_silu, (xc, tail, cw, None)), (_causal_conv_silu, (xc, None, cw, pos)),
+        (_causal_conv_silu, (xc[:, :1], tail, cw, None)), (_decode_attention, attention),
+    ]
+    for fn, args in cases:
+        for a, b in zip(*(torch.utils._pytree.tree_leaves(f(*args)) for f in (fn, fn.eager))):
+            assert rel_err(a, b) < 1e-2, fn.__name__
+
+
+@pytest.mark.parametrize("case", ["tail", "no tail", "packed", "short"])
+def test_short_convolution_fla_path_matches_tap_loop(case):
+    """fla's causal conv (prefill and training on CUDA) against our tap loop, outputs, new tails and gradients."""
+    conv = ShortConvolution(256, 4).cuda()
+    x = torch.randn(1 if case == "packed" else 2, 2 if case == "short" else 300, 256, device="cuda",
+                    requires_grad=True)
+    tail = torch.randn(x.shape[0], 3, 256, device="cuda") if case == "tail" else None
+    cu = torch.tensor([0, 100, 101, 300], dtype=torch.int32, device="cuda") if case == "packed" else None
+    pos = None
+    if cu is not None:
+        pos = torch.cat([torch.arange(100), torch.arange(1), torch.arange(199)]).cuda()
+    y, new_tail = conv(x, cu, tail)
+    y_ref, tail_ref = _causal_conv_silu.eager(x, tail, conv.weight[:, 0, :], pos)
+    assert rel_err(y, y_ref) < 1e-3 and rel_err(new_tail, tail_ref) == 0
+    w = torch.randn_like(y)
+    grads = torch.autograd.grad((y * w).sum(), [x, conv.weight])
+    grads_ref = torch.autograd.grad((y_ref * w).sum(), [x, conv.weight])
+    for a, b in zip(grads, grads_ref):
+        assert rel_err(a, b) < 1e-3
+
+
+def test_chunked_prefill_on_gpu_equals_one_forward():
+    """Prefill in chunks of >= 128 tokens (FlexAttention over the cached window) equals one full forward."""
+    model = HybridLM(HybridConfig.tiny(window=200)).cuda().eval()
+    ids = torch.randint(0, 256, (2, 700), device="cuda")
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache()
+        pieces = [model(ids[:, a : a + 175], cache=cache) for a in range(0, 700, 175)]
+    assert rel_err(torch.cat(pieces, 1), full) < 5e-3
 
 
 def test_hybrid_lm_cached_decoding_on_gpu():
