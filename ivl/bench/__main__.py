@@ -1,8 +1,8 @@
-"""`python -m ivl.bench {layers,convert,data,inference,stream}`: GPU benchmarks whose numbers go into docs/benchmarks.md."""
+"""`python -m ivl.bench {layers,convert,data,inference,stream,profile}`: the benchmarks behind docs/benchmarks.md."""
 
 import argparse
 
-from ivl.bench import convert, data, inference, layers, stream
+from ivl.bench import convert, data, inference, layers, profile, stream
 
 
 def main() -> None:
@@ -13,9 +13,10 @@ def main() -> None:
     data.add_arguments(sub.add_parser("data", help=data.__doc__.splitlines()[0]))
     inference.add_arguments(sub.add_parser("inference", help=inference.__doc__.splitlines()[0]))
     stream.add_arguments(sub.add_parser("stream", help=stream.__doc__.splitlines()[0]))
+    profile.add_arguments(sub.add_parser("profile", help=profile.__doc__.splitlines()[0]))
     args = parser.parse_args()
     commands = {"layers": layers.run, "convert": convert.run, "data": data.run, "inference": inference.run,
-                "stream": stream.run}
+                "stream": stream.run, "profile": profile.run}
     commands[args.command](args)
 
 

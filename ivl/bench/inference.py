@@ -2,9 +2,10 @@
 peak memory across context lengths, random weights, with a roofline for decoding.
 
 Both models carry their vision tower; prompts are text so that context length is exact. InfiniteVL prefills in
-chunks through its constant-memory cache and decodes with the chosen decoder ("cuda_graph" by default); the
-baseline prefills in one call and decodes with its growing KV cache, as users run it. A context at which a model
-runs out of memory is reported as OOM and the model is not tried on longer ones.
+chunks through its constant-memory cache and decodes with the chosen decoder ("cuda_graph" by default). The
+baseline prefills in one call and decodes twice: as users run it (eager, growing KV cache) and at its best
+(preallocated KV buffers, the step captured in a CUDA graph). A context at which a model runs out of memory is
+reported as OOM and the model is not tried on longer ones.
 """
 
 from __future__ import annotations
@@ -25,8 +26,13 @@ from ivl.stages.models import TINY_TEACHER
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768, 65536, 131072])
+    parser.add_argument("--contexts", type=int, nargs="+",
+                        default=[1024, 4096, 16384, 32768, 65536, 131072, 262144, 524288, 1048576])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--max-batch-tokens", type=int, default=1 << 20,
+                        help="skip batch x context beyond this many prompt tokens (batch 8 stops at 128K)")
+    parser.add_argument("--baseline-max-context", type=int, default=131072,
+                        help="longest context tried on the baseline (its prefill is quadratic)")
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--prefill-chunk", type=int, default=8192)
     parser.add_argument("--decoder", default="cuda_graph", choices=["dynamic", "static", "cuda_graph"])
@@ -35,15 +41,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", type=Path, default=Path("docs/figures/inference.png"))
 
 
-def build(shapes: str, device: str, dtype: torch.dtype):
-    teacher_config = Qwen2_5_VLConfig(**(QWEN2_5_VL_3B if shapes == "4b" else TINY_TEACHER))
+def _teacher_config(shapes: str) -> Qwen2_5_VLConfig:
+    return Qwen2_5_VLConfig(**(QWEN2_5_VL_3B if shapes == "4b" else TINY_TEACHER))
+
+
+def build_infinitevl(shapes: str, device: str, dtype: torch.dtype) -> InfiniteVL:
+    text = HybridConfig.preset("infinitevl-4b") if shapes == "4b" else HybridConfig.tiny(
+        vocab_size=151936, hidden_size=64, window=256)
+    vision = vision_config_dict(_teacher_config(shapes).vision_config)
     with torch.device(device):
-        baseline = Qwen2_5_VLForConditionalGeneration._from_config(teacher_config, dtype=dtype,
-                                                                    attn_implementation="sdpa").eval()
-        text = HybridConfig.preset("infinitevl-4b") if shapes == "4b" else HybridConfig.tiny(
-            vocab_size=151936, hidden_size=64, window=256)
-        model = InfiniteVL(InfiniteVLConfig(text=text, vision=vision_config_dict(teacher_config.vision_config)))
-    return model.to(dtype).eval(), baseline
+        model = InfiniteVL(InfiniteVLConfig(text=text, vision=vision))
+    return model.to(dtype).eval()
+
+
+def build_baseline(shapes: str, device: str, dtype: torch.dtype):
+    """transformers' Qwen2.5-VL with the teacher's shapes (3B by default), sdpa attention."""
+    with torch.device(device):
+        return Qwen2_5_VLForConditionalGeneration._from_config(_teacher_config(shapes), dtype=dtype,
+                                                                attn_implementation="sdpa").eval()
 
 
 def _sync(device):
@@ -65,6 +80,11 @@ def _reset(device):
 def time_infinitevl(model, B, T, args):
     lm, device = model.lm, args.device
     ids = torch.randint(0, 150000, (B, T), device=device)
+    # Compile and autotune for this batch's chunk shapes (a first chunk, then one over a cached window) untimed.
+    warm = lm.new_cache()
+    for a in range(0, min(T, 2 * args.prefill_chunk), args.prefill_chunk):
+        lm.hidden_states(ids[:, a:a + args.prefill_chunk], cache=warm)
+    del warm
     _reset(device)
     _sync(device)
     start = time.perf_counter()
@@ -88,14 +108,15 @@ def time_infinitevl(model, B, T, args):
         token = step(token, pos, T + s).argmax(-1)
         _sync(device)
         times.append(time.perf_counter() - t0)
-    decode = sorted(times[2:] or times)[len(times[2:] or times) // 2]
-    return prefill, decode, _peak(device)
+    return prefill, _median(times), _peak(device)
 
 
 @torch.no_grad()
 def time_baseline(model, B, T, args):
+    """(prefill s, eager decode s/token, eager peak GiB, CUDA-graph decode s/token, its peak GiB)."""
     device = args.device
     ids = torch.randint(0, 150000, (B, T), device=device)
+    model(input_ids=ids[:, :256], use_cache=True, logits_to_keep=1)  # cuBLAS/cuDNN start-up, untimed
     _reset(device)
     _sync(device)
     start = time.perf_counter()
@@ -103,6 +124,7 @@ def time_baseline(model, B, T, args):
     _sync(device)
     prefill = time.perf_counter() - start
     past, token = out.past_key_values, out.logits[:, -1].argmax(-1)
+    first = token
     times = []
     for s in range(args.decode_tokens):
         _sync(device)
@@ -111,8 +133,102 @@ def time_baseline(model, B, T, args):
         past, token = out.past_key_values, out.logits[:, -1].argmax(-1)
         _sync(device)
         times.append(time.perf_counter() - t0)
-    decode = sorted(times[2:] or times)[len(times[2:] or times) // 2]
-    return prefill, decode, _peak(device)
+    eager, eager_peak = _median(times), _peak(device)
+    if not device.startswith("cuda"):
+        return prefill, eager, eager_peak, float("nan"), float("nan")
+    # Back to the prefilled state (the eager steps appended to the cache), then the best decoder.
+    for layer in past.layers:
+        layer.keys, layer.values = layer.keys[:, :, :T], layer.values[:, :, :T]
+    del out
+    try:
+        step = BaselineStaticDecoder(model, past, T, T + args.decode_tokens, cuda_graph=True)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as error:  # a transformers release whose step cannot be captured: report, go on
+        print(f"baseline CUDA-graph decoder unavailable: {type(error).__name__}: {error}", flush=True)
+        return prefill, eager, eager_peak, float("nan"), float("nan")
+    del past
+    _reset(device)
+    token, times = first, []
+    for s in range(args.decode_tokens):
+        _sync(device)
+        t0 = time.perf_counter()
+        token = step(token, T + s).argmax(-1)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return prefill, eager, eager_peak, _median(times), _peak(device)
+
+
+def _median(times):
+    times = times[2:] or times  # the first steps pay for allocations and warm-up
+    return sorted(times)[len(times) // 2]
+
+
+class _StaticKV:
+    """Keys/values of every layer preallocated to [B, Hkv, max_len, D] and written at the token index held in a
+    tensor: transformers' StaticCache, in a form whose index lives on the GPU so that a captured step can be
+    replayed at every position (StaticCache's bookkeeping differs between transformers 5.x releases)."""
+
+    def __init__(self, dynamic_cache, max_len: int):
+        self.keys, self.values = [], []
+        for layer in dynamic_cache.layers:
+            for name, store in (("keys", self.keys), ("values", self.values)):
+                t = getattr(layer, name)
+                buffer = t.new_zeros(*t.shape[:2], max_len, t.shape[-1])
+                buffer[:, :, : t.shape[2]] = t
+                store.append(buffer)
+        self.index = torch.zeros(1, dtype=torch.long, device=self.keys[0].device)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.keys[layer_idx].index_copy_(2, self.index, key_states)
+        self.values[layer_idx].index_copy_(2, self.index, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+class BaselineStaticDecoder:
+    """The Transformer baseline's decode step at its best: transformers' own language model and LM head over
+    preallocated KV buffers with an explicit mask (no per-step reallocation), optionally captured once in a CUDA
+    graph and replayed per token. Called as step(token [B], index) -> logits [B, vocab] for the token at
+    ``index`` (its position too: text tokens)."""
+
+    def __init__(self, model, dynamic_cache, T: int, max_len: int, cuda_graph: bool):
+        self.model, self.text = model, model.model.language_model
+        self.kv = _StaticKV(dynamic_cache, max_len)
+        B, device = self.kv.keys[0].shape[0], self.kv.keys[0].device
+        self.mask = torch.zeros(B, 1, 1, max_len, dtype=torch.bool, device=device)
+        self.mask[..., :T] = True
+        self.token = torch.zeros(B, dtype=torch.long, device=device)
+        self.position = torch.zeros(3, B, 1, dtype=torch.long, device=device)
+        self.graph = None
+        self.kv.index.fill_(T)
+        if cuda_graph:
+            # Warm-up writes at index T, which the first real step overwrites.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._forward()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._forward()
+
+    def _forward(self):
+        self.mask.index_fill_(3, self.kv.index, True)
+        masks = {kind: self.mask for kind in set(self.text.config.layer_types)}
+        hidden = self.text(input_ids=self.token[:, None], position_ids=self.position, attention_mask=masks,
+                           past_key_values=self.kv, use_cache=True).last_hidden_state
+        return self.model.lm_head(hidden[:, -1])
+
+    @torch.no_grad()
+    def __call__(self, token: torch.Tensor, index: int) -> torch.Tensor:
+        self.token.copy_(token)
+        self.position.fill_(index)
+        self.kv.index.fill_(index)
+        if self.graph is None:
+            return self._forward()
+        self.graph.replay()
+        return self.logits.clone()
 
 
 def hbm_bandwidth(device: str) -> float:
@@ -133,7 +249,7 @@ def hbm_bandwidth(device: str) -> float:
 
 def run(args: argparse.Namespace) -> None:
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    model, baseline = build(args.shapes, args.device, dtype)
+    model = build_infinitevl(args.shapes, args.device, dtype)  # alone on the device: its peak is its own
     weight_bytes = sum(p.numel() * p.element_size() for p in model.lm.parameters())
     bandwidth = hbm_bandwidth(args.device)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
@@ -141,23 +257,45 @@ def run(args: argparse.Namespace) -> None:
     print("| model | batch | context | prefill s | decode ms/token | peak GiB | decode roofline ms (fraction) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     rows = []
-    for label, fn, net in (("InfiniteVL", time_infinitevl, model), ("Qwen2.5-VL (sdpa)", time_baseline, baseline)):
-        for B in args.batch:
-            for T in args.contexts:
-                try:
-                    prefill, decode, peak = fn(net, B, T, args)
-                except torch.OutOfMemoryError:
-                    print(f"| {label} | {B} | {T} | OOM | OOM | OOM | |", flush=True)
-                    rows.append((label, B, T, None, None, None))
-                    break
-                roofline = ""
-                if label == "InfiniteVL" and bandwidth == bandwidth:
-                    bound = (weight_bytes + _state_bytes(model, B)) / bandwidth
-                    roofline = f"{bound * 1e3:.2f} ({bound / decode:.0%})"
-                print(f"| {label} | {B} | {T} | {prefill:.3f} | {decode * 1e3:.2f} | {peak:.2f} | {roofline} |",
-                      flush=True)
-                rows.append((label, B, T, prefill, decode, peak))
-    plot(rows, args.plot)
+
+    def report(label, B, T, prefill, decode, peak, roofline=""):
+        print(f"| {label} | {B} | {T} | {prefill:.3f} | {decode * 1e3:.2f} | {peak:.2f} | {roofline} |", flush=True)
+        rows.append((label, B, T, prefill, decode, peak))
+        plot(rows, args.plot)  # after every row, so that a run cut short still leaves its plot
+
+    state_bytes = {B: _state_bytes(model, B) for B in args.batch}
+    for B in args.batch:
+        for T in [t for t in args.contexts if B * t <= args.max_batch_tokens]:
+            try:
+                prefill, decode, peak = time_infinitevl(model, B, T, args)
+            except torch.OutOfMemoryError:
+                print(f"| InfiniteVL | {B} | {T} | OOM | OOM | OOM | |", flush=True)
+                break
+            roofline = ""
+            if bandwidth == bandwidth:
+                bound = (weight_bytes + state_bytes[B]) / bandwidth
+                roofline = f"{bound * 1e3:.2f} ({bound / decode:.0%})"
+            report("InfiniteVL", B, T, prefill, decode, peak, roofline)
+    del model
+    _reset(args.device)
+    baseline = build_baseline(args.shapes, args.device, dtype)
+    # Bytes a step reads: the language model and LM head, a tied embedding counted once (one row is looked up).
+    read = {p.data_ptr(): p for p in [*baseline.model.language_model.parameters(), baseline.lm_head.weight]}
+    baseline_weight_bytes = sum(p.numel() * p.element_size() for p in read.values())
+    for B in args.batch:
+        for T in [t for t in args.contexts if B * t <= args.max_batch_tokens and t <= args.baseline_max_context]:
+            try:
+                prefill, eager, eager_peak, graph, graph_peak = time_baseline(baseline, B, T, args)
+            except torch.OutOfMemoryError:
+                print(f"| Qwen2.5-VL (sdpa) | {B} | {T} | OOM | OOM | OOM | |", flush=True)
+                break
+            roofline = ""
+            if bandwidth == bandwidth:  # a Transformer's decode also reads its whole KV cache
+                bound = (baseline_weight_bytes + _kv_bytes(baseline, B, T)) / bandwidth
+                roofline = f"{bound * 1e3:.2f} ({bound / graph:.0%})" if graph == graph else f"{bound * 1e3:.2f}"
+            report("Qwen2.5-VL (sdpa, eager)", B, T, prefill, eager, eager_peak)
+            if graph == graph:
+                report("Qwen2.5-VL (sdpa, static KV + CUDA graph)", B, T, prefill, graph, graph_peak, roofline)
     print(f"\nplot: {args.plot}")
 
 
@@ -171,6 +309,13 @@ def _state_bytes(model: InfiniteVL, B: int) -> int:
         else:
             total += B * text.gdn_num_heads * text.gdn_head_k_dim * text.gdn_head_v_dim * 4
     return total
+
+
+def _kv_bytes(baseline, B: int, T: int) -> int:
+    """Bytes of the baseline's KV cache at context T (bf16 keys and values of every layer)."""
+    text = baseline.config.text_config
+    head_dim = text.hidden_size // text.num_attention_heads
+    return 2 * B * T * text.num_hidden_layers * text.num_key_value_heads * head_dim * 2
 
 
 def plot(rows, path: Path) -> None:
