@@ -24,7 +24,7 @@ def save(model: nn.Module, config: dict, directory: str | Path, max_shard_size: 
     (directory / CONFIG).write_text(json.dumps({**config, "dtype": str(dtype).removeprefix("torch.")}, indent=2))
     split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
     for filename, names in split.filename_to_tensors.items():
-        save_file({n: state[n].contiguous() for n in names}, directory / filename, metadata={"format": "pt"})
+        save_file({n: _alone(state[n]) for n in names}, directory / filename, metadata={"format": "pt"})
     index = directory / INDEX
     if split.is_sharded:
         index.write_text(json.dumps({"metadata": split.metadata, "weight_map": split.tensor_to_filename}, indent=2))
@@ -74,6 +74,14 @@ def _weight_files(directory: Path) -> list[Path]:
     if (directory / SINGLE).exists():
         return [directory / SINGLE]
     raise FileNotFoundError(f"{directory} holds neither {SINGLE} nor {INDEX}")
+
+
+def _alone(t: torch.Tensor) -> torch.Tensor:
+    """t in storage of its own: safetensors refuses tensors that share storage, such as the row blocks of the
+    projections packed for decoding (ivl.model.packing)."""
+    if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
