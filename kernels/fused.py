@@ -24,7 +24,11 @@ def compile_enabled() -> bool:
     return os.environ.get("IVL_COMPILE", "1") != "0"
 
 
-def fused(fn: Callable) -> Callable:
+def fused(fn: Callable | None = None, *, dynamic: bool = True) -> Callable:
+    """``@fused`` (one compilation for all shapes) or ``@fused(dynamic=False)`` (one per shape: for code that
+    only ever sees a few shapes, such as a decode step, where shape-specialised kernels are faster)."""
+    if fn is None:
+        return functools.partial(fused, dynamic=dynamic)
     compiled = None
 
     @functools.wraps(fn)
@@ -33,7 +37,7 @@ def fused(fn: Callable) -> Callable:
         if not args[0].is_cuda or not compile_enabled() or torch.compiler.is_compiling():
             return fn(*args, **kwargs)
         if compiled is None:
-            compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+            compiled = torch.compile(fn, dynamic=dynamic, fullgraph=True)
         return compiled(*args, **kwargs)
 
     run.eager = fn

@@ -133,6 +133,40 @@ def _check_inputs(q, k, v, g, beta, initial_state, cu_seqlens) -> None:
             raise ValueError(f"initial_state must be [N, H, K, V] = {list(want)}; got {tuple(initial_state.shape)}")
 
 
+def gated_delta_step(q, k, v, g, beta, scale: float, state: torch.Tensor) -> torch.Tensor:
+    """One token per row (q/k [B, 1, H, K], v [B, 1, H, V], g/beta [B, 1, H]) for fixed-buffer decoding: ``state``
+    [B, H, K, V] (float32) advances in place; returns o [B, 1, H, V].
+
+    On CUDA an opaque op, so that a compiled decode step keeps it whole instead of tracing into it: fla's
+    recurrent kernel (one pass over the state) when fla is installed. Elsewhere the PyTorch step.
+    """
+    if q.is_cuda:
+        return torch.ops.ivl.gated_delta_step(q, k, v, g, beta, state, scale)
+    return _step_in_place(q, k, v, g, beta, state, scale)
+
+
+def _step_in_place(q, k, v, g, beta, state, scale):
+    o, new_state = _recurrent_step(q, k, v, g, beta, scale, state)
+    state.copy_(new_state)
+    return o.to(v.dtype)
+
+
+@torch.library.custom_op("ivl::gated_delta_step", mutates_args=("state",))
+def _gated_delta_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                         state: torch.Tensor, scale: float) -> torch.Tensor:
+    if fla_gated_delta() is None:
+        return _step_in_place(q, k, v, g, beta, state, scale)
+    _, recurrent = fla_gated_delta()
+    o, new_state = recurrent(q, k, v, g=g, beta=beta, scale=scale, initial_state=state, output_final_state=True)
+    state.copy_(new_state)
+    return o
+
+
+@_gated_delta_step_op.register_fake
+def _(q, k, v, g, beta, state, scale):
+    return torch.empty_like(v)
+
+
 def _recurrent_step(q, k, v, g, beta, scale, state):
     """One token per sequence ([B, 1, H, *]): the decoding path, no chunk bookkeeping."""
     out_dtype = q.dtype

@@ -57,3 +57,25 @@ def test_decode_step_captures_in_a_cuda_graph():
             expected = model(ids[:, s:s + 1], position_ids=torch.full((3, B, 1), s, device="cuda"),
                              cache=reference)[:, 0]
             torch.testing.assert_close(logits, expected, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_compiled_decode_step_at_4b_layer_shapes_in_bf16():
+    """The packed, compiled step at the real layer widths (kernel tiling, split-K products, fla's recurrent op) in
+    bf16 against the modules' cached forward."""
+    from ivl.model.config import HybridConfig
+    from ivl.model.lm import HybridLM
+    torch.manual_seed(0)
+    config = HybridConfig.preset("infinitevl-4b", num_layers=4, vocab_size=1024, window=64)
+    model = HybridLM(config).cuda().to(torch.bfloat16).eval()
+    B, prefill, steps = 2, 100, 16
+    ids = torch.randint(0, 1024, (B, prefill + steps), device="cuda")
+    with torch.no_grad():
+        cache = model.new_cache()
+        model(ids[:, :prefill], cache=cache)
+        static = StaticCache.from_cache(model, cache, B)
+        for s in range(prefill, prefill + steps):
+            pos = torch.full((3, B, 1), s, device="cuda")
+            expected = model(ids[:, s:s + 1], position_ids=pos, cache=cache)[:, 0].float()
+            got = decode_step(model, static, ids[:, s], pos, torch.tensor(s, device="cuda")).float()
+            assert (got - expected).norm() / expected.norm() < 2e-2, s

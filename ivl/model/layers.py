@@ -72,15 +72,20 @@ class MultimodalRotaryEmbedding(nn.Module):
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [3, B, T] -> (cos, sin), each [B, T, head_dim]."""
-        # Frequencies are computed here in float32 rather than kept in a buffer, which model.to(bfloat16) would
-        # round and so shift every angle at long positions.
-        exponent = torch.arange(0, self.head_dim, 2, device=position_ids.device, dtype=torch.float32) / self.head_dim
-        inv_freq = 1.0 / (self.theta ** exponent)
-        # The position each frequency rotates by: frequency f follows axis[f].
-        pos = position_ids.float()[self.axis]  # [F, B, T]
-        angles = pos.permute(1, 2, 0) * inv_freq  # [B, T, F]
-        angles = torch.cat([angles, angles], dim=-1)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        return _rotary_cos_sin(position_ids, self.axis, self.head_dim, self.theta, dtype)
+
+
+@fused
+def _rotary_cos_sin(position_ids: torch.Tensor, axis: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    # Frequencies are computed here in float32 rather than kept in a buffer, which model.to(bfloat16) would
+    # round and so shift every angle at long positions.
+    exponent = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
+    inv_freq = 1.0 / (theta ** exponent)
+    # The position each frequency rotates by: frequency f follows axis[f].
+    pos = position_ids.float()[axis]  # [F, B, T]
+    angles = pos.permute(1, 2, 0) * inv_freq  # [B, T, F]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 @fused
