@@ -62,12 +62,7 @@ def sliding_window_attention_after_prefix(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if q.is_cuda:
-        block_mask = _prefix_block_mask(q.shape[1], P, window, q.device)
-        out = _compiled_flex_attention()(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scale,
-            enable_gqa=q.shape[2] != k.shape[2],
-        )
-        return out.transpose(1, 2)
+        return _flex_attention_after_prefix(q, k, v, P, window, scale)
     positions = torch.arange(k.shape[1], device=q.device)
     return attention_at_positions(q, k, v, positions[P:], positions, window, scale)
 
@@ -164,13 +159,39 @@ def _compiled_flex_attention():
 
 
 def _flex_attention(q, k, v, window, cu_seqlens, scale):
+    T = q.shape[1]
+    # Padding at the end is exact (causality keeps real queries off padded keys); see _pad_to_block.
+    q, k, v = _pad_to_block(q), _pad_to_block(k), _pad_to_block(v)
     block_mask = _block_mask(q.shape[1], window, tuple(cu_seqlens.tolist()) if cu_seqlens is not None else None,
                              q.device)
     out = _compiled_flex_attention()(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scale,
         enable_gqa=q.shape[2] != k.shape[2],
     )
-    return out.transpose(1, 2)
+    return out.transpose(1, 2)[:, :T]
+
+
+def _flex_attention_after_prefix(q, k, v, P, window, scale):
+    T = q.shape[1]
+    # Padding at the end is exact: causality keeps every real query off the padded keys.
+    q, k, v = _pad_to_block(q), _pad_to_block(k), _pad_to_block(v)
+    block_mask = _prefix_block_mask(q.shape[1], P, k.shape[1], window, q.device)
+    out = _compiled_flex_attention()(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2],
+    )
+    return out.transpose(1, 2)[:, :T]
+
+
+FLEX_BLOCK = 128
+
+
+def _pad_to_block(x: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, D] zero-padded along T to a multiple of FlexAttention's block. Once a second length is seen,
+    torch.compile recompiles FlexAttention for dynamic lengths, and on an H100 its kernel template then found no
+    valid configuration for a length that is not a multiple of the block (bf16, head_dim 128, 100 tokens)."""
+    pad = -x.shape[1] % FLEX_BLOCK
+    return F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x
 
 
 @functools.lru_cache(maxsize=16)
@@ -193,8 +214,8 @@ def _block_mask(T: int, window: int | None, cu_seqlens: tuple[int, ...] | None, 
 
 
 @functools.lru_cache(maxsize=16)
-def _prefix_block_mask(T: int, P: int, window: int | None, device):
-    """The band for T queries at key indices P .. P + T - 1 over P + T keys, built once per shape."""
+def _prefix_block_mask(T: int, P: int, keys: int, window: int | None, device):
+    """The band for T queries at key indices P .. P + T - 1 over ``keys`` keys, built once per shape."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -203,4 +224,4 @@ def _prefix_block_mask(T: int, P: int, window: int | None, device):
             keep = keep & (q_idx + P - kv_idx < window)
         return keep
 
-    return create_block_mask(mask_mod, None, None, T, P + T, device=device, _compile=True)
+    return create_block_mask(mask_mod, None, None, T, keys, device=device, _compile=True)

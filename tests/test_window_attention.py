@@ -65,3 +65,27 @@ def test_bad_input_is_named():
         sliding_window_attention(torch.randn(2, 23, 3, 8), k, v, 4)
     with pytest.raises(ValueError, match="window must be"):
         sliding_window_attention(q, k, v, 0)
+
+
+@pytest.mark.parametrize("cu", [None, [0, 90, 200, 300]])
+def test_flex_paths_pad_to_whole_blocks_exactly(monkeypatch, cu):
+    """The CUDA FlexAttention paths pad lengths to whole blocks; run them on the CPU with eager FlexAttention
+    and hold them to the dense band (the padded keys must stay invisible, the padded rows must be dropped)."""
+    from torch.nn.attention import flex_attention as flex
+
+    from ivl.kernels import window_attention as wa
+
+    build = flex.create_block_mask  # uncompiled here: the CPU needs no C++ toolchain for it
+    monkeypatch.setattr(flex, "create_block_mask", lambda *a, _compile, **kw: build(*a, **kw))
+    monkeypatch.setattr(wa, "_compiled_flex_attention", lambda: flex.flex_attention)
+    T = 100 if cu is None else 300
+    cu_seqlens = torch.tensor(cu, dtype=torch.int32) if cu is not None else None
+    q, k, v = torch.randn(1, T, 4, 32), torch.randn(1, T, 2, 32), torch.randn(1, T, 2, 32)
+    out = wa._flex_attention(q, k, v, 32, cu_seqlens, 32**-0.5)
+    doc_ids = torch.bucketize(torch.arange(T), torch.tensor(cu[1:]), right=True) if cu is not None else None
+    torch.testing.assert_close(out, dense_window_attention(q, k, v, 32, doc_ids).float())
+    P = 150  # a chunk of T queries after P cached keys
+    kp, vp = torch.randn(1, P + T, 2, 32), torch.randn(1, P + T, 2, 32)
+    positions = torch.arange(P + T)
+    torch.testing.assert_close(wa._flex_attention_after_prefix(q, kp, vp, P, 64, 32**-0.5),
+                               attention_at_positions(q, kp, vp, positions[P:], positions, 64))
