@@ -16,14 +16,19 @@ def test_inference_bench_smoke(tmp_path, capsys):
     assert (tmp_path / "p.png").stat().st_size > 0
 
 
-def test_stream_bench_smoke(tmp_path, capsys):
+def _stream_args(tmp_path, *extra):
     from ivl.bench import stream
 
     parser = argparse.ArgumentParser()
     stream.add_arguments(parser)
-    args = parser.parse_args(["--shapes", "tiny", "--device", "cpu", "--frames", "10", "--frame-size", "56",
-                              "--sample-every", "4", "--frames-per-step", "4", "--plot", str(tmp_path / "s.png")])
-    stream.run(args)
+    return parser.parse_args(["--shapes", "tiny", "--device", "cpu", "--frame-size", "56", "--sample-every", "4",
+                              "--plot", str(tmp_path / "s.png"), *extra])
+
+
+def test_stream_bench_smoke(tmp_path, capsys):
+    from ivl.bench import stream
+
+    stream.run(_stream_args(tmp_path, "--frames", "10", "--frames-per-step", "4"))
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     # whole steps of 4 frames covering at least the 10 asked for: both models ingest 12
     assert len(rows) == 2 + 2 and all("| 12 |" in row for row in rows[2:])
@@ -50,3 +55,28 @@ def test_baseline_static_decoder_equals_transformers_decoding():
             past = out.past_key_values
             torch.testing.assert_close(logits, out.logits[:, -1], rtol=1e-4, atol=1e-4)
             token = logits.argmax(-1)
+
+
+def test_stream_bench_keeps_what_it_measured_when_interrupted(tmp_path, capsys, monkeypatch):
+    """A SIGTERM (a `timeout`) mid-stream ends that stream with its row and plot; the baseline is skipped."""
+    import os
+    import signal
+
+    from ivl.bench import stream
+
+    real = stream._positions
+    calls = {"n": 0}
+
+    def positions_then_sigterm(step, *rest):
+        calls["n"] += 1
+        if step == 2 and calls["n"] > 3:  # the third timed step (after the untimed warm-up steps)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(step, *rest)
+
+    monkeypatch.setattr(stream, "_positions", positions_then_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    stream.run(_stream_args(tmp_path, "--frames", "12", "--frames-per-step", "2"))
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(rows) == 3 and rows[2].startswith("| InfiniteVL | 4 (interrupted) |")
+    assert (tmp_path / "s.png").stat().st_size > 0
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler was the run's only

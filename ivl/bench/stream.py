@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -105,13 +107,20 @@ def _run(args, step, time_limit):
         except torch.OutOfMemoryError:
             stopped = "OOM"
             break
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from a time limit (see run): keep what was measured
+            stopped = "interrupted"
+            if window_frames:
+                _sync(args.device)
+                now = time.perf_counter()
+                samples.append((done, (now - window_start) / window_frames * 1e3, _memory(args.device)))
+            break
         done += args.frames_per_step
         window_frames += args.frames_per_step
         last = t == steps - 1
         if window_frames >= args.sample_every or last:
             _sync(args.device)
             now = time.perf_counter()
-            memory = torch.cuda.memory_allocated() / 2**30 if args.device.startswith("cuda") else float("nan")
+            memory = _memory(args.device)
             samples.append((done, (now - window_start) / window_frames * 1e3, memory))
             print(f"  frames {done}: {samples[-1][1]:.2f} ms per frame, {memory:.2f} GiB", flush=True)
             window_start, window_frames = now, 0
@@ -122,7 +131,17 @@ def _run(args, step, time_limit):
     return done, done / (time.perf_counter() - start), samples, _peak(args.device), stopped
 
 
+def _memory(device: str) -> float:
+    return torch.cuda.memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+
+
+def _interrupt_on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> None:
+    """Streams InfiniteVL, then the baseline. Ctrl-C or SIGTERM (``timeout``) ends the stream being measured: its
+    row and the plot are still written from the frames done, and the baseline is skipped if it had not started."""
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     if args.frames_per_step % FRAMES_PER_PATCH:
         raise ValueError(f"--frames-per-step must be even (whole temporal patches); got {args.frames_per_step}")
@@ -131,22 +150,42 @@ def run(args: argparse.Namespace) -> None:
     print(f"# {name} | torch {torch.__version__} | {dtype} | {datetime.date.today()} | frames {args.frame_size}px, "
           f"{tokens} tokens per {FRAMES_PER_PATCH} frames ({tokens // FRAMES_PER_PATCH} per frame), "
           f"{args.frames_per_step} frames per step\n")
-    print("| model | frames ingested | frames/s | first / last ms per frame | memory first / last GiB | peak GiB |")
+    main = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
+    previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm) if main else None
+    results = {}
+    try:
+        # One model on the device at a time, so that each one's memory is its own.
+        print("InfiniteVL:", flush=True)
+        model = build_infinitevl(args.shapes, args.device, dtype)
+        results["InfiniteVL"] = stream_infinitevl(model, args, dtype)
+        del model
+        if args.baseline and results["InfiniteVL"][4] != "interrupted":
+            print("Qwen2.5-VL (sdpa):", flush=True)
+            _reset(args.device)
+            baseline = build_baseline(args.shapes, args.device, dtype)
+            results["Qwen2.5-VL (sdpa)"] = stream_baseline(baseline, args, dtype)
+    except KeyboardInterrupt:  # during start-up or warm-up: nothing of that model was measured
+        print("  interrupted before its stream started", flush=True)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+    print("\n| model | frames ingested | frames/s | first / last ms per frame | memory first / last GiB | peak GiB |")
     print("| --- | --- | --- | --- | --- | --- |")
-    # One model on the device at a time, so that each one's memory is its own.
-    model = build_infinitevl(args.shapes, args.device, dtype)
-    results = {"InfiniteVL": stream_infinitevl(model, args, dtype)}
-    del model
-    if args.baseline:
-        _reset(args.device)
-        results["Qwen2.5-VL (sdpa)"] = stream_baseline(build_baseline(args.shapes, args.device, dtype), args, dtype)
-    for label, (done, fps, samples, peak, stopped) in results.items():
-        first, last = samples[0], samples[-1]
-        status = f" ({stopped})" if stopped else ""
-        print(f"| {label} | {done}{status} | {fps:.1f} | {first[1]:.1f} / {last[1]:.1f} | {first[2]:.2f} / "
-              f"{last[2]:.2f} | {peak:.2f} |")
-    plot(results, args.plot)
+    for label, result in results.items():
+        _row(label, result)
+    plot({label: r for label, r in results.items() if r[2]}, args.plot)
     print(f"\nplot: {args.plot}")
+
+
+def _row(label, result) -> None:
+    done, fps, samples, peak, stopped = result
+    status = f" ({stopped})" if stopped else ""
+    if samples:
+        first, last = samples[0], samples[-1]
+        print(f"| {label} | {done}{status} | {fps:.1f} | {first[1]:.1f} / {last[1]:.1f} | {first[2]:.2f} / "
+              f"{last[2]:.2f} | {peak:.2f} |", flush=True)
+    else:
+        print(f"| {label} | 0{status} | | | | |", flush=True)
 
 
 def plot(results, path: Path) -> None:
