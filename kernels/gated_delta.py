@@ -164,7 +164,7 @@ def _gated_delta_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
 
 @_gated_delta_step_op.register_fake
 def _(q, k, v, g, beta, state, scale):
-    return torch.empty_like(v)
+    return v.new_empty(v.shape)  # contiguous, as fla's kernel and the PyTorch step return it
 
 
 def _recurrent_step(q, k, v, g, beta, scale, state):

@@ -159,26 +159,23 @@ def _compiled_flex_attention():
 
 
 def _flex_attention(q, k, v, window, cu_seqlens, scale):
-    T = q.shape[1]
-    # Padding at the end is exact (causality keeps real queries off padded keys); see _pad_to_block.
-    q, k, v = _pad_to_block(q), _pad_to_block(k), _pad_to_block(v)
-    block_mask = _block_mask(q.shape[1], window, tuple(cu_seqlens.tolist()) if cu_seqlens is not None else None,
-                             q.device)
-    out = _compiled_flex_attention()(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scale,
-        enable_gqa=q.shape[2] != k.shape[2],
-    )
-    return out.transpose(1, 2)[:, :T]
+    cu = tuple(cu_seqlens.tolist()) if cu_seqlens is not None else None
+    return _padded_flex(q, k, v, scale, lambda Tq, Tk: _block_mask(Tq, window, cu, q.device))
 
 
 def _flex_attention_after_prefix(q, k, v, P, window, scale):
+    return _padded_flex(q, k, v, scale, lambda Tq, Tk: _prefix_block_mask(Tq, P, Tk, window, q.device))
+
+
+def _padded_flex(q, k, v, scale, block_mask_for):
+    """FlexAttention over q/k/v [B, T, H, D] padded at the end to whole blocks (``_pad_to_block``), with the block
+    mask ``block_mask_for(padded queries, padded keys)``. Padding at the end is exact: causality keeps every
+    real query off the padded keys, and the padded queries' rows are dropped."""
     T = q.shape[1]
-    # Padding at the end is exact: causality keeps every real query off the padded keys.
     q, k, v = _pad_to_block(q), _pad_to_block(k), _pad_to_block(v)
-    block_mask = _prefix_block_mask(q.shape[1], P, k.shape[1], window, q.device)
     out = _compiled_flex_attention()(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scale,
-        enable_gqa=q.shape[2] != k.shape[2],
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask_for(q.shape[1], k.shape[1]),
+        scale=scale, enable_gqa=q.shape[2] != k.shape[2],
     )
     return out.transpose(1, 2)[:, :T]
 
