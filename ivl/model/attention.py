@@ -55,7 +55,7 @@ class SlidingWindowAttention(nn.Module):
         if token_index is None:
             token_index = torch.arange(T, device=x.device)
         if (cache is not None and cache.keys is not None and cache.keys.shape[1] > 0 and x.is_cuda and T >= 128
-                and attention_mask is None and bool(cache.valid.all())):
+                and attention_mask is None and cache.all_valid):
             # Chunked prefill without padding: the cached tokens are the ones just before this chunk, so in
             # token order they and the chunk form one band, which a block-sparse kernel skips outside of.
             # (Single decode tokens stay on the masked path below: the band's shape changes every step.)
@@ -68,7 +68,7 @@ class SlidingWindowAttention(nn.Module):
             values = torch.cat([cache.values, v], dim=1)
             positions = torch.cat([cache.positions, token_index])
             valid = None
-            if attention_mask is not None or not bool(cache.valid.all()):
+            if attention_mask is not None or not cache.all_valid:
                 new_valid = attention_mask.bool() if attention_mask is not None else cache.valid.new_ones(B, T)
                 valid = torch.cat([cache.valid, new_valid], dim=1)
             out = attention_at_positions(q, keys, values, token_index, positions, self.window, k_valid=valid)

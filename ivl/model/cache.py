@@ -22,15 +22,22 @@ class WindowKVCache:
     positions: torch.Tensor | None = None
     valid: torch.Tensor | None = None
     """[B, S]: False for padding tokens (left-padded batches), which no query may see."""
+    length: int = 0
+    """Tokens stored so far. Kept on the host, like ``all_valid``, so that a prefill chunk never waits for the
+    GPU to learn the ring's size or whether it holds padding."""
+    all_valid: bool = True
+    """False once any update came with a mask (so may hold padding)."""
 
     def update(
         self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None
     ) -> None:
-        """Store new keys/values [B, T, Hkv, D] at token indices ``positions`` [T] (consecutive); ``valid``
-        [B, T] marks real (non-padding) tokens, all of them when None."""
+        """Store new keys/values [B, T, Hkv, D] at token indices ``positions`` [T] (consecutive, following the
+        tokens already stored); ``valid`` [B, T] marks real (non-padding) tokens, all of them when None."""
         B = keys.shape[0]
         if valid is None:
             valid = torch.ones(B, keys.shape[1], dtype=torch.bool, device=keys.device)
+        else:
+            self.all_valid = False  # a mask was given: assume padding rather than read it back from the GPU
         valid = valid.bool()
         if self.keys is None:
             self.keys, self.values, self.positions, self.valid = keys[:, :0], values[:, :0], positions[:0], valid[:, :0]
@@ -39,8 +46,10 @@ class WindowKVCache:
             self.values = torch.cat([self.values, values], dim=1)
             self.positions = torch.cat([self.positions, positions])
             self.valid = torch.cat([self.valid, valid], dim=1)
+            self.length += keys.shape[1]
             return
-        size = min(int(positions[-1]) + 1, self.window)
+        self.length += keys.shape[1]  # positions run on from the tokens already stored
+        size = min(self.length, self.window)
         if self.keys.shape[1] < size:  # still filling the window: grow to the slots the new tokens take
             grow = size - self.keys.shape[1]
             self.keys = torch.cat([self.keys, keys.new_zeros(B, grow, *keys.shape[2:])], dim=1)
