@@ -20,7 +20,8 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from ivl.bench.convert import QWEN2_5_VL_3B
 from ivl.model import HybridConfig, InfiniteVL, InfiniteVLConfig
-from ivl.model.generation import _static_step
+from ivl.model.generation import StaticDecoder
+from ivl.model.static_cache import StaticCache
 from ivl.model.vision import vision_config_dict
 from ivl.stages.models import TINY_TEACHER
 
@@ -98,7 +99,7 @@ def time_infinitevl(model, B, T, args):
         def step(tok, pos, i):
             return lm(tok[:, None], position_ids=pos, cache=cache)[:, -1]
     else:
-        step = _static_step(lm, cache, B, T, args.decoder, ids.device)
+        step = StaticDecoder(lm, StaticCache.from_cache(lm, cache, B), T, cuda_graph=args.decoder == "cuda_graph")
     token = logits.argmax(-1)
     times = []
     for s in range(args.decode_tokens):

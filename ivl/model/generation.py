@@ -55,7 +55,10 @@ def generate(
             attention_mask=attention_mask[:, start:end] if attention_mask is not None else None,
         )
     logits = lm.lm_head(hidden[:, -1])
-    step = _dynamic_step(lm, cache) if decoder == "dynamic" else _static_step(lm, cache, B, T, decoder, embeds.device)
+    if decoder == "dynamic":
+        step = _dynamic_step(lm, cache)
+    else:
+        step = StaticDecoder(lm, StaticCache.from_cache(lm, cache, B), T, cuda_graph=decoder == "cuda_graph")
     stops = torch.tensor(stop_token_ids, device=embeds.device, dtype=torch.long)
     finished = torch.zeros(B, dtype=torch.bool, device=embeds.device)
     tokens, scores = [], []
@@ -83,35 +86,45 @@ def _dynamic_step(lm, cache):
     return step
 
 
-def _static_step(lm, cache, B, T, decoder, device):
-    """A decode step over fixed buffers; with "cuda_graph" captured once (after a warm-up on a copy of the cache,
-    so the real one is not advanced) and replayed with the step's inputs copied into its input buffers."""
-    static = StaticCache.from_cache(lm, cache, B)
-    token = torch.zeros(B, dtype=torch.long, device=device)
-    position = torch.zeros(3, B, 1, dtype=torch.long, device=device)
-    index = torch.tensor(T, device=device)
-    if decoder == "static":
-        def step(tok, pos, i):
-            token.copy_(tok), position.copy_(pos), index.fill_(i)
-            return decode_step(lm, static, token, position, index)
-        return step
-    scratch = StaticCache.from_cache(lm, cache, B)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            decode_step(lm, scratch, token, position, index)
-    torch.cuda.current_stream().wait_stream(side)
-    del scratch
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        logits = decode_step(lm, static, token, position, index)
+class StaticDecoder:
+    """``decode_step`` over a ``StaticCache`` and fixed input buffers, optionally captured in a CUDA graph.
+    Called as step(token [B], position [3, B, 1], index) -> logits [B, vocab].
 
-    def replay(tok, pos, i):
-        token.copy_(tok), position.copy_(pos), index.fill_(i)
-        graph.replay()
-        return logits.clone()
-    return replay
+    The object owns every tensor the graph reads or writes (cache, inputs, output): a graph holds raw addresses,
+    not references, so a buffer freed while the graph lives would be handed to other tensors and then read and
+    overwritten by each replay.
+    """
+
+    def __init__(self, lm: HybridLM, cache: StaticCache, T: int, cuda_graph: bool):
+        B, device = cache.batch, cache.device
+        self.lm, self.cache = lm, cache
+        self.token = torch.zeros(B, dtype=torch.long, device=device)
+        self.position = torch.zeros(3, B, 1, dtype=torch.long, device=device)
+        self.index = torch.tensor(T, device=device)
+        self.graph = None
+        if cuda_graph:
+            # Warm up (compilation, fla's autotuning, packing) on a copy of the cache, so the real one is not
+            # advanced, and on a side stream, as capture requires.
+            scratch = cache.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    decode_step(lm, scratch, self.token, self.position, self.index)
+            torch.cuda.current_stream().wait_stream(side)
+            del scratch
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = decode_step(lm, cache, self.token, self.position, self.index)
+
+    def __call__(self, token: torch.Tensor, position: torch.Tensor, index: int) -> torch.Tensor:
+        self.token.copy_(token)
+        self.position.copy_(position)
+        self.index.fill_(index)
+        if self.graph is None:
+            return decode_step(self.lm, self.cache, self.token, self.position, self.index)
+        self.graph.replay()
+        return self.logits.clone()
 
 
 def _select(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator) -> torch.Tensor:

@@ -38,6 +38,7 @@ class StaticCache:
         device = device or lm.embed_tokens.weight.device
         dtype = dtype or lm.embed_tokens.weight.dtype
         S = self.window = config.window
+        self.batch, self.device = batch, torch.device(device)
         self.layers = []
         for block in lm.layers:
             m = block.mixer
@@ -72,6 +73,13 @@ class StaticCache:
                 buffers["positions"][slots] = layer.positions
                 buffers["valid"][:, slots] = layer.valid
         return static
+
+    def clone(self) -> "StaticCache":
+        """A copy with buffers of its own."""
+        copy = object.__new__(StaticCache)
+        copy.window, copy.batch, copy.device = self.window, self.batch, self.device
+        copy.layers = [{name: t.clone() for name, t in layer.items()} for layer in self.layers]
+        return copy
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values())
