@@ -44,7 +44,7 @@ def test_decode_step_captures_in_a_cuda_graph():
         token = ids[:, 20].clone()
         pos = torch.full((3, B, 1), 20, device="cuda")
         index = torch.tensor(20, device="cuda")
-        for _ in range(2):  # warm up on a side stream, as CUDA graphs require
+        for _ in range(2):  # warm up (compilation, autotuning, packing) before capturing
             decode_step(model, StaticCache.from_cache(model, reference, B), token, pos, index)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -62,20 +62,28 @@ def test_decode_step_captures_in_a_cuda_graph():
 @pytest.mark.gpu
 def test_compiled_decode_step_at_4b_layer_shapes_in_bf16():
     """The packed, compiled step at the real layer widths (kernel tiling, split-K products, fla's recurrent op) in
-    bf16 against the modules' cached forward."""
+    bf16, held to the accuracy of the modules' bf16 cached forward: both against the float32 forward. (Two bf16
+    paths that round in a different order part by about 2% after a few steps of this random model, so comparing
+    them with each other says little.)"""
+    import copy
+
     from ivl.model.config import HybridConfig
     from ivl.model.lm import HybridLM
     torch.manual_seed(0)
     config = HybridConfig.preset("infinitevl-4b", num_layers=4, vocab_size=1024, window=64)
-    model = HybridLM(config).cuda().to(torch.bfloat16).eval()
+    reference = HybridLM(config).cuda().eval()
+    model = copy.deepcopy(reference).to(torch.bfloat16)
     B, prefill, steps = 2, 100, 16
     ids = torch.randint(0, 1024, (B, prefill + steps), device="cuda")
     with torch.no_grad():
-        cache = model.new_cache()
+        cache, ref_cache = model.new_cache(), reference.new_cache()
         model(ids[:, :prefill], cache=cache)
+        reference(ids[:, :prefill], cache=ref_cache)
         static = StaticCache.from_cache(model, cache, B)
         for s in range(prefill, prefill + steps):
             pos = torch.full((3, B, 1), s, device="cuda")
-            expected = model(ids[:, s:s + 1], position_ids=pos, cache=cache)[:, 0].float()
+            exact = reference(ids[:, s:s + 1], position_ids=pos, cache=ref_cache)[:, 0]
+            modules = model(ids[:, s:s + 1], position_ids=pos, cache=cache)[:, 0].float()
             got = decode_step(model, static, ids[:, s], pos, torch.tensor(s, device="cuda")).float()
-            assert (got - expected).norm() / expected.norm() < 2e-2, s
+            err, module_err = ((t - exact).norm() / exact.norm() for t in (got, modules))
+            assert err < max(1.5 * module_err, 1e-2), (s, err.item(), module_err.item())
