@@ -37,6 +37,10 @@ def fused(fn: Callable | None = None, *, dynamic: bool = True) -> Callable:
         if not args[0].is_cuda or not compile_enabled() or torch.compiler.is_compiling():
             return fn(*args, **kwargs)
         if compiled is None:
+            # Each function is compiled again per dtype, per model width (sizes passed as Python ints) and, with
+            # dynamic=False, per shape; a process that runs several models (the GPU tests, the benchmarks) needs
+            # more than Dynamo's default of 8 variants per function.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             compiled = torch.compile(fn, dynamic=dynamic, fullgraph=True)
         return compiled(*args, **kwargs)
 
