@@ -153,3 +153,51 @@ def test_hybrid_lm_cached_decoding_on_gpu():
         cache = model.new_cache()
         pieces = [model(ids[:, :33], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(33, 50)]
     assert rel_err(torch.cat(pieces, 1), full) < 1e-3
+
+
+@pytest.mark.parametrize("N, K, bias", [(12320, 2048, False), (2048, 11008, False), (2560, 2048, True),
+                                        (151936, 2048, False), (1000, 300, True)])
+def test_gemv_matches_float32_product(N, K, bias):
+    from ivl.kernels.gemv import linear
+
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
+    b = torch.randn(N, device="cuda", dtype=torch.bfloat16) if bias else None
+    x = torch.randn(1, 1, K, device="cuda", dtype=torch.bfloat16)
+    reference = F.linear(x.float(), w.float(), None if b is None else b.float())
+    out = linear(x, w, b)
+    assert out.shape == (1, 1, N) and out.dtype == torch.bfloat16
+    # One bf16 rounding of the float32 result (2**-8 relative), as cuBLAS's product has.
+    assert rel_err(out, reference) < 5e-3
+    assert rel_err(out, reference) < 1.5 * rel_err(F.linear(x, w, b), reference) + 1e-4
+
+
+def test_gemv_inside_compiled_function_and_cuda_graph():
+    from ivl.kernels.gemv import linear
+
+    w1 = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16) / 16
+    w2 = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16) / 16
+    b1 = torch.randn(512, device="cuda", dtype=torch.bfloat16)
+
+    def mlp(x):
+        return linear(F.silu(linear(x, w1, b1)), w2)
+
+    x = torch.randn(1, 256, device="cuda", dtype=torch.bfloat16)
+    reference = F.linear(F.silu(F.linear(x.float(), w1.float(), b1.float())), w2.float())
+    compiled = torch.compile(mlp, fullgraph=True, dynamic=False)
+    assert rel_err(compiled(x), reference) < 1e-2
+    static_x = x.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        compiled(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = compiled(static_x)
+    for _ in range(2):
+        x = torch.randn(1, 256, device="cuda", dtype=torch.bfloat16)
+        static_x.copy_(x)
+        graph.replay()
+        reference = F.linear(F.silu(F.linear(x.float(), w1.float(), b1.float())), w2.float())
+        assert rel_err(static_out, reference) < 1e-2
+

@@ -10,8 +10,8 @@ the same addresses every step.
 The step is written once more here, as one function per block type over plain tensors, rather than by calling
 the modules: it reads the projections packed by ``pack_projections`` (one product per group instead of up to
 six), and on CUDA each block is one compiled graph, the same for every layer of its type, in which the norms,
-convolution, gates, delta-rule update and attention fuse into a few kernels around the matrix products. The
-CPU tests hold it to the modules' cached forward.
+convolution, gates, delta-rule update and attention fuse into a few kernels around the matrix products, which at
+batch 1 are ``ivl.kernels.gemv``'s matrix-vector kernel. The CPU tests hold it to the modules' cached forward.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ivl.kernels.fused import fused
 from ivl.kernels.gated_delta import gated_delta_step
+from ivl.kernels.gemv import linear
 from ivl.model.cache import HybridCache, RecurrentCache, WindowKVCache
 from ivl.model.gated_deltanet import GatedDeltaNet, _gates, _l2norm
 from ivl.model.layers import apply_rotary, gated_rms_norm, rms_norm
@@ -117,7 +118,7 @@ def _gdn_block_step(h, mixer_norm, mlp_norm, w_in, conv_w, tail, state, A_log, d
                     w_down, eps: float, H: int, K: int, V: int) -> torch.Tensor:
     """h [B, 1, hidden] after one Gated DeltaNet block; ``tail`` and ``state`` advance in place."""
     B = h.shape[0]
-    q, k, v, gate, a, b = F.linear(rms_norm(h, mixer_norm, eps), w_in).split([H * K, H * K, H * V, H * V, H, H], -1)
+    q, k, v, gate, a, b = linear(rms_norm(h, mixer_norm, eps), w_in).split([H * K, H * K, H * V, H * V, H, H], -1)
     # The short convolutions of q, k and v at once: tap W-1 on this token, the others on the tail.
     window = torch.cat([tail, torch.cat([q, k, v], dim=-1)], dim=1)  # [B, W, 2HK + HV]
     conv = F.silu((window * conv_w.t()).sum(1, keepdim=True))
@@ -127,7 +128,7 @@ def _gdn_block_step(h, mixer_norm, mlp_norm, w_in, conv_w, tail, state, A_log, d
     g, beta = _gates(a, b, A_log, dt_bias)
     o = gated_delta_step(q, k, v.view(B, 1, H, V), g, beta, K**-0.5, state)
     o = gated_rms_norm(o, gate.view(B, 1, H, V), o_norm, eps)
-    h = h + F.linear(o.reshape(B, 1, H * V), w_o)
+    h = h + linear(o.reshape(B, 1, H * V), w_o)
     return _mlp(h, mlp_norm, w_gate_up, w_down, eps)
 
 
@@ -137,7 +138,7 @@ def _attention_block_step(h, mixer_norm, mlp_norm, w_in, b_in, cos, sin, keys, v
                           window: int) -> torch.Tensor:
     """h [B, 1, hidden] after one sliding-window attention block; the ring buffers take this token in place."""
     B = h.shape[0]
-    q, k, v = F.linear(rms_norm(h, mixer_norm, eps), w_in, b_in).split([Hq * D, Hkv * D, Hkv * D], -1)
+    q, k, v = linear(rms_norm(h, mixer_norm, eps), w_in, b_in).split([Hq * D, Hkv * D, Hkv * D], -1)
     q, k = apply_rotary(q.view(B, 1, Hq, D), cos, sin), apply_rotary(k.view(B, 1, Hkv, D), cos, sin)
     slot = (token_index % window).view(1)
     keys.index_copy_(2, slot, k.transpose(1, 2))
@@ -146,18 +147,18 @@ def _attention_block_step(h, mixer_norm, mlp_norm, w_in, b_in, cos, sin, keys, v
     valid.index_fill_(1, slot, True)
     in_window = (positions > token_index - window) & (positions <= token_index)  # [S]
     out = _decode_attention(q, keys, values, in_window[None] & valid)
-    h = h + F.linear(out, w_o)
+    h = h + linear(out, w_o)
     return _mlp(h, mlp_norm, w_gate_up, w_down, eps)
 
 
 def _mlp(h, norm, w_gate_up, w_down, eps):
-    gate, up = F.linear(rms_norm(h, norm, eps), w_gate_up).chunk(2, dim=-1)
-    return h + F.linear(F.silu(gate) * up, w_down)
+    gate, up = linear(rms_norm(h, norm, eps), w_gate_up).chunk(2, dim=-1)
+    return h + linear(F.silu(gate) * up, w_down)
 
 
 @fused(dynamic=False)
 def _head(h, norm, w_head, eps: float) -> torch.Tensor:
-    return F.linear(rms_norm(h, norm, eps), w_head)[:, 0]
+    return linear(rms_norm(h, norm, eps), w_head)[:, 0]
 
 
 def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
