@@ -80,3 +80,23 @@ def test_stream_bench_keeps_what_it_measured_when_interrupted(tmp_path, capsys, 
     assert len(rows) == 3 and rows[2].startswith("| InfiniteVL | 4 (interrupted) |")
     assert (tmp_path / "s.png").stat().st_size > 0
     assert signal.getsignal(signal.SIGTERM) == before  # the handler was the run's only
+
+
+def test_gemv_bench_times_every_matrix_a_decode_step_reads():
+    """The shapes ``ivl.bench gemv`` times are the packed matrices the decode step multiplies, with their counts."""
+    from collections import Counter
+
+    from ivl.bench.gemv import decode_shapes
+    from ivl.model import HybridConfig, HybridLM
+    from ivl.model.packing import pack_projections
+
+    config = HybridConfig.tiny(num_layers=6, attention_bias=False)
+    lm = HybridLM(config)
+    read = Counter(tuple(m.shape) for block in pack_projections(lm) for m in (block["mixer_in"], block["gate_up"]))
+    read.update(tuple(block.mixer.o_proj.weight.shape) for block in lm.layers)
+    read.update(tuple(block.mlp.down_proj.weight.shape) for block in lm.layers)
+    read[tuple(lm.lm_head.weight.shape)] += 1
+    timed = Counter()
+    for _, rows, cols, count in decode_shapes(config):
+        timed[rows, cols] += count
+    assert timed == read

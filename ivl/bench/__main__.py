@@ -1,22 +1,23 @@
-"""`python -m ivl.bench {layers,convert,data,inference,stream,profile}`: the benchmarks behind docs/benchmarks.md."""
+"""`python -m ivl.bench {layers,gemv,convert,data,inference,stream,profile}`: the benchmarks behind docs/benchmarks.md."""
 
 import argparse
 
-from ivl.bench import convert, data, inference, layers, profile, stream
+from ivl.bench import convert, data, gemv, inference, layers, profile, stream
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m ivl.bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     layers.add_arguments(sub.add_parser("layers", help=layers.__doc__.splitlines()[0]))
+    gemv.add_arguments(sub.add_parser("gemv", help=gemv.__doc__.splitlines()[0]))
     convert.add_arguments(sub.add_parser("convert", help=convert.__doc__.splitlines()[0]))
     data.add_arguments(sub.add_parser("data", help=data.__doc__.splitlines()[0]))
     inference.add_arguments(sub.add_parser("inference", help=inference.__doc__.splitlines()[0]))
     stream.add_arguments(sub.add_parser("stream", help=stream.__doc__.splitlines()[0]))
     profile.add_arguments(sub.add_parser("profile", help=profile.__doc__.splitlines()[0]))
     args = parser.parse_args()
-    commands = {"layers": layers.run, "convert": convert.run, "data": data.run, "inference": inference.run,
-                "stream": stream.run, "profile": profile.run}
+    commands = {"layers": layers.run, "gemv": gemv.run, "convert": convert.run, "data": data.run,
+                "inference": inference.run, "stream": stream.run, "profile": profile.run}
     commands[args.command](args)
 
 
