@@ -1,9 +1,9 @@
 """Matrix-vector products for batch-1 decoding, streaming the weights at close to copy bandwidth.
 
 A batch-1 decode step multiplies one row by every weight matrix of the model, so its time is the time to read
-the weights. cuBLAS's kernels for a single row reach about 2.35 TB/s on an H100 at our shapes (2.0 TB/s on the
-small Gated DeltaNet output projection) against the 3.0 TB/s of a device copy (profile in docs/benchmarks.md);
-that gap is most of what stands between the decode step and the weights' roofline. A matrix-vector product needs
+the weights. cuBLAS's kernels for a single row read them at 1.3-2.8 TB/s on an H100 at our shapes, against the
+3.0 TB/s of a device copy (docs/benchmarks.md); that gap was most of what stood between the decode step and the
+weights' roofline. A matrix-vector product needs
 no tensor cores, only many independent, wide, coalesced loads in flight: each program here reads a few whole rows
 of the weight in [rows, BLOCK_K] tiles, multiplies them by the matching slice of the row vector in float32, and
 reduces once at the end. Tile shapes per matrix shape come from ``python -m ivl.bench gemv --sweep``.
