@@ -28,6 +28,12 @@ class LayerFreezing(BaseFinetuning):
             any(p.fullmatch(name) for p in patterns) or type(m).__name__ in types)]
 
     def freeze_before_training(self, pl_module) -> None:
+        if getattr(pl_module, "model", True) is None:  # an ivl stage builds its student later: freeze it then
+            pl_module.build_hooks.append(self._freeze)
+            return
+        self._freeze(pl_module)
+
+    def _freeze(self, pl_module) -> None:
         modules = self._matching(pl_module, self.patterns, self.module_types)
         if (self.patterns or self.module_types) and not modules:
             raise ValueError(f"LayerFreezing: no module matches patterns {[p.pattern for p in self.patterns]} or "

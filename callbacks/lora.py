@@ -1,38 +1,25 @@
-"""LoRAInjection: add peft LoRA adapters to a stage's language model before its optimiser is built."""
+"""LoRAInjection: add peft LoRA adapters to any stage's language model."""
 
 from __future__ import annotations
 
 from lightning.pytorch.callbacks import Callback
-from peft import LoraConfig, inject_adapter_in_model, get_peft_model_state_dict
+
+from ivl.stages import lora
 
 
 class LoRAInjection(Callback):
-    """Injects LoRA into ``pl_module.<attribute>`` (default the student's language model) in ``setup``, which runs
-    before ``configure_optimizers``; with ``only_adapters`` everything else stops training. Checkpoints then
-    carry the adapter weights (in the state dict, and separately under ``lora_adapter``)."""
+    """Gives the stage a LoRA config in ``setup`` (before ``configure_model`` builds the student), so the stage
+    injects the adapters into its language model, trains only them (``only_adapters``), and merges them on export,
+    exactly as ``LongContextModule`` does. Default targets: every projection of attention, GDN and the MLPs."""
 
     def __init__(self, r: int = 16, alpha: int = 32, dropout: float = 0.0, target_modules: list[str] | None = None,
-                 attribute: str = "model.lm", only_adapters: bool = True):
-        self.config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                                 target_modules=target_modules or ["q_proj", "k_proj", "v_proj", "o_proj"])
-        self.attribute, self.only_adapters = attribute, only_adapters
-        self._injected = False
-
-    def _target(self, pl_module):
-        module = pl_module
-        for part in self.attribute.split("."):
-            module = getattr(module, part)
-        return module
+                 only_adapters: bool = True):
+        self.config = lora.lora_config(r, alpha, dropout, target_modules)
+        self.only_adapters = only_adapters
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if self._injected:
-            return
-        inject_adapter_in_model(self.config, self._target(pl_module))
-        self._injected = True
+        if getattr(pl_module, "model", None) is not None:
+            raise RuntimeError("LoRAInjection must set up before the stage builds its model")
+        pl_module.lora_config = self.config
         if self.only_adapters:
-            for name, p in pl_module.named_parameters():
-                p.requires_grad_("lora_" in name)
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        checkpoint["lora_adapter"] = {k: v.detach().cpu()
-                                      for k, v in get_peft_model_state_dict(self._target(pl_module)).items()}
+            pl_module.trainable = list(lora.TRAINABLE)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -37,10 +38,13 @@ def fla_causal_conv1d():
 
 
 @functools.cache
-def fla_gated_backward_is_broken() -> bool:
-    """True where fla refuses its gated chunk backward: Triton 3.4 up to 3.7.1 miscompiles it on Hopper
-    (fla issue #640) and fla raises instead, unless tilelang provides another backend. The GPU machines ship
-    Triton 3.6, so training there takes fla's forward with a PyTorch backward (see gated_delta.py).
+def fla_gated_backward_is_refused() -> bool:
+    """True where fla 0.6 refuses its gated chunk backward: Hopper with Triton 3.4 up to 3.7.1, without tilelang.
+
+    fla raises in ``chunk_bwd_dqkwg`` there (fla issue #640, https://github.com/fla-org/flash-linear-attention/
+    issues/640) for every block width, but the bisection in #640 pins the miscompile to the BK = 64 tile alone;
+    see ``fla_backward_is_miscompiled`` for the narrower test. With tilelang installed, fla's own dispatch picks
+    its tilelang kernel and nothing is refused. The GPU machines ship Triton 3.6.
     """
     try:
         from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
@@ -49,6 +53,39 @@ def fla_gated_backward_is_broken() -> bool:
     if not (IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1):
         return False
     return importlib.util.find_spec("tilelang") is None
+
+
+def fla_backward_is_miscompiled(head_k_dim: int) -> bool:
+    """True where fla's gated backward would run the miscompiled tile: refused (above) and a key width that makes
+    ``chunk_bwd_dqkwg`` pick BK = min(max(next_pow2(K), 16), 128) <= 64 on Hopper, i.e. K <= 64. At K = 128
+    (InfiniteVL's) BK is 128, which #640 found correct and our GPU tests check against a float32 reference.
+    """
+    return fla_gated_backward_is_refused() and head_k_dim <= 64
+
+
+@functools.cache
+def fla_chunk_function():
+    """fla's autograd Function of the chunked gated delta rule (``ChunkGatedDeltaRuleFunction``), or None."""
+    found = _optional("IVL_DISABLE_FLA", "fla.ops.gated_delta_rule.chunk", "ChunkGatedDeltaRuleFunction")
+    return found[0] if found else None
+
+
+@contextlib.contextmanager
+def fla_refusal_lifted():
+    """While open, fla's #640 check in ``chunk_bwd_dqkwg`` reads Triton as fixed (>= 3.7.1).
+
+    Opened only by ``gated_delta_rule``'s backward, around fla's own backward of one call whose key width is
+    outside the miscompiled tile (``fla_backward_is_miscompiled`` is False), and closed when that backward
+    returns: no other code, in this process or later, sees the flag changed. Autograd runs one device's backward
+    nodes one at a time, so nothing else runs fla's check while it is open.
+    """
+    module = importlib.import_module("fla.ops.common.chunk_o")
+    saved = module.TRITON_ABOVE_3_7_1
+    module.TRITON_ABOVE_3_7_1 = True
+    try:
+        yield
+    finally:
+        module.TRITON_ABOVE_3_7_1 = saved
 
 
 @functools.cache

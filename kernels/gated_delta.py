@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ivl.kernels._fla import fla_gated_backward_is_broken, fla_gated_delta
+from ivl.kernels._fla import (fla_backward_is_miscompiled, fla_chunk_function, fla_gated_backward_is_refused,
+                              fla_gated_delta, fla_refusal_lifted)
 
 CHUNK_SIZE = 64
 
@@ -60,8 +61,13 @@ def gated_delta_rule(
         chunk, recurrent = fla_gated_delta()
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state))
-        if needs_grad and fla_gated_backward_is_broken():
-            o, state = _FlaForwardTorchBackward.apply(q, k, v, g, beta, initial_state, scale, cu_seqlens)
+        if needs_grad and fla_gated_backward_is_refused():
+            # fla refuses its backward here (#640): run it anyway where the tile is correct (K > 64), and
+            # differentiate the PyTorch path only where the miscompiled BK = 64 tile would run.
+            if fla_backward_is_miscompiled(q.shape[-1]) or fla_chunk_function() is None:
+                o, state = _FlaForwardTorchBackward.apply(q, k, v, g, beta, initial_state, scale, cu_seqlens)
+            else:
+                o, state = _FlaRefusalLifted.apply(q, k, v, g, beta, initial_state, scale, cu_seqlens)
             return o, (state if output_final_state else None)
         # fla's recurrent kernel is the fast one for decoding single tokens; the chunked one for everything else.
         fn = recurrent if q.shape[1] == 1 and cu_seqlens is None else chunk
@@ -79,11 +85,28 @@ def gated_delta_rule(
     return o, (state if output_final_state else None)
 
 
+class _FlaRefusalLifted(torch.autograd.Function):
+    """fla's own chunked forward and backward (its ``ChunkGatedDeltaRuleFunction``, called with this node's ctx),
+    with fla's #640 refusal lifted for the backward of this call only (``fla_refusal_lifted``). Used where fla
+    refuses but the tile it would run is correct (K > 64 on Hopper, see ``fla_backward_is_miscompiled``)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, initial_state, scale, cu_seqlens):
+        return fla_chunk_function().forward(ctx, q, k, v, g, beta, scale, initial_state, True, state_v_first=False,
+                                            cu_seqlens=cu_seqlens)
+
+    @staticmethod
+    def backward(ctx, d_o, d_state):
+        with fla_refusal_lifted():
+            dq, dk, dv, dg, dbeta, _, dh0 = fla_chunk_function().backward(ctx, d_o, d_state)[:7]
+        return dq, dk, dv, dg, dbeta, dh0, None, None
+
+
 class _FlaForwardTorchBackward(torch.autograd.Function):
     """fla's chunked forward; the backward recomputes the chunked PyTorch path and differentiates it.
 
-    Used only where fla's own gated backward is known to be wrong (``fla_gated_backward_is_broken``): training
-    stays correct there, at the cost of a slower backward.
+    Used only where fla's own gated backward would run its miscompiled tile (``fla_backward_is_miscompiled``:
+    Hopper, Triton 3.4 to 3.7.0, K <= 64): training stays correct there, at the cost of a slower backward.
     """
 
     @staticmethod

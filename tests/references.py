@@ -3,17 +3,18 @@
 import torch
 
 
-def naive_gated_delta(q, k, v, g, beta, scale=None, initial_state=None):
+def naive_gated_delta(q, k, v, g, beta, scale=None, initial_state=None, dtype=torch.float64):
     """Per-token loop of S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T, o_t = S_t^T (scale q_t).
 
-    Shapes as fla: q, k [B, T, H, K]; v [B, T, H, V]; g, beta [B, T, H]; state [B, H, K, V]. float64 throughout.
+    Shapes as fla: q, k [B, T, H, K]; v [B, T, H, V]; g, beta [B, T, H]; state [B, H, K, V]. Computed in ``dtype``
+    (float64 by default) on the inputs' device; differentiable.
     """
-    q, k, v, g, beta = (t.double() for t in (q, k, v, g, beta))
+    q, k, v, g, beta = (t.to(dtype) for t in (q, k, v, g, beta))
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale
-    S = torch.zeros(B, H, K, V, dtype=torch.float64) if initial_state is None else initial_state.double()
-    eye = torch.eye(K, dtype=torch.float64)
+    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dtype)
+    eye = torch.eye(K, dtype=dtype, device=q.device)
     outs = []
     for t in range(T):
         kt, vt, bt = k[:, t], v[:, t], beta[:, t][..., None, None]
@@ -21,6 +22,18 @@ def naive_gated_delta(q, k, v, g, beta, scale=None, initial_state=None):
         S = g[:, t].exp()[..., None, None] * (transition @ S) + bt * kt[..., :, None] * vt[..., None, :]
         outs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t] * scale))
     return torch.stack(outs, dim=1), S
+
+
+def naive_gated_delta_varlen(q, k, v, g, beta, cu_seqlens, scale=None, initial_state=None, dtype=torch.float64):
+    """``naive_gated_delta`` per packed sequence (B == 1): (o [1, T, H, V], final states [N, H, K, V])."""
+    bounds = cu_seqlens.tolist()
+    outs, states = [], []
+    for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        h0 = None if initial_state is None else initial_state[n : n + 1]
+        o, s = naive_gated_delta(*(t[:, a:b] for t in (q, k, v, g, beta)), scale, h0, dtype)
+        outs.append(o)
+        states.append(s)
+    return torch.cat(outs, dim=1), torch.cat(states)
 
 
 def dense_window_attention(q, k, v, window, doc_ids=None, scale=None):

@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader
 
 from ivl.callbacks import LayerFreezing, LoRAInjection
 from ivl.stages import InstructModule
-from test_stages import corpus, fixed_batch
+from test_stages import built, corpus, fixed_batch
 
 
 def trainer(callbacks, steps):
@@ -15,7 +15,7 @@ def trainer(callbacks, steps):
 
 
 def test_layer_freezing_freezes_then_unfreezes_on_schedule(tmp_path):
-    module = InstructModule(teacher="tiny", window=64, trainable=[".*"])
+    module = built(InstructModule(teacher="tiny", window=64, trainable=[".*"]))
     vision_before = {n: p.clone() for n, p in module.model.visual.named_parameters()}
     freezing = LayerFreezing(patterns=[r"model\.visual"], module_types=["SlidingWindowAttention"],
                              unfreeze_at_epoch={1: [r"model\.visual"]})
@@ -25,15 +25,15 @@ def test_layer_freezing_freezes_then_unfreezes_on_schedule(tmp_path):
     assert not module.model.lm.layers[0].mixer.q_proj.weight.requires_grad  # attention layers by type
     assert module.model.lm.layers[1].mixer.q_proj.weight.requires_grad
 
-    module = InstructModule(teacher="tiny", window=64, trainable=[".*"])
+    module = InstructModule(teacher="tiny", window=64, trainable=[".*"])  # built by fit, frozen once built
     freezing = LayerFreezing(patterns=[r"model\.visual"], unfreeze_at_epoch={1: [r"model\.visual"]})
     trainer([freezing], steps=4).fit(module, DataLoader([batch] * 2, batch_size=None))  # epochs 0 and 1
     assert any(not torch.equal(p, vision_before[n]) for n, p in module.model.visual.named_parameters())
 
 
 def test_lora_injection_trains_only_adapters(tmp_path):
-    module = InstructModule(teacher="tiny", window=64, trainable=[".*"])
-    base = {n: p.clone() for n, p in module.model.named_parameters()}
+    base = {n: p.clone() for n, p in built(InstructModule(teacher="tiny", window=64)).model.named_parameters()}
+    module = InstructModule(teacher="tiny", window=64, trainable=[".*"])  # same seed: the same weights
     batch = fixed_batch(corpus(tmp_path))
     trainer([LoRAInjection(r=4, target_modules=["q_proj", "v_proj"])], steps=3).fit(
         module, DataLoader([batch] * 3, batch_size=None))

@@ -1,6 +1,7 @@
 """Encoding, packing, resuming and bad input of the DataModules, on real files."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -162,3 +163,33 @@ def test_video_datamodule_batches(tmp_path):
     [batch] = list(dm.train_dataloader())
     assert batch["video_grid_thw"].shape == (2, 3) and batch["cu_seqlens"].tolist()[0] == 0
     assert batch["second_per_grid_ts"].shape == (2,)
+
+
+def test_ranks_split_the_epoch_and_resume_on_another_number_of_processes(tmp_path):
+    """Each of two ranks gets its own half of the epoch's batches (together: all of them, no overlap); a position
+    saved by two ranks resumes on one process with exactly the batches the two had not reached."""
+    path = color_corpus(tmp_path, n=12)
+
+    def loader(rank, world):
+        dm = ImageDataModule(train=[{"path": str(path)}], image_max_pixels=56 * 56, pack_tokens=None, batch_size=1)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=world)  # what Lightning attaches
+        return dm, dm.train_dataloader()
+
+    def key(batch):
+        return tuple(batch["input_ids"][0].tolist())  # every sample's question is different
+
+    single = [key(b) for b in loader(0, 1)[1]]
+    halves = [[key(b) for b in loader(rank, 2)[1]] for rank in (0, 1)]
+    assert len(single) == 12 and len(halves[0]) == len(halves[1]) == 6
+    assert not set(halves[0]) & set(halves[1]) and sorted(halves[0] + halves[1]) == sorted(single)
+
+    states = []
+    for rank in (0, 1):  # both ranks stop after two batches each
+        dm, shard = loader(rank, 2)
+        batches = iter(shard)
+        next(batches), next(batches)
+        states.append(dm.state_dict())
+    assert states[0] == states[1] == {"train": {"epoch": 0, "consumed": 4}}
+    dm, resumed = loader(0, 1)
+    dm.load_state_dict(states[0])
+    assert [key(b) for b in resumed] == single[4:]

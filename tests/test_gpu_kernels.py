@@ -5,12 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from ivl.kernels import gated_delta_rule, sliding_window_attention
-from ivl.kernels._fla import fla_gated_delta
+from ivl.kernels._fla import fla_gated_backward_is_refused, fla_gated_delta
 from ivl.kernels.gated_delta import _chunked, _varlen
 from ivl.kernels.window_attention import _sdpa, band_mask, sliding_window_attention_after_prefix
 from ivl.model.gated_deltanet import ShortConvolution, _causal_conv_silu, _l2norm
 from ivl.model.layers import apply_rotary, gated_rms_norm, rms_norm, silu_mul
 from ivl.model import HybridConfig, HybridLM
+from references import naive_gated_delta, naive_gated_delta_varlen
 
 pytestmark = pytest.mark.gpu
 
@@ -33,27 +34,85 @@ def test_fla_is_installed():
     assert fla_gated_delta() is not None, "install the [gpu] extra: the GPU path would silently be the slow one"
 
 
+def gdn_case(T, K, dtype, varlen, seed=0):
+    """Inputs of one gated delta rule call with an initial state, a random upstream gradient w, and cu_seqlens."""
+    torch.manual_seed(seed)
+    H, V = 4, 2 * K
+    if varlen:
+        cu = torch.tensor([0, T // 8, T // 8 + 1, T // 2 + 37, T], dtype=torch.int32, device="cuda")
+        q, k, v, g, beta, _ = gdn_inputs(1, T, H, K, V, dtype)
+        h0 = torch.randn(4, H, K, V, device="cuda", requires_grad=True)
+    else:
+        cu = None
+        q, k, v, g, beta, h0 = gdn_inputs(2, T, H, K, V, dtype)
+    w = torch.randn(*v.shape, device="cuda")
+    return (q, k, v, g, beta, h0), cu, w
+
+
+def gdn_grads(fn, inputs, cu, w):
+    o, s = fn(inputs, cu)
+    return (o, s), torch.autograd.grad((o.float() * w).sum() + s.float().sum(), inputs)
+
+
+def ours(inputs, cu):
+    return gated_delta_rule(*inputs[:5], initial_state=inputs[5], output_final_state=True, cu_seqlens=cu)
+
+
+def naive_float32(inputs, cu):
+    q, k, v, g, beta, h0 = inputs
+    if cu is not None:
+        return naive_gated_delta_varlen(q, k, v, g, beta, cu, initial_state=h0, dtype=torch.float32)
+    return naive_gated_delta(q, k, v, g, beta, initial_state=h0, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("K", [128, 64])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 5e-3), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("varlen", [False, True])
-def test_gated_delta_fla_matches_pytorch_path(dtype, tol, varlen):
-    B, T, H, K, V = (1, 8192, 4, 128, 256) if varlen else (2, 8192, 4, 128, 256)
-    q, k, v, g, beta, h0 = gdn_inputs(B, T, H, K, V, dtype)
-    cu = torch.tensor([0, 1000, 1001, 5000, 8192], dtype=torch.int32, device="cuda") if varlen else None
-    if varlen:
-        h0 = torch.randn(4, H, K, V, device="cuda", requires_grad=True)
-    w = torch.randn(B, T, H, V, device="cuda")
-    o, s = gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu)
-    grads = torch.autograd.grad((o.float() * w).sum() + s.sum(), [q, k, v, g, beta, h0])
-    inputs32 = [t.float() for t in (q, k, v, g, beta)]
-    if varlen:
-        o_ref, s_ref = _varlen(*inputs32, K**-0.5, h0, True, cu)
-    else:
-        o_ref, s_ref = _chunked(*inputs32, K**-0.5, h0)
-    grads_ref = torch.autograd.grad((o_ref * w).sum() + s_ref.sum(), [q, k, v, g, beta, h0])
-    assert rel_err(o, o_ref) < tol
-    assert rel_err(s, s_ref) < tol
+def test_gated_delta_gradients_match_naive_float32_recurrence(K, dtype, tol, varlen):
+    """Outputs, final states and every gradient (q, k, v, g, beta, initial state) of the path training takes on
+    this machine (fla's own backward at K = 128; at K = 64 on Hopper with Triton < 3.7.1, the PyTorch backward)
+    against a per-token float32 loop: a reference that shares no code with either."""
+    inputs, cu, w = gdn_case(512, K, dtype, varlen)
+    outs, grads = gdn_grads(ours, inputs, cu, w)
+    outs_ref, grads_ref = gdn_grads(naive_float32, inputs, cu, w)
+    for name, a, b in zip(["o", "state"], outs, outs_ref):
+        assert rel_err(a, b) < tol, name
     for name, a, b in zip("q k v g beta h0".split(), grads, grads_ref):
         assert rel_err(a, b) < 2 * tol, name
+
+
+@pytest.mark.parametrize("T", [8192, 32768])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 5e-3), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_fla_backward_at_k128_matches_float32_chunked_reference_up_to_32k(T, dtype, tol, varlen):
+    """Long sequences at InfiniteVL's key width: fla's own backward (refused by fla 0.6 on this Hopper/Triton pair,
+    run by ivl because K = 128 uses the correct BK = 128 tile) against the float32 chunked PyTorch implementation,
+    which at K = 128 no GPU path uses for gradients (itself tested against the per-token loop on the CPU)."""
+    inputs, cu, w = gdn_case(T, 128, dtype, varlen)
+    outs, grads = gdn_grads(ours, inputs, cu, w)
+    assert "FlaForwardTorchBackward" not in type(outs[0].grad_fn).__name__
+
+    def chunked_float32(inputs, cu):
+        q, k, v, g, beta, h0 = inputs
+        q, k, v, g, beta = (t.float() for t in (q, k, v, g, beta))
+        if cu is not None:
+            return _varlen(q, k, v, g, beta, 128**-0.5, h0, True, cu)
+        return _chunked(q, k, v, g, beta, 128**-0.5, h0)
+
+    outs_ref, grads_ref = gdn_grads(chunked_float32, inputs, cu, w)
+    for name, a, b in zip(["o", "state"], outs, outs_ref):
+        assert rel_err(a, b) < tol, name
+    for name, a, b in zip("q k v g beta h0".split(), grads, grads_ref):
+        assert rel_err(a, b) < 2 * tol, name
+
+
+def test_training_path_is_fla_backward_exactly_where_its_tile_is_correct():
+    """K = 128 never takes the slow PyTorch backward; K = 64 takes it only where fla's BK = 64 tile is miscompiled."""
+    for K in (128, 64):
+        inputs, cu, _ = gdn_case(256, K, torch.bfloat16, False)
+        o, _ = ours(inputs, cu)
+        slow = "FlaForwardTorchBackward" in type(o.grad_fn).__name__
+        assert slow == (K == 64 and fla_gated_backward_is_refused()), K
 
 
 def test_gated_delta_decode_step_on_gpu():

@@ -46,6 +46,12 @@ class Losses(Callback):
         self.losses.append(float(outputs["loss"]))
 
 
+def built(module):
+    """The stage with its student built (Lightning builds it in fit; tests that look first build it here)."""
+    module.configure_model()
+    return module
+
+
 def fit_on(module, batch, steps=8):
     losses = Losses()
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -61,7 +67,7 @@ def test_instruct_loss_falls(tmp_path):
 
 
 def test_layerwise_distillation_trains_only_gdn_and_leaves_the_teacher(tmp_path):
-    module = DistillModule(teacher="tiny", window=64, layerwise_steps=-1, lr=1e-3, warmup_ratio=0.0)
+    module = built(DistillModule(teacher="tiny", window=64, layerwise_steps=-1, lr=1e-3, warmup_ratio=0.0))
     teacher_before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
     batch = fixed_batch(corpus(tmp_path), packed=False)
     loss = module.layerwise_loss(batch)
@@ -77,8 +83,8 @@ def test_layerwise_distillation_trains_only_gdn_and_leaves_the_teacher(tmp_path)
 
 
 def test_end_to_end_distillation_kl_falls(tmp_path):
-    module = DistillModule(teacher="tiny", window=64, layerwise_steps=0, lr=3e-3, warmup_ratio=0.0,
-                           trainable=[r"lm\..*"])
+    module = built(DistillModule(teacher="tiny", window=64, layerwise_steps=0, lr=3e-3, warmup_ratio=0.0,
+                                 trainable=[r"lm\..*"]))
     batch = fixed_batch(corpus(tmp_path), packed=False)
     assert module.phase() == "end_to_end"
     losses = fit_on(module, batch)
@@ -99,8 +105,8 @@ def test_phases_switch_after_layerwise_steps(tmp_path):
     assert phases == ["layerwise", "layerwise", "end_to_end", "end_to_end"]
 
 
-def test_long_context_trains_only_lora_and_the_adapter_reloads(tmp_path):
-    module = LongContextModule(teacher="tiny", window=64, lora_r=4, lr=3e-3, warmup_ratio=0.0)
+def test_long_context_trains_only_lora_and_exports_merged_weights_and_the_adapter(tmp_path):
+    module = built(LongContextModule(teacher="tiny", window=64, lora_r=4, lr=3e-3, warmup_ratio=0.0))
     assert all("lora_" in n for n, p in module.named_parameters() if p.requires_grad)
     batch = fixed_batch(corpus(tmp_path))
     losses = fit_on(module, batch)
@@ -108,17 +114,16 @@ def test_long_context_trains_only_lora_and_the_adapter_reloads(tmp_path):
     inputs = module.model_inputs(batch)
     with torch.no_grad():
         trained = module.model.eval()(**inputs).logits
-    module.save_adapter(tmp_path / "adapter")
+    module.export(tmp_path / "export")
 
-    fresh = LongContextModule(teacher="tiny", window=64, lora_r=4)  # same seed: the same base weights
-    with torch.no_grad():
-        assert not torch.allclose(fresh.model.eval()(**inputs).logits, trained)
-        fresh.load_adapter(tmp_path / "adapter")
-        torch.testing.assert_close(fresh.model(**inputs).logits, trained, rtol=0, atol=0)
-    module.export(tmp_path / "merged")
-    merged = InfiniteVL.from_pretrained(tmp_path / "merged")
+    merged = InfiniteVL.from_pretrained(tmp_path / "export")  # a plain checkpoint: no LoRA names in it
     with torch.no_grad():
         torch.testing.assert_close(merged(**inputs).logits, trained, rtol=1e-4, atol=1e-4)
+    fresh = built(LongContextModule(teacher="tiny", window=64, lora_r=4))  # same seed: the same base weights
+    with torch.no_grad():
+        assert not torch.allclose(fresh.model.eval()(**inputs).logits, trained)
+        fresh.load_adapter(tmp_path / "export" / "adapter")
+        torch.testing.assert_close(fresh.model(**inputs).logits, trained, rtol=0, atol=0)
 
 
 def test_interrupted_fit_resumes_with_the_same_losses(tmp_path):
@@ -170,10 +175,8 @@ def test_accuracy_is_exact_match_of_greedy_generation(tmp_path):
     batch = fixed_batch(corpus(tmp_path))
     fit_on(module, batch, steps=6)  # partly trained: some answers right, some wrong
     model = module.model.eval()
-    from ivl.stages.base import answer_loss_and_accuracy
-
     with torch.no_grad():
-        _, correct = answer_loss_and_accuracy(model, batch)
+        correct = module.answer_losses(batch).correct
     cu = batch["cu_seqlens"].tolist()
     patches = batch["image_grid_thw"].prod(-1).tolist()
     for i, (a, z) in enumerate(zip(cu[:-1], cu[1:])):
@@ -185,3 +188,47 @@ def test_accuracy_is_exact_match_of_greedy_generation(tmp_path):
                                    image_grid_thw=batch["image_grid_thw"][i:i + 1], max_new_tokens=len(answer),
                                    stop_token_ids=[])
         assert bool(correct[i]) == torch.equal(generated[0], answer)
+
+
+def test_each_distillation_phase_trains_its_own_parameters_in_one_fit(tmp_path):
+    """One fit, two phases, two parameter sets: the optimiser holds both, each step updates only its phase's."""
+    module = DistillModule(teacher="tiny", window=64, layerwise_steps=2, lr=1e-2, warmup_ratio=0.0,
+                           layerwise_trainable=[r"lm\.layers\.{gdn}\.mixer\.q_proj\..*"],
+                           trainable=[r"lm\.layers\.{gdn}\.mlp\..*"])
+    snapshots = []
+
+    class Snapshot(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            snapshots.append({n: p.detach().clone() for n, p in pl_module.model.named_parameters()})
+
+        def on_train_end(self, trainer, pl_module):
+            self.on_train_batch_start(trainer, pl_module, None, None)
+
+    batch = fixed_batch(corpus(tmp_path), packed=False)
+    L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[Snapshot()]).fit(module, DataLoader([batch] * 4, batch_size=None))
+
+    def changed(a, b):
+        return {n for n in a if not torch.equal(a[n], b[n])}
+
+    layerwise = {f"lm.layers.{i}.mixer.q_proj.weight" for i in (1, 2, 3)}
+    end_to_end = {f"lm.layers.{i}.mlp.{m}.weight" for i in (1, 2, 3) for m in ("gate_proj", "up_proj", "down_proj")}
+    assert changed(snapshots[0], snapshots[2]) == layerwise  # steps 1-2
+    assert changed(snapshots[2], snapshots[4]) == end_to_end  # steps 3-4
+
+
+def test_lora_injection_export_loads_back_to_the_same_logits(tmp_path):
+    """A LoRAInjection run with save_dir writes a plain checkpoint (adapters merged) that from_pretrained loads."""
+    from ivl.callbacks import LoRAInjection
+
+    module = InstructModule(teacher="tiny", window=64, lr=3e-3, warmup_ratio=0.0, save_dir=str(tmp_path / "out"))
+    batch = fixed_batch(corpus(tmp_path))
+    L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[LoRAInjection(r=4)]).fit(
+        module, DataLoader([batch] * 3, batch_size=None))
+    inputs = module.model_inputs(batch)
+    with torch.no_grad():
+        trained = module.model.eval()(**inputs).logits
+        loaded = InfiniteVL.from_pretrained(tmp_path / "out")(**inputs).logits
+    torch.testing.assert_close(loaded, trained, rtol=1e-4, atol=1e-4)
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()

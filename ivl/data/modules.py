@@ -53,10 +53,15 @@ def _collate(items: list[dict], packed: bool, pad_token_id: int) -> dict:
 
 
 class ResumableLoader(DataLoader):
-    """A DataLoader over a precomputed, per-epoch batch plan that remembers how many batches it handed out."""
+    """A DataLoader over a precomputed, per-epoch batch plan that remembers how many batches it handed out.
 
-    def __init__(self, dataset, plan, collate_fn, num_workers: int, name: str):
-        self.plan, self.name = plan, name  # plan(epoch) -> list of index lists
+    With several processes each one iterates its own share of the plan (``plan(epoch)`` already holds only this
+    rank's batches, every ``world``-th one); the saved position counts batches of the whole plan, so a run
+    resumes at the same place on any number of processes.
+    """
+
+    def __init__(self, dataset, plan, collate_fn, num_workers: int, name: str, world=lambda: 1):
+        self.plan, self.name, self.world = plan, name, world  # plan(epoch) -> this rank's index lists
         self.epoch, self.consumed, self._resume, self._skip = 0, 0, None, 0
         self.skipped: list[str] = []
         super().__init__(dataset, batch_sampler=_PlanSampler(self), collate_fn=collate_fn, num_workers=num_workers,
@@ -87,10 +92,14 @@ class ResumableLoader(DataLoader):
         return len(self.plan(self.epoch))
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "consumed": self.consumed}
+        return {"epoch": self.epoch, "consumed": self.consumed * self.world()}
 
     def load_state_dict(self, state: dict) -> None:
-        self._resume = (int(state["epoch"]), int(state["consumed"]))
+        world, consumed = self.world(), int(state["consumed"])
+        if consumed % world:
+            log.warning("%s: the checkpoint stopped after %d batches, not a multiple of %d processes; resuming "
+                        "after %d", self.name, consumed, world, consumed - consumed % world)
+        self._resume = (int(state["epoch"]), consumed // world)
 
 
 class _PlanSampler:
@@ -172,19 +181,27 @@ class VLDataModule(L.LightningDataModule):
             dataset = EncodedDataset([s for c in corpora for s in c], encoder, self.skip_bad_samples)
             weights = [s.weight for s in specs]
             lengths = self._lengths(dataset, split) if self.pack_tokens else None
-            plan = functools.partial(self._plan, corpora=[len(c) for c in corpora], offsets=offsets,
-                                     weights=weights, lengths=lengths, shuffle=split == "train")
-            plan = functools.lru_cache(maxsize=2)(plan)
+            shard_plan = functools.lru_cache(maxsize=4)(functools.partial(
+                self._plan, corpora=[len(c) for c in corpora], offsets=offsets, weights=weights, lengths=lengths,
+                shuffle=split == "train"))
+
+            def plan(epoch: int, shard_plan=shard_plan) -> list[list[int]]:
+                return shard_plan(epoch, *self._ranks())
+
             collate = functools.partial(_collate, packed=self.pack_tokens is not None,
                                         pad_token_id=self.processor.tokenizer.pad_token_id)
-            self._loaders[split] = ResumableLoader(dataset, plan, collate, self.num_workers, split)
+            self._loaders[split] = ResumableLoader(dataset, plan, collate, self.num_workers, split,
+                                                   world=lambda: self._ranks()[1])
 
     def _lengths(self, dataset: EncodedDataset, split: str) -> list[int]:
         """Token count of every sample (one encoding pass, in workers), needed to plan packs."""
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_token_count)
         return [n for n in tqdm(loader, desc=f"measuring {split} samples", total=len(dataset), leave=False)]
 
-    def _plan(self, epoch: int, corpora, offsets, weights, lengths, shuffle) -> list[list[int]]:
+    def _plan(self, epoch: int, rank: int, world: int, corpora, offsets, weights, lengths,
+              shuffle) -> list[list[int]]:
+        """This rank's batches of the epoch: the whole epoch's plan (the same on every rank), then every
+        world-th batch."""
         rng = random.Random(self.seed * 1_000_003 + epoch)
         total = self.samples_per_epoch if shuffle and self.samples_per_epoch else sum(corpora)
         order = []
@@ -201,12 +218,16 @@ class VLDataModule(L.LightningDataModule):
             batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         # Several processes (DDP/FSDP): each takes every world-th batch, all the same count. Run the Trainer with
         # use_distributed_sampler=False: the plan already shards.
-        trainer = getattr(self, "_trainer", None)
-        world = trainer.world_size if trainer is not None else 1
         if world > 1:
             per_rank = len(batches) // world
-            batches = batches[trainer.global_rank::world][:per_rank]
+            batches = batches[rank::world][:per_rank]
         return batches
+
+    def _ranks(self) -> tuple[int, int]:
+        """(this process's rank, number of processes) of the Trainer this DataModule is attached to."""
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
 
     def train_dataloader(self) -> ResumableLoader:
         self.setup("fit")

@@ -17,9 +17,14 @@ SINGLE = "model.safetensors"
 
 
 def save(model: nn.Module, config: dict, directory: str | Path, max_shard_size: str | int = "5GB") -> None:
+    save_state(_unique_tensors(model), config, directory, max_shard_size)
+
+
+def save_state(state: dict[str, torch.Tensor], config: dict, directory: str | Path,
+               max_shard_size: str | int = "5GB") -> None:
+    """Write a state dict (tied duplicates already dropped) as a checkpoint folder."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = _unique_tensors(model)
     dtype = next(iter(state.values())).dtype if state else torch.float32
     (directory / CONFIG).write_text(json.dumps({**config, "dtype": str(dtype).removeprefix("torch.")}, indent=2))
     split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
@@ -61,9 +66,29 @@ def load_into(model: nn.Module, directory: str | Path) -> None:
                 with torch.no_grad():
                     state[name].copy_(tensor)
                 loaded.add(name)
-    missing = [n for n in state if n not in loaded and n not in _tied_names(model)]
+    missing = [n for n in state if n not in loaded and n not in tied_names(model)]
     if missing:
         raise ValueError(f"{directory}: no tensor for {len(missing)} parameters, e.g. {missing[:5]}")
+
+
+def read_state(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder, on the CPU, in its saved dtype."""
+    state = {}
+    for file in _weight_files(Path(directory)):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            state.update({name: f.get_tensor(name) for name in f.keys()})
+    return state
+
+
+def tied_names(model: nn.Module) -> dict[str, str]:
+    """{second name: first name} of parameters registered under two names (a tied LM head)."""
+    first, tied = {}, {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            tied[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return tied
 
 
 def _weight_files(directory: Path) -> list[Path]:
@@ -86,15 +111,5 @@ def _alone(t: torch.Tensor) -> torch.Tensor:
 
 def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """State dict without the second name of tied parameters (safetensors refuses shared storage)."""
-    tied = _tied_names(model)
+    tied = tied_names(model)
     return {n: t.detach() for n, t in model.state_dict().items() if n not in tied}
-
-
-def _tied_names(model: nn.Module) -> set[str]:
-    """Names of parameters that are another parameter under a second name (e.g. a tied LM head)."""
-    seen, tied = set(), set()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            tied.add(name)
-        seen.add(id(p))
-    return tied

@@ -93,17 +93,8 @@ def convert_qwen2_5_vl(
     if gdn_init not in GDN_INITS:
         raise ValueError(f"gdn_init must be one of {GDN_INITS}; got {gdn_init!r}")
     teacher_config, tensors, teacher_dtype = _read_teacher(teacher)
-    text = getattr(teacher_config, "text_config", teacher_config)
-    if layer_types is None:
-        layer_types = layer_types_from_ratio(text.num_hidden_layers, hybrid_ratio)
-    config = InfiniteVLConfig(
-        text=student_text_config(teacher_config, layer_types, window),
-        vision=vision_config_dict(teacher_config.vision_config),
-        image_token_id=teacher_config.image_token_id,
-        video_token_id=teacher_config.video_token_id,
-        vision_start_token_id=teacher_config.vision_start_token_id,
-        **_special_tokens(text),
-    )
+    config = student_config(teacher_config, hybrid_ratio, window, layer_types)
+    layer_types = config.text.layer_types
     with torch.device(device):
         student = InfiniteVL(config)
     student.to(dtype or teacher_dtype)
@@ -133,6 +124,22 @@ def convert_qwen2_5_vl(
         unused.discard("lm_head.weight")  # the tied copy of the embeddings, which were inherited
     report.unused = sorted(unused)
     return student.eval(), report
+
+
+def student_config(teacher_config: Qwen2_5_VLConfig, hybrid_ratio: float = 0.25, window: int | None = 8192,
+                   layer_types: list[str] | None = None) -> InfiniteVLConfig:
+    """The InfiniteVL config ``convert_qwen2_5_vl`` gives a teacher with this config (no weights are read)."""
+    text = getattr(teacher_config, "text_config", teacher_config)
+    if layer_types is None:
+        layer_types = layer_types_from_ratio(text.num_hidden_layers, hybrid_ratio)
+    return InfiniteVLConfig(
+        text=student_text_config(teacher_config, layer_types, window),
+        vision=vision_config_dict(teacher_config.vision_config),
+        image_token_id=teacher_config.image_token_id,
+        video_token_id=teacher_config.video_token_id,
+        vision_start_token_id=teacher_config.vision_start_token_id,
+        **_special_tokens(text),
+    )
 
 
 def student_text_config(teacher_config, layer_types: list[str], window: int | None) -> HybridConfig:

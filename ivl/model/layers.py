@@ -15,6 +15,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
 
@@ -66,9 +69,15 @@ class MultimodalRotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float, mrope_section: list[int]):
         super().__init__()
-        self.head_dim, self.theta = head_dim, theta
-        axis = torch.tensor([a for a, n in enumerate(mrope_section) for _ in range(n)])
-        self.register_buffer("axis", axis, persistent=False)
+        self.head_dim, self.theta, self.mrope_section = head_dim, theta, list(mrope_section)
+        self.register_buffer("axis", torch.empty(sum(mrope_section), dtype=torch.long), persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """(Re)compute the frequency -> axis map (also after materialising from the meta device)."""
+        axis = [a for a, n in enumerate(self.mrope_section) for _ in range(n)]
+        self.axis.copy_(torch.tensor(axis, device="cpu"))
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [3, B, T] -> (cos, sin), each [B, T, head_dim]."""

@@ -74,6 +74,15 @@ def _batched_attention(q, k, v, length: int, scale: float) -> torch.Tensor:
     return out.transpose(1, 2).reshape(-1, heads, D)
 
 
+@torch.no_grad()
+def reset_vision_buffers(tower: nn.Module) -> None:
+    """Recompute the tower's rotary frequencies (non-persistent buffers, in no checkpoint) from its config."""
+    rotary = tower.rotary_pos_emb
+    fresh = type(rotary)(rotary.config)  # holds buffers only: cheap to build on the CPU
+    for name, buffer in fresh.named_buffers():
+        getattr(rotary, name).copy_(buffer)
+
+
 def vision_features(tower: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
     """Merged patch features [sum over items of t*h*w/merge^2, LM hidden] for flattened patches [N, C*t*p*p]."""
     out = tower(pixel_values.to(tower.dtype), grid_thw=grid_thw)

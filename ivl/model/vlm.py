@@ -15,8 +15,9 @@ from ivl.model.cache import HybridCache
 from ivl.model.config import InfiniteVLConfig
 from ivl.model.generation import generate
 from ivl.model.lm import HybridLM
+from ivl.model.losses import linear_cross_entropy, linear_kl_divergence
 from ivl.model.rope_index import multimodal_position_ids
-from ivl.model.vision import build_vision_tower, vision_features
+from ivl.model.vision import build_vision_tower, reset_vision_buffers, vision_features
 
 
 @dataclass
@@ -25,6 +26,19 @@ class InfiniteVLOutput:
     """[B, T, vocab]."""
     loss: torch.Tensor | None = None
     """Mean next-token cross-entropy over labels != -100 (when labels were given)."""
+
+
+@dataclass
+class HeadLosses:
+    """What ``InfiniteVL.head_losses`` computed (None where it was not asked for)."""
+
+    ce: torch.Tensor | None = None
+    """Mean next-token cross-entropy over labelled positions."""
+    correct: torch.Tensor | None = None
+    """[samples] 1.0 where every labelled next token of the sample is the head's argmax (what greedy decoding of
+    the whole answer gives under teacher forcing), 0.0 where one is not, NaN for a sample with no label."""
+    kl: torch.Tensor | None = None
+    """T^2 * mean KL(teacher || student) of next-token distributions at temperature T over unmasked positions."""
 
 
 class InfiniteVL(nn.Module):
@@ -115,6 +129,50 @@ class InfiniteVL(nn.Module):
         return self.lm.hidden_states(inputs_embeds=embeds, position_ids=position_ids, cu_seqlens=cu_seqlens,
                                      cache=cache, attention_mask=attention_mask)
 
+    def head_losses(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                    teacher_hidden: torch.Tensor | None = None, teacher_head: torch.Tensor | None = None,
+                    temperature: float = 1.0, **inputs) -> HeadLosses:
+        """The training forward: hidden states once, then the LM head's losses in chunks (``ivl.model.losses``),
+        so that no [tokens, vocab] float32 logits are ever kept.
+
+        Args:
+            input_ids, **inputs: what ``forward`` takes (attention_mask, pixels, grids, cu_seqlens, ...).
+            labels: [B, T] with -100 outside answers: cross-entropy and exact match of the labelled next tokens.
+            teacher_hidden, teacher_head: the teacher's final hidden states [B, T, D'] and LM head [vocab, D']:
+                KL to the teacher at ``temperature`` over positions where attention_mask is 1 (all without one).
+
+        Under FSDP2 this method is registered as a forward (``register_fsdp_forward_method``), so the head
+        weight (tied to the embeddings) is read while gathered.
+        """
+        hidden = self.hidden_states(input_ids, **inputs)
+        head = self.lm.lm_head.weight
+        out = HeadLosses()
+        if labels is not None:
+            cu_seqlens = inputs.get("cu_seqlens")
+            targets = next_token_targets(labels, cu_seqlens)
+            positions = (targets != -100).nonzero(as_tuple=True)
+            out.ce, hits = linear_cross_entropy(hidden[:, :-1][positions], head, targets[positions])
+            out.correct = _exact_match_per_sample(hits, positions, cu_seqlens, len(targets))
+        if teacher_hidden is not None:
+            mask = inputs.get("attention_mask")
+            valid = mask.bool() if mask is not None else torch.ones(hidden.shape[:2], dtype=torch.bool,
+                                                                     device=hidden.device)
+            out.kl = linear_kl_divergence(hidden[valid], head, teacher_hidden[valid], teacher_head, temperature)
+        return out
+
+    def block_outputs(self, layer_inputs: dict[int, torch.Tensor],
+                      attention_mask: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """Each given LM block applied alone to the given input hidden states (Stage I's layer-wise distillation;
+        blocks whose mixer takes no positions, i.e. Gated DeltaNet). A forward under FSDP2, like ``head_losses``."""
+        return {i: self.lm.layers[i](x, rope=None, attention_mask=attention_mask) for i, x in layer_inputs.items()}
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute the buffers that no checkpoint carries (rotary frequencies and axes): after building on the
+        meta device and materialising with ``to_empty`` they hold garbage."""
+        self.lm.rotary.reset_parameters()
+        reset_vision_buffers(self.visual)
+
     def new_cache(self) -> HybridCache:
         return self.lm.new_cache()
 
@@ -197,3 +255,16 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, cu_seqlens: torc
     """Cross-entropy of token t + 1 given tokens <= t, over labels != -100; never across a packed boundary."""
     targets = next_token_targets(labels, cu_seqlens)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+def _exact_match_per_sample(hits: torch.Tensor, positions: tuple[torch.Tensor, torch.Tensor],
+                            cu_seqlens: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """[samples] 1.0 / 0.0 / NaN from per-labelled-position hits (see ``HeadLosses.correct``)."""
+    if cu_seqlens is not None:  # the packed sample each labelled position belongs to
+        sample = torch.bucketize(positions[1], cu_seqlens[1:].long(), right=True)
+        count = len(cu_seqlens) - 1
+    else:
+        sample, count = positions[0], rows
+    wrong = hits.new_zeros(count, dtype=torch.long).index_add_(0, sample, (~hits).long())
+    answered = hits.new_zeros(count, dtype=torch.long).index_add_(0, sample, torch.ones_like(sample))
+    return (wrong == 0).float().masked_fill(answered == 0, float("nan"))

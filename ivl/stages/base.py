@@ -1,4 +1,5 @@
-"""What every training stage shares: the student, which parameters train, optimiser and schedule, logging."""
+"""What every training stage shares: building (and sharding) the student, which parameters train, optimiser and
+schedule, logging, and export."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
+from lightning.pytorch.strategies import ModelParallelStrategy
 
-from ivl.model import InfiniteVL
-from ivl.model.vlm import next_token_targets
-from ivl.stages.models import load_student
+from ivl.model import InfiniteVL, checkpoint
+from ivl.model.vlm import HeadLosses
+from ivl.stages import distributed, lora
+from ivl.stages.models import load_student, student_config, student_state
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
                 "video_grid_thw", "second_per_grid_ts", "cu_seqlens")
@@ -21,14 +23,25 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw",
 class StageModule(L.LightningModule):
     """Base of the three stages.
 
+    The student is built in ``configure_model`` (Lightning calls it before the optimiser): on one device as a
+    plain model; under ``ModelParallelStrategy`` / ``FSDP2Strategy`` on the meta device, checkpointed and
+    sharded per block, then filled from rank 0's copy of the weights (so no rank holds a full float32 copy
+    besides rank 0's while loading). A ``ckpt_path`` restore comes after and wins.
+
     Args:
         student: an InfiniteVL checkpoint folder; None converts ``teacher`` (a Qwen2.5-VL folder or "tiny").
         teacher: the Qwen2.5-VL teacher ("tiny": a random tiny one built in code).
         hybrid_ratio, window, gdn_init: conversion settings when the student is converted here.
         trainable: regexes over parameter names; only matching parameters train (default: the stage's own).
+            ``{gdn}`` and ``{attention}`` stand for the indices of those layers, e.g.
+            ``lm\\.layers\\.{gdn}\\.mixer\\..*`` for every Gated DeltaNet mixer.
         lr, weight_decay, warmup_ratio, betas: AdamW with linear warm-up and cosine decay to 10% of lr.
-        save_dir: where ``on_train_end`` writes the trained student (save_pretrained); None: not written.
+        save_dir: where the end of training writes the trained student (a plain ``save_pretrained`` folder, LoRA
+            merged in, ``adapter/`` beside it); None: not written.
         seed: seeds the conversion's fresh layers.
+        activation_checkpointing: "off", "blocks", "mixers" or every n-th block (see ``checkpoint_blocks``).
+        param_dtype: under FSDP2, the dtype each unit is gathered and computed in (float32 master weights and
+            float32 gradient reduction either way).
     """
 
     default_trainable: tuple[str, ...] = (".*",)
@@ -36,31 +49,100 @@ class StageModule(L.LightningModule):
     def __init__(self, student: str | None = None, teacher: str | None = None, hybrid_ratio: float = 0.25,
                  window: int | None = 8192, gdn_init: str = "mimic", trainable: list[str] | None = None,
                  lr: float = 2e-4, weight_decay: float = 0.0, warmup_ratio: float = 0.01,
-                 betas: tuple[float, float] = (0.9, 0.95), save_dir: str | None = None, seed: int = 0):
+                 betas: tuple[float, float] = (0.9, 0.95), save_dir: str | None = None, seed: int = 0,
+                 activation_checkpointing: str | int | None = "off", param_dtype: str = "bfloat16"):
         super().__init__()
         self.save_hyperparameters()
-        self.model: InfiniteVL = self.build_student()
-        self.adapt_model()
-        self.trainable = list(trainable) if trainable is not None else list(self.default_trainable)
-        self.set_trainable(self.trainable)
+        self.model: InfiniteVL | None = None
+        self.lora_config = None  # a peft LoraConfig: adapters injected into the language model when building
+        self.trainable = list(trainable) if trainable is not None else None
+        self.build_hooks: list = []  # callables(stage) run once the student is built, before sharding
+        self.sharded = False
+
+    # ---- building --------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:  # Lightning calls this hook again for every fit/validate/test
+            return
+        mesh = self._fsdp_mesh()
+        if mesh is None:
+            self.model = self.build_student()
+            self._prepare()
+            return
+        h = self.hparams
+        config = student_config(h.student, self.conversion_teacher(), h.hybrid_ratio, h.window)
+        with torch.device("meta"):
+            self.model = InfiniteVL(config)
+        tied = checkpoint.tied_names(self.model)
+        self._prepare()
+        distributed.shard(self.model, mesh, getattr(torch, h.param_dtype),
+                          forward_methods=("head_losses", "block_outputs"))
+        self.model.to_empty(device=self.trainer.strategy.root_device)
+        self.model.reset_buffers()
+        rank0 = self.trainer.global_rank == 0
+        state = None
+        if rank0:
+            state = student_state(h.student, self.conversion_teacher(), h.hybrid_ratio, h.window, h.gdn_init, h.seed)
+            state = lora.base_layer_names(state, set(self.model.state_dict()))
+        distributed.load_full_state(self.model, state, tied)
+        del state
+        self._reset_adapters()
+        self.sharded = True
+
+    def _fsdp_mesh(self):
+        trainer = self._trainer
+        if trainer is None or not isinstance(trainer.strategy, ModelParallelStrategy):
+            return None
+        return trainer.strategy.device_mesh["data_parallel"]
 
     def build_student(self) -> InfiniteVL:
         h = self.hparams
-        return load_student(h.student, h.teacher, h.hybrid_ratio, h.window, h.gdn_init, h.seed)
+        return load_student(h.student, self.conversion_teacher(), h.hybrid_ratio, h.window, h.gdn_init, h.seed)
 
-    def adapt_model(self) -> None:
-        """Hook between building the student and choosing what trains (LoRA injection, say)."""
+    def conversion_teacher(self):
+        """What a conversion reads the teacher from: its name (a stage with a loaded teacher gives the model)."""
+        return self.hparams.teacher
+
+    def _prepare(self) -> None:
+        if self.lora_config is not None:
+            lora.inject(self.model.lm, self.lora_config)
+        self.set_trainable(self.trainable_patterns())
+        for hook in self.build_hooks:
+            hook(self)
+        distributed.checkpoint_blocks(self.model.lm, self.hparams.activation_checkpointing)
+
+    @torch.no_grad()
+    def _reset_adapters(self) -> None:
+        """Fresh adapters after materialising from the meta device (peft's init: A random, B zero)."""
+        for module in self.model.modules():
+            if hasattr(module, "reset_lora_parameters"):
+                module.reset_lora_parameters(lora.ADAPTER, True)
+
+    # ---- what trains -------------------------------------------------------------------------------------------
+    def trainable_patterns(self) -> list[str]:
+        return self.trainable if self.trainable is not None else list(self.default_trainable)
 
     def set_trainable(self, patterns: list[str]) -> None:
-        regex = [re.compile(p) for p in patterns]
+        regex = [re.compile(self.expand(p)) for p in patterns]
         for name, p in self.model.named_parameters():
             p.requires_grad_(any(r.fullmatch(name) for r in regex))
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError(f"no parameter matches trainable={patterns}")
 
+    def expand(self, pattern: str) -> str:
+        """``{gdn}`` / ``{attention}`` in a pattern -> an alternation of those layers' indices."""
+        for kind, key in (("gated_deltanet", "{gdn}"), ("attention", "{attention}")):
+            layers = [str(i) for i, t in enumerate(self.model.config.text.layer_types) if t == kind]
+            pattern = pattern.replace(key, "(" + "|".join(layers or ["-"]) + ")")
+        return pattern
+
+    # ---- steps -----------------------------------------------------------------------------------------------
     @staticmethod
     def model_inputs(batch: dict) -> dict:
         return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+    def answer_losses(self, batch: dict) -> HeadLosses:
+        """Cross-entropy over answer tokens and per-sample exact match (``InfiniteVL.head_losses``)."""
+        return self.model.head_losses(labels=batch["labels"], **self.model_inputs(batch))
 
     def log_tokens(self, batch: dict, loss: torch.Tensor, prefix: str = "train") -> None:
         tokens = batch["input_ids"].numel() if "attention_mask" not in batch else int(batch["attention_mask"].sum())
@@ -83,31 +165,21 @@ class StageModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # ---- export ----------------------------------------------------------------------------------------------
     def on_train_end(self) -> None:
-        if self.hparams.save_dir and self.trainer.is_global_zero:
+        if self.hparams.save_dir:
             self.export(Path(self.hparams.save_dir))
 
     def export(self, directory: Path) -> None:
-        """The trained student as a plain checkpoint folder (what the next stage or serving loads)."""
-        self.model.save_pretrained(directory)
-
-
-def answer_loss_and_accuracy(model: InfiniteVL, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy over answer tokens, computed only where labels are (never a [T, vocab] logits tensor), and
-    per-sample exact match of the greedy answer under teacher forcing: a sample counts when the argmax at every
-    answer position is its label, which is what greedy decoding of the whole answer would produce."""
-    hidden = model.hidden_states(**StageModule.model_inputs(batch))
-    targets = next_token_targets(batch["labels"], batch.get("cu_seqlens"))
-    positions = (targets != -100).nonzero(as_tuple=True)
-    logits = model.lm.lm_head(hidden[:, :-1][positions]).float()
-    loss = F.cross_entropy(logits, targets[positions])
-    hit = logits.argmax(-1) == targets[positions]
-    if "cu_seqlens" in batch:  # the sample each answer token belongs to
-        sample = torch.bucketize(positions[1], batch["cu_seqlens"][1:].long(), right=True)
-        count = len(batch["cu_seqlens"]) - 1
-    else:
-        sample, count = positions[0], targets.shape[0]
-    wrong = hit.new_zeros(count, dtype=torch.long).index_add_(0, sample, (~hit).long())
-    answered = hit.new_zeros(count, dtype=torch.long).index_add_(0, sample, torch.ones_like(sample))
-    correct = (wrong == 0).float().masked_fill(answered == 0, float("nan"))
-    return loss, correct  # per sample of the batch, NaN where a sample has no answer token
+        """The trained student as a plain checkpoint folder (what the next stage, evaluation or serving loads):
+        under FSDP2 the full state is gathered to rank 0, which writes it; LoRA adapters are merged into the
+        weights and also written as peft's adapter files in ``adapter/``. All ranks must call this."""
+        state = distributed.gather_full_state(self.model) if self.sharded else self.model.state_dict()
+        if self._trainer is not None and not self.trainer.is_global_zero:
+            return
+        tied = checkpoint.tied_names(self.model)
+        state = {name: t.detach().cpu() for name, t in state.items() if name not in tied}
+        if self.lora_config is not None:
+            state, adapters = lora.split_and_merge(state, lora.scalings(self.model))
+            lora.save_adapter(adapters, self.lora_config, directory / "adapter")
+        checkpoint.save_state(state, self.model.config.to_dict(), directory)

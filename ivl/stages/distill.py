@@ -1,43 +1,73 @@
 """Stage I: distillation from the Qwen2.5-VL teacher into the hybrid student.
 
 Phase "layerwise": each Gated DeltaNet block of the student gets the teacher's input hidden states of that layer
-and learns, by MSE (averaged over layers, scaled by ``mse_scale``), to reproduce the teacher layer's output; only
-GDN parameters train. Phase "end_to_end": KL(teacher || student) of next-token distributions at temperature T
+and learns, by MSE (averaged over layers, scaled by ``mse_scale``), to reproduce the teacher layer's output. Phase "end_to_end": KL(teacher || student) of next-token distributions at temperature T
 (scaled by T^2) on real tokens, optionally mixed with cross-entropy on labels. The first ``layerwise_steps``
 optimizer steps are layer-wise, the rest end-to-end (``layerwise_steps=-1``: layer-wise only), so both phases run
-in one fit or as two (the second from the first's exported student, with layerwise_steps=0).
+in one fit or as two (the second from the first's exported student, with layerwise_steps=0). Each phase trains
+its own parameter set (``layerwise_trainable``, ``trainable``).
 """
 
 from __future__ import annotations
 
+import re
+
 import torch
-import torch.nn.functional as F
 
-from ivl.stages.base import StageModule, answer_loss_and_accuracy
-from ivl.stages.models import load_student, load_teacher
+from ivl.stages.base import StageModule
+from ivl.stages.models import load_teacher
 
-KL_CHUNK = 1024  # positions per chunk of the [positions, vocab] logits
+PHASES = ("layerwise", "end_to_end")
 
 
 class DistillModule(StageModule):
+    """Args (besides ``StageModule``'s):
+        teacher: the Qwen2.5-VL teacher, loaded on every process in ``teacher_dtype`` (bfloat16 by default for a
+            folder: 7.5 GB at 3B, resident beside the sharded student) and frozen.
+        layerwise_steps: optimizer steps of the layer-wise phase; -1: layer-wise only, 0: end-to-end only.
+        temperature, ce_weight: the end-to-end phase's KL temperature and optional cross-entropy weight.
+        mse_scale: the layer-wise MSE's scale.
+        layerwise_trainable: what trains in the layer-wise phase (``trainable``'s syntax); ``trainable`` is what
+            trains end to end. Both default to every Gated DeltaNet mixer parameter. The optimiser holds the union;
+            each step only the current phase's parameters are updated.
+    """
+
+    default_trainable = (r"lm\.layers\.{gdn}\.mixer\..*",)
+
     def __init__(self, teacher: str = "tiny", layerwise_steps: int = -1, temperature: float = 2.0,
-                 ce_weight: float = 0.0, mse_scale: float = 1000.0, teacher_dtype: str | None = None, **kwargs):
+                 ce_weight: float = 0.0, mse_scale: float = 1000.0, teacher_dtype: str | None = None,
+                 layerwise_trainable: list[str] | None = None, **kwargs):
         super().__init__(teacher=teacher, **kwargs)
         self.save_hyperparameters()
+        # Kept out of the module tree: the frozen teacher must not land in checkpoints, the optimiser or FSDP.
+        self.__dict__["teacher"] = None
+        self.gdn_layers: list[int] = []
+        self.phase_parameters: dict[str, set[str]] = {}
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        h = self.hparams
+        if self.teacher is None:
+            self.__dict__["teacher"] = load_teacher(h.teacher, h.get("teacher_dtype"), seed=h.seed)
+        super().configure_model()
         self.gdn_layers = [i for i, kind in enumerate(self.model.config.text.layer_types) if kind != "attention"]
         if not self.gdn_layers:
             raise ValueError("the student has no Gated DeltaNet layer to distil into")
 
-    def build_student(self):
-        h = self.hparams
-        # Kept out of the module tree: the frozen teacher must not land in checkpoints or the optimiser.
-        self.__dict__["teacher"] = load_teacher(h.teacher, h.get("teacher_dtype"), seed=h.seed)
-        return load_student(h.student, self.teacher, h.hybrid_ratio, h.window, h.gdn_init, h.seed)
+    def conversion_teacher(self):
+        return self.teacher
 
-    @property
-    def default_trainable(self) -> tuple[str, ...]:
-        gdn = "|".join(str(i) for i, kind in enumerate(self.model.config.text.layer_types) if kind != "attention")
-        return (rf"lm\.layers\.({gdn})\.mixer\..*",)
+    def trainable_patterns(self) -> list[str]:
+        layerwise = self.hparams.get("layerwise_trainable") or list(self.default_trainable)
+        end_to_end = super().trainable_patterns()
+        names = [n for n, _ in self.model.named_parameters()]
+        for phase, patterns in zip(PHASES, (layerwise, end_to_end)):
+            regex = [re.compile(self.expand(p)) for p in patterns]
+            self.phase_parameters[phase] = {n for n in names if any(r.fullmatch(n) for r in regex)}
+            if not self.phase_parameters[phase]:
+                raise ValueError(f"no parameter matches the {phase} phase's trainable patterns {patterns}")
+        return layerwise + end_to_end
 
     def phase(self) -> str:
         steps = self.hparams.layerwise_steps
@@ -45,6 +75,13 @@ class DistillModule(StageModule):
 
     def on_fit_start(self) -> None:
         self.teacher.to(self.device)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Only the current phase's parameters step (the optimiser holds both phases' parameters)."""
+        keep = self.phase_parameters[self.phase()]
+        for name, p in self.model.named_parameters():
+            if name not in keep:
+                p.grad = None
 
     def training_step(self, batch: dict, batch_idx: int):
         if "cu_seqlens" in batch:
@@ -57,8 +94,8 @@ class DistillModule(StageModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int):
-        loss, correct = answer_loss_and_accuracy(self.model, batch)
-        self.log("val/loss", loss, prog_bar=True, batch_size=max(1, len(correct)))
+        out = self.answer_losses(batch)
+        self.log("val/loss", out.ce, prog_bar=True, batch_size=max(1, len(out.correct)))
 
     # ---- teacher ---------------------------------------------------------------------------------------------
     def _teacher_layers(self):
@@ -92,35 +129,28 @@ class DistillModule(StageModule):
         _, captured = self.teacher_forward(batch, self.gdn_layers)
         mask = batch.get("attention_mask")
         weight = mask[..., None].float() if mask is not None else None
+        # Under FSDP2 the blocks cast their inputs to their compute dtype themselves.
+        dtype = None if self.sharded else self.model.lm.norm.weight.dtype
+        inputs = {i: captured[i][0] if dtype is None else captured[i][0].to(dtype) for i in self.gdn_layers}
+        outputs = self.model.block_outputs(inputs, mask)
         losses = []
         for i in self.gdn_layers:
-            x, target = captured[i]
-            block = self.model.lm.layers[i]
-            dtype = block.mlp_norm.weight.dtype
-            out = block(x.to(dtype), rope=None, attention_mask=mask)
-            err = (out.float() - target.float()).pow(2)
+            err = (outputs[i].float() - captured[i][1].float()).pow(2)
             layer_loss = err.mean() if weight is None else (err * weight).sum() / (weight.sum() * err.shape[-1])
             self.log(f"train/mse_layer_{i}", layer_loss, batch_size=1)
             losses.append(layer_loss)
         return self.hparams.mse_scale * torch.stack(losses).mean()
 
     def end_to_end_loss(self, batch: dict) -> torch.Tensor:
+        """KL to the teacher at temperature T over real tokens (chunked over the vocabulary: never a [tokens, vocab]
+        float32 tensor), plus ``ce_weight`` x the answers' cross-entropy when the batch has labels."""
         teacher_hidden, _ = self.teacher_forward(batch)
-        student_hidden = self.model.hidden_states(**self.model_inputs(batch))
-        mask = batch.get("attention_mask")
-        valid = mask.bool() if mask is not None else torch.ones(student_hidden.shape[:2], dtype=torch.bool,
-                                                               device=student_hidden.device)
-        s, t = student_hidden[valid], teacher_hidden[valid]
-        T = self.hparams.temperature
-        total = s.new_zeros((), dtype=torch.float32)
-        for a in range(0, len(s), KL_CHUNK):
-            student_logp = F.log_softmax(self.model.lm.lm_head(s[a:a + KL_CHUNK]).float() / T, dim=-1)
-            teacher_logp = F.log_softmax(self.teacher.lm_head(t[a:a + KL_CHUNK]).float() / T, dim=-1)
-            total = total + F.kl_div(student_logp, teacher_logp, log_target=True, reduction="sum")
-        kl = total / max(1, len(s)) * T * T
-        self.log("train/kl", kl, batch_size=1)
-        if self.hparams.ce_weight > 0 and "labels" in batch:
-            ce, _ = answer_loss_and_accuracy(self.model, batch)
-            self.log("train/ce", ce, batch_size=1)
-            return kl + self.hparams.ce_weight * ce
-        return kl
+        with_ce = self.hparams.ce_weight > 0 and "labels" in batch
+        out = self.model.head_losses(labels=batch["labels"] if with_ce else None, teacher_hidden=teacher_hidden,
+                                     teacher_head=self.teacher.lm_head.weight,
+                                     temperature=self.hparams.temperature, **self.model_inputs(batch))
+        self.log("train/kl", out.kl, batch_size=1)
+        if with_ce:
+            self.log("train/ce", out.ce, batch_size=1)
+            return out.kl + self.hparams.ce_weight * out.ce
+        return out.kl

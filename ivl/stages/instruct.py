@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torchmetrics import MeanMetric
 
-from ivl.stages.base import StageModule, answer_loss_and_accuracy
+from ivl.stages.base import StageModule
+from ivl.stages.task_accuracy import TaskAccuracy
 
 
 class InstructModule(StageModule):
@@ -18,24 +19,22 @@ class InstructModule(StageModule):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.val_accuracy = MeanMetric(nan_strategy="ignore")
-        self.task_accuracy: dict[str, MeanMetric] = {}
+        self.task_accuracy = TaskAccuracy()
 
     def training_step(self, batch: dict, batch_idx: int):
-        loss, _ = answer_loss_and_accuracy(self.model, batch)
+        loss = self.answer_losses(batch).ce
         self.log_tokens(batch, loss)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int):
-        loss, correct = answer_loss_and_accuracy(self.model, batch)
-        n = int((~correct.isnan()).sum())
-        self.val_accuracy.update(correct)
-        self.log("val/loss", loss, prog_bar=True, batch_size=max(1, n))
+        out = self.answer_losses(batch)
+        n = int((~out.correct.isnan()).sum())
+        self.val_accuracy.update(out.correct)
+        self.log("val/loss", out.ce, prog_bar=True, batch_size=max(1, n))
         self.log("val/accuracy", self.val_accuracy, prog_bar=True, batch_size=max(1, n))
-        for task, ok in zip(batch.get("tasks", []), correct.tolist()):
-            if task is not None and ok == ok:
-                self.task_accuracy.setdefault(task, MeanMetric()).update(ok)
+        self.task_accuracy.update(batch.get("tasks", []), out.correct)
 
     def on_validation_epoch_end(self) -> None:
-        for task, metric in self.task_accuracy.items():
-            self.log(f"val/accuracy/{task}", metric.compute(), batch_size=1)
-            metric.reset()
+        for task, accuracy in self.task_accuracy.compute(self.device).items():
+            self.log(f"val/accuracy/{task}", accuracy, batch_size=1)
+        self.task_accuracy.reset()

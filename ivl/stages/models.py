@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from ivl.model import InfiniteVL, convert_qwen2_5_vl
+from ivl.model import InfiniteVL, InfiniteVLConfig, checkpoint, convert_qwen2_5_vl
+from ivl.model.convert import student_config as converted_config
 
 # A tiny random Qwen2.5-VL with the real Qwen2.5 vocabulary and special tokens: the embedded default's teacher
 # (and the tests'), so that the demo runs on a CPU in minutes with the real tokenizer.
@@ -59,3 +60,31 @@ def load_student(student: str | None, teacher, hybrid_ratio: float, window: int 
         model, _ = convert_qwen2_5_vl(teacher, hybrid_ratio=hybrid_ratio, window=window, gdn_init=gdn_init,
                                       dtype=torch.float32)
     return model.train()
+
+
+def student_config(student: str | None, teacher, hybrid_ratio: float, window: int | None) -> InfiniteVLConfig:
+    """The config of the student ``load_student`` would build, read without building it (for the meta device)."""
+    if student is not None:
+        return InfiniteVLConfig.from_dict(checkpoint.read_config(student)[0])
+    if teacher is None:
+        raise ValueError("name a student checkpoint folder, or a teacher to convert")
+    if not isinstance(teacher, str):
+        teacher_config = teacher.config
+    elif teacher == "tiny":
+        teacher_config = Qwen2_5_VLConfig(**TINY_TEACHER)
+    else:
+        if not (Path(teacher) / "config.json").exists():
+            raise FileNotFoundError(f"teacher {teacher!r}: not 'tiny' and no config.json there (a local "
+                                    "Qwen2.5-VL checkpoint folder is expected; nothing is downloaded)")
+        teacher_config = Qwen2_5_VLConfig.from_pretrained(teacher)
+    return converted_config(teacher_config, hybrid_ratio, window)
+
+
+def student_state(student: str | None, teacher, hybrid_ratio: float, window: int | None, gdn_init: str = "mimic",
+                  seed: int = 0) -> dict[str, torch.Tensor]:
+    """The weights of that student on the CPU: read from its folder, or converted from the teacher (float32)."""
+    if student is not None:
+        return checkpoint.read_state(student)
+    model = load_student(None, teacher, hybrid_ratio, window, gdn_init, seed)
+    return {name: tensor for name, tensor in model.state_dict().items()
+            if name not in checkpoint.tied_names(model)}

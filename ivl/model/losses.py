@@ -1,0 +1,120 @@
+"""Losses on the LM head that never keep a [tokens, vocab] float32 tensor: cross-entropy and distillation KL.
+
+At 8K tokens the head's float32 logits are 8,192 x 151,936 x 4 bytes = 5 GB, and autograd keeps two or three
+such tensors for the backward of a plain ``F.cross_entropy(lm_head(h).float(), y)``. Here the head runs over
+chunks of rows, and each chunk's gradients (with respect to the hidden states and the head weight) are computed
+right away in the forward, as liger-kernel's and cut-cross-entropy's fused linear losses do: one chunk's logits
+live at a time and the backward only scales the stored gradients. Written by hand because it must run on the CPU
+(the libraries are Triton-only), with a temperature on both sides of the KL, and with the head weight passed in,
+so that under FSDP2 it is the gathered weight of the forward that reads it. Matmuls follow autocast when it is on.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CHUNK_ROWS = 2048
+"""Rows of logits per chunk: 2,048 x 151,936 float32 is 1.2 GB."""
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_rows: int = CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, and whether each row's argmax is its target.
+
+    Args:
+        hidden: [N, D] rows to score (select the labelled positions first).
+        weight: [vocab, D] the LM head.
+        targets: [N] token ids.
+
+    Returns:
+        (loss, a scalar float32 tensor; hits, [N] bool, not differentiable)
+    """
+    if hidden.shape[0] == 0:
+        return hidden.sum() * 0.0 + weight.sum() * 0.0, torch.zeros(0, dtype=torch.bool, device=hidden.device)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
+
+
+def linear_kl_divergence(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                         teacher_weight: torch.Tensor, temperature: float = 1.0,
+                         chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """T^2 * mean over rows of KL(softmax(teacher logits / T) || softmax(student logits / T)).
+
+    Logits are ``hidden @ weight.T`` (student, [N, D] x [vocab, D]) and ``teacher_hidden @ teacher_weight.T``
+    (no gradient flows to the teacher). The T^2 keeps gradient magnitudes comparable across temperatures.
+    """
+    if hidden.shape[0] == 0:
+        return hidden.sum() * 0.0 + weight.sum() * 0.0
+    return _LinearKLDivergence.apply(hidden, weight, teacher_hidden.detach(), teacher_weight.detach(),
+                                     float(temperature), chunk_rows)
+
+
+def _accumulate(grad_hidden, grad_weight, rows: slice, grad_logits, hidden, weight) -> None:
+    """Add one chunk's d(loss)/d(logits) [C, vocab] into the hidden-state rows and the head weight gradients."""
+    grad_logits = grad_logits.to(hidden.dtype if not torch.is_autocast_enabled(hidden.device.type) else
+                                 torch.get_autocast_dtype(hidden.device.type))
+    if grad_hidden is not None:
+        grad_hidden[rows] = grad_logits @ weight.to(grad_logits.dtype)
+    if grad_weight is not None:
+        grad_weight += (grad_logits.T @ hidden[rows].to(grad_logits.dtype)).float()
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows):
+        n = hidden.shape[0]
+        want_hidden, want_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        hits = torch.empty(n, dtype=torch.bool, device=hidden.device)
+        for start in range(0, n, chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            logits = F.linear(hidden[rows], weight).float()
+            target = targets[rows]
+            lse = logits.logsumexp(-1)
+            total += (lse - logits.gather(1, target[:, None])[:, 0]).sum()
+            hits[rows] = logits.argmax(-1) == target
+            if want_hidden or want_weight:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs[torch.arange(len(target), device=probs.device), target] -= 1.0
+                _accumulate(grad_hidden, grad_weight, rows, probs.div_(n), hidden, weight)
+            del logits
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.mark_non_differentiable(hits)
+        return total / n, hits
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_hits):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (grad_hidden * grad_loss.to(grad_hidden.dtype) if grad_hidden is not None else None,
+                grad_weight * grad_loss if grad_weight is not None else None, None, None)
+
+
+class _LinearKLDivergence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, temperature, chunk_rows):
+        n, T = hidden.shape[0], temperature
+        want_hidden, want_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            student = F.log_softmax(F.linear(hidden[rows], weight).float() / T, dim=-1)
+            teacher = F.log_softmax(F.linear(teacher_hidden[rows], teacher_weight).float() / T, dim=-1)
+            teacher_p = teacher.exp()
+            total += (teacher_p * (teacher - student)).sum()
+            if want_hidden or want_weight:
+                # d(T^2 KL / n)/d(student logits) = T (softmax(student / T) - softmax(teacher / T)) / n
+                grad_logits = student.exp_().sub_(teacher_p).mul_(T / n)
+                _accumulate(grad_hidden, grad_weight, rows, grad_logits, hidden, weight)
+            del student, teacher, teacher_p
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total * (T * T / n)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (grad_hidden * grad_loss.to(grad_hidden.dtype) if grad_hidden is not None else None,
+                grad_weight * grad_loss if grad_weight is not None else None, None, None, None, None)

@@ -1,0 +1,91 @@
+"""Training at scale, applied to the plain model from outside: activation checkpointing per block, FSDP2 sharding
+per block, and moving full state dicts in and out of a sharded model.
+
+The order follows torchtitan's ``parallelize``: checkpointing first, then ``fully_shard`` on each block, on the
+vision tower as one unit, and on the whole model last (the root holds the embeddings, the final norm and the tied
+LM head, which must share a unit). ``ivl/model`` never imports torch.distributed; the stages call these.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed._composable import checkpoint
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+CHECKPOINTING = ("off", "blocks", "mixers")
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` as plain FSDP2: one data-parallel group over every process, no tensor
+    parallelism, so that ``devices: auto`` needs no matching ``data_parallel_size``. The stage's
+    ``configure_model`` shards the model; checkpoints are distributed (DCP) folders that resume on any number of
+    processes."""
+
+    def __init__(self, **kwargs):
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1, **kwargs)
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+
+def checkpoint_blocks(lm: nn.Module, mode: str | int | None) -> list[int]:
+    """Activation checkpointing (recompute in backward instead of keeping activations), per block of ``lm``.
+
+    ``mode``: "off" (or None), "blocks" (every block), "mixers" (only each block's token mixer: attention's and
+    Gated DeltaNet's activations are recomputed, the MLPs' kept), or an int n (every n-th block: 0, n, 2n, ...).
+    Applied with PyTorch's composable ``checkpoint``, so parameter names, checkpoints and LoRA are unchanged.
+    Returns the indices of the blocks it applied to.
+    """
+    if mode is None or mode == "off":
+        return []
+    if isinstance(mode, bool) or not (mode in CHECKPOINTING or (isinstance(mode, int) and mode >= 1)):
+        raise ValueError(f"activation_checkpointing must be one of {CHECKPOINTING} or a block stride >= 1; "
+                         f"got {mode!r}")
+    stride = mode if isinstance(mode, int) else 1
+    chosen = list(range(0, len(lm.layers), stride))
+    for i in chosen:
+        checkpoint(lm.layers[i].mixer if mode == "mixers" else lm.layers[i])
+    return chosen
+
+
+def shard(model: nn.Module, mesh, param_dtype: torch.dtype = torch.bfloat16,
+          forward_methods: tuple[str, ...] = ()) -> None:
+    """``fully_shard`` each LM block, the vision tower (one unit) and the model (the root): parameters stay float32
+    and sharded, each unit is gathered in ``param_dtype`` for its forward and backward, and gradients are
+    reduce-scattered in float32. ``forward_methods`` are methods of the root that run as forwards (so that they
+    gather the root's parameters: the embeddings and the tied head)."""
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in model.lm.layers:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model.visual, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    for name in forward_methods:
+        register_fsdp_forward_method(model, name)
+
+
+def load_full_state(model: nn.Module, state: dict[str, torch.Tensor] | None, tied: dict[str, str]) -> None:
+    """Fill a sharded model from a full state dict that only rank 0 holds (``state`` None elsewhere): rank 0
+    broadcasts tensor by tensor and each rank keeps its shard, so no rank holds a second full copy.
+
+    ``tied``: {second name: first name} of tied parameters, filled from the first. Missing names (fresh LoRA
+    adapters) keep their values; names the model does not have are an error.
+    """
+    if state is not None:
+        state = dict(state)
+        for second, first in tied.items():
+            if second not in state and first in state:
+                state[second] = state[first]
+        unknown = sorted(set(state) - set(model.state_dict()))
+        if unknown:
+            raise ValueError(f"{len(unknown)} tensors do not belong to this model, e.g. {unknown[:5]}")
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    set_model_state_dict(model, state or {}, options=options)
+
+
+def gather_full_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict on rank 0's CPU, gathered one unit at a time; {} on the other ranks."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -1,0 +1,80 @@
+"""LoRA for any stage: peft adapters injected into the student's language model, merged into plain weights on
+export. One path for ``LongContextModule`` and the ``LoRAInjection`` callback.
+
+Merging works on a full state dict rather than on modules (peft's ``merge_and_unload``), so that it is the same
+code whether the model was sharded with FSDP2 (the state dict is gathered to rank 0) or not.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import save_file
+
+ADAPTER = "default"
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "g_proj", "gate_proj", "up_proj", "down_proj"]
+"""Every projection of attention, Gated DeltaNet and the MLPs."""
+TRAINABLE = [r".*\.lora_[AB]\..*"]
+"""``trainable`` patterns that train the adapters only."""
+
+
+def lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.0,
+                target_modules: list[str] | str | None = None) -> LoraConfig:
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules or DEFAULT_TARGETS)
+
+
+def inject(lm: nn.Module, config: LoraConfig) -> None:
+    """Adapters into ``lm`` in place (names gain ``.base_layer`` / ``.lora_A.default`` / ``.lora_B.default``)."""
+    inject_adapter_in_model(config, lm, adapter_name=ADAPTER)
+
+
+def scalings(model: nn.Module) -> dict[str, float]:
+    """{adapted module name: alpha / r} of every LoRA layer in ``model``."""
+    return {name: m.scaling[ADAPTER] for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def base_layer_names(state: dict[str, torch.Tensor], names: set[str]) -> dict[str, torch.Tensor]:
+    """A plain state dict renamed for a model with adapters injected: ``x.weight`` -> ``x.base_layer.weight`` where
+    only the latter is among the model's ``names``."""
+    renamed = {}
+    for name, tensor in state.items():
+        module, _, kind = name.rpartition(".")
+        adapted = f"{module}.base_layer.{kind}"
+        renamed[adapted if name not in names and adapted in names else name] = tensor
+    return renamed
+
+
+def split_and_merge(state: dict[str, torch.Tensor], scale: dict[str, float],
+                    prefix: str = "lm.") -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(plain state with W + scale * B @ A in place of each adapted weight, the adapters in peft's saved layout
+    relative to ``prefix``). The plain state loads into a model built without LoRA."""
+    merged, adapters = {}, {}
+    for name, tensor in state.items():
+        if ".lora_" in name:
+            adapters[name.removeprefix(prefix).replace(f".{ADAPTER}.", ".")] = tensor
+            continue
+        if ".base_layer." not in name:
+            merged[name] = tensor
+            continue
+        module, kind = name.split(".base_layer.")
+        if kind == "weight":
+            a, b = state[f"{module}.lora_A.{ADAPTER}.weight"], state[f"{module}.lora_B.{ADAPTER}.weight"]
+            tensor = (tensor.float() + scale[module] * (b.float() @ a.float())).to(tensor.dtype)
+        merged[f"{module}.{kind}"] = tensor
+    return merged, adapters
+
+
+def save_adapter(adapters: dict[str, torch.Tensor], config: LoraConfig, directory: Path) -> None:
+    """peft's adapter files (``adapter_model.safetensors`` + ``adapter_config.json``)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in adapters.items()}, directory / ADAPTER_WEIGHTS)
+    fields = config.to_dict()
+    if isinstance(fields.get("target_modules"), set):
+        fields["target_modules"] = sorted(fields["target_modules"])
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(fields, indent=2, default=str))

@@ -1,0 +1,93 @@
+"""`python -m ivl.experiments fit` with FSDP2Strategy on two CPU processes (gloo): killed mid-run, resumed from its
+distributed checkpoint on one process with the same global batch, it continues with the losses of the run that was
+never interrupted; its export loads with InfiniteVL.from_pretrained."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from ivl.model import InfiniteVL
+from test_stages import corpus
+
+TESTS = Path(__file__).parent
+
+CONFIG = """
+seed_everything: 0
+trainer:
+  accelerator: cpu
+  strategy: {{class_path: ivl.stages.FSDP2Strategy}}
+  precision: 32-true
+  max_steps: 4
+  logger: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  num_sanity_val_steps: 0
+  use_distributed_sampler: false
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{dirpath: {root}/checkpoints, save_last: true, every_n_train_steps: 1}}
+model:
+  class_path: ivl.stages.InstructModule
+  init_args:
+    teacher: tiny
+    window: 64
+    lr: 3.0e-3
+    warmup_ratio: 0.0
+    trainable: [".*"]
+    activation_checkpointing: blocks
+    param_dtype: float32
+    save_dir: {root}/model
+data:
+  class_path: ivl.data.ImageDataModule
+  init_args:
+    train: [{{path: {corpus}}}]
+    pack_tokens: null
+    batch_size: 1
+    image_max_pixels: 3136
+"""
+
+
+def fit(root: Path, corpus_path: Path, devices: int, *extra: str, killed: bool = False) -> None:
+    (root / "config.yaml").write_text(CONFIG.format(root=root, corpus=corpus_path))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "ivl.experiments", "fit", "--config", str(root / "config.yaml"),
+               "--trainer.devices", str(devices), "--trainer.callbacks+=fsdp_run.RecordStepLosses",
+               "--trainer.callbacks.path", str(root / "losses.jsonl"), *extra]
+    done = subprocess.run(command, env=env, cwd=root, timeout=600, capture_output=True, text=True)
+    assert (done.returncode != 0) == killed, done.stderr[-3000:]
+
+
+def losses(root: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (root / "losses.jsonl").read_text().splitlines())}
+
+
+def test_fsdp_run_killed_on_two_processes_resumes_on_one(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    corpus_path = corpus(data, n=12)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    full.mkdir(), killed.mkdir()
+
+    fit(full, corpus_path, 2)
+    fit(killed, corpus_path, 2, "--trainer.callbacks+=fsdp_run.KillAt", "--trainer.callbacks.step", "2",
+        killed=True)
+    assert sorted(losses(killed)) == [1, 2] and not (killed / "model").exists()  # really stopped after step 2
+    assert (killed / "checkpoints" / "last.ckpt").is_dir()  # a distributed (DCP) checkpoint folder
+    fit(killed, corpus_path, 1, "--trainer.accumulate_grad_batches", "2",
+        "--ckpt_path", str(killed / "checkpoints" / "last.ckpt"))
+
+    expected, got = losses(full), losses(killed)
+    assert sorted(expected) == [1, 2, 3, 4] and sorted(got) == [1, 2, 3, 4]
+    torch.testing.assert_close(torch.tensor([got[s] for s in (1, 2, 3, 4)]),
+                               torch.tensor([expected[s] for s in (1, 2, 3, 4)]), rtol=1e-4, atol=1e-5)
+    assert expected[4] < expected[1]
+
+    # both exports are plain checkpoints of the same trained weights
+    a, b = InfiniteVL.from_pretrained(full / "model"), InfiniteVL.from_pretrained(killed / "model")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)

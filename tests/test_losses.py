@@ -1,0 +1,84 @@
+"""The chunked head losses against the plain ones (full logits, F.cross_entropy / F.kl_div), gradients included."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ivl.model.losses import linear_cross_entropy, linear_kl_divergence
+
+
+def leaves(*tensors):
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 64, 1000])
+def test_linear_cross_entropy_equals_plain_cross_entropy(chunk_rows):
+    hidden, weight = leaves(torch.randn(50, 16), torch.randn(300, 16))
+    targets = torch.randint(0, 300, (50,))
+    loss, hits = linear_cross_entropy(hidden, weight, targets, chunk_rows=chunk_rows)
+    (loss * 3.0).backward()  # an upstream gradient other than 1
+
+    ref_hidden, ref_weight = leaves(hidden, weight)
+    logits = ref_hidden @ ref_weight.T
+    ref = F.cross_entropy(logits, targets)
+    (ref * 3.0).backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(hidden.grad, ref_hidden.grad)
+    torch.testing.assert_close(weight.grad, ref_weight.grad)
+    assert torch.equal(hits, logits.argmax(-1) == targets)
+
+
+def test_linear_cross_entropy_counts_hits():
+    weight = torch.eye(4)
+    hidden = torch.eye(4)[[0, 1, 2, 3]] * 5
+    _, hits = linear_cross_entropy(hidden, weight, torch.tensor([0, 1, 3, 3]))
+    assert hits.tolist() == [True, True, False, True]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_linear_kl_equals_plain_kl_at_temperature(temperature):
+    hidden, weight = leaves(torch.randn(40, 16), torch.randn(200, 16))
+    teacher_hidden, teacher_weight = torch.randn(40, 8), torch.randn(200, 8)
+    loss = linear_kl_divergence(hidden, weight, teacher_hidden, teacher_weight, temperature, chunk_rows=9)
+    loss.backward()
+
+    ref_hidden, ref_weight = leaves(hidden, weight)
+    T = temperature
+    student = F.log_softmax(ref_hidden @ ref_weight.T / T, dim=-1)
+    teacher = F.log_softmax(teacher_hidden @ teacher_weight.T / T, dim=-1)
+    ref = F.kl_div(student, teacher, log_target=True, reduction="batchmean") * T * T
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(hidden.grad, ref_hidden.grad)
+    torch.testing.assert_close(weight.grad, ref_weight.grad)
+
+
+def test_kl_is_zero_for_the_teacher_itself():
+    hidden, weight = torch.randn(10, 8), torch.randn(50, 8)
+    assert float(linear_kl_divergence(hidden, weight, hidden, weight, 2.0)) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_bf16_weight_gets_a_bf16_gradient_close_to_the_float32_one():
+    """Under FSDP2 the head is a bf16 parameter: its gradient comes back in bf16, accumulated in float32."""
+    hidden = torch.randn(64, 32, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(500, 32, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, 500, (64,))
+    linear_cross_entropy(hidden, weight, targets, chunk_rows=16)[0].backward()
+    assert weight.grad.dtype == torch.bfloat16 and hidden.grad.dtype == torch.bfloat16
+    ref_weight = weight.detach().float().requires_grad_()
+    F.cross_entropy(hidden.detach().float() @ ref_weight.T, targets).backward()
+    assert ((weight.grad.float() - ref_weight.grad).norm() / ref_weight.grad.norm()) < 2e-2
+
+
+def test_no_gradient_work_without_grad_mode():
+    hidden, weight = leaves(torch.randn(5, 4), torch.randn(9, 4))
+    with torch.no_grad():
+        loss, hits = linear_cross_entropy(hidden, weight, torch.randint(0, 9, (5,)))
+    assert not loss.requires_grad and hits.shape == (5,)
+
+
+def test_empty_selection_gives_a_zero_loss_that_backpropagates():
+    hidden, weight = leaves(torch.randn(0, 4), torch.randn(9, 4))
+    loss, hits = linear_cross_entropy(hidden, weight, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and hits.numel() == 0 and torch.equal(weight.grad, torch.zeros_like(weight))

@@ -1,0 +1,168 @@
+"""Activation checkpointing and FSDP2 sharding on the CPU: the same gradients, losses and weights as the plain model.
+
+The sharded tests run two processes over gloo (FSDP2 runs on CPU tensors), each holding half of every parameter.
+"""
+
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ivl.model import checkpoint
+from ivl.stages import distributed, lora
+from ivl.stages.models import load_student, student_config, student_state
+
+
+def tiny_student():
+    return load_student(None, "tiny", 0.25, 64).train()
+
+
+def packed_batch(seed=0, lengths=(40, 1, 57)):
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lengths)
+    ids = torch.randint(0, 5000, (1, T), generator=g)
+    labels = ids.clone()
+    labels[:, ::3] = -100
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return {"input_ids": ids, "labels": labels, "cu_seqlens": cu}
+
+
+def loss_of(model, batch):
+    return model.head_losses(**batch).ce
+
+
+@pytest.mark.parametrize("mode", ["blocks", "mixers", 3])
+def test_activation_checkpointing_gives_identical_gradients_with_packing_and_lora(mode):
+    plain = tiny_student()
+    lora.inject(plain.lm, lora.lora_config(r=4))
+    with torch.no_grad():  # LoRA B starts at zero; make the adapters matter
+        for name, p in plain.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    checkpointed = copy.deepcopy(plain)
+    chosen = distributed.checkpoint_blocks(checkpointed.lm, mode)
+    assert chosen == ([0, 3] if mode == 3 else [0, 1, 2, 3])
+
+    calls = []
+    for i in chosen:
+        checkpointed.lm.layers[i].mixer.q_proj.register_forward_hook(lambda *args: calls.append(1))
+    batch = packed_batch()
+    loss_of(plain, batch).backward()
+    loss = loss_of(checkpointed, batch)
+    assert len(calls) == len(chosen)
+    loss.backward()
+    assert len(calls) == 2 * len(chosen)  # the checkpointed mixers ran again in the backward
+    assert [n for n, _ in plain.named_parameters()] == [n for n, _ in checkpointed.named_parameters()]
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_unknown_checkpointing_mode_is_refused():
+    with pytest.raises(ValueError, match="activation_checkpointing must be one of"):
+        distributed.checkpoint_blocks(tiny_student().lm, "everything")
+
+
+# ---- two processes ----------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_ranks(fn, *args):
+    port = free_port()
+    mp.start_processes(_rank_main, args=(fn, port, args), nprocs=2, start_method="spawn")
+
+
+def _rank_main(rank, fn, port, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        fn(rank, *args)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def sharded_student(rank, checkpointing="blocks", with_lora=False):
+    """Built the way a stage builds it under FSDP2: meta device, LoRA, checkpointing, shard, fill from rank 0."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    with torch.device("meta"):
+        from ivl.model import InfiniteVL
+
+        model = InfiniteVL(student_config(None, "tiny", 0.25, 64))
+    tied = checkpoint.tied_names(model)
+    if with_lora:
+        lora.inject(model.lm, lora.lora_config(r=4))
+    distributed.checkpoint_blocks(model.lm, checkpointing)
+    distributed.shard(model, init_device_mesh("cpu", (2,)), param_dtype=torch.float32,
+                      forward_methods=("head_losses", "block_outputs"))
+    model.to_empty(device="cpu")
+    model.reset_buffers()
+    state = None
+    if rank == 0:
+        state = lora.base_layer_names(student_state(None, "tiny", 0.25, 64), set(model.state_dict()))
+    distributed.load_full_state(model, state, tied)
+    return model
+
+
+def _check_sharded_step(rank, folder):
+    reference = tiny_student()
+    model = sharded_student(rank)
+    full = distributed.gather_full_state(model)
+    if rank == 0:  # loading and gathering round-trip, tied head included
+        assert set(full) == set(reference.state_dict())
+        for name, tensor in reference.state_dict().items():
+            assert torch.equal(full[name], tensor), name
+    for (name, a), b in zip(reference.named_buffers(), model.buffers()):  # rebuilt, never loaded
+        assert torch.equal(a, b), name
+
+    # One AdamW step, each rank on its own batch, against the plain model stepping on the mean of both losses.
+    batches = [packed_batch(seed=s) for s in (1, 2)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss = loss_of(model, batches[rank])
+    loss.backward()
+    optimizer.step()
+    ref_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-3)
+    ref_losses = [loss_of(reference, b) for b in batches]
+    (sum(ref_losses) / 2).backward()
+    ref_optimizer.step()
+    torch.testing.assert_close(loss.detach(), ref_losses[rank].detach(), rtol=1e-5, atol=1e-6)
+    full = distributed.gather_full_state(model)
+    if rank == 0:
+        for name, tensor in reference.state_dict().items():
+            torch.testing.assert_close(full[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+        torch.save({"ok": True}, folder / "done.pt")
+
+
+def test_sharded_student_loads_steps_and_gathers_like_the_plain_one(tmp_path):
+    run_two_ranks(_check_sharded_step, tmp_path)
+    assert (tmp_path / "done.pt").exists()
+
+
+def _check_sharded_lora(rank, folder):
+    model = sharded_student(rank, checkpointing="mixers", with_lora=True)
+    for module in model.modules():
+        if hasattr(module, "reset_lora_parameters"):
+            module.reset_lora_parameters(lora.ADAPTER, True)
+    full = distributed.gather_full_state(model)
+    if rank == 0:
+        b = [t for n, t in full.items() if "lora_B" in n]
+        a = [t for n, t in full.items() if "lora_A" in n]
+        assert b and all(not t.any() for t in b) and all(t.abs().sum() > 0 for t in a)
+        reference = tiny_student().state_dict()
+        merged, adapters = lora.split_and_merge(full, lora.scalings(model))
+        for name, tensor in reference.items():  # B = 0: merging gives back the base weights
+            assert torch.equal(merged[name], tensor), name
+        assert set(adapters) and all(".default." not in n for n in adapters)
+
+
+def test_sharded_lora_starts_as_the_base_model(tmp_path):
+    run_two_ranks(_check_sharded_lora, tmp_path)
