@@ -100,3 +100,37 @@ def test_gemv_bench_times_every_matrix_a_decode_step_reads():
     for _, rows, cols, count in decode_shapes(config):
         timed[rows, cols] += count
     assert timed == read
+
+
+def test_train_bench_smoke(capsys):
+    """Every case through the real stage modules and the Transformer baseline, FSDP2 on one CPU process."""
+    from ivl.bench import train
+
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    args = parser.parse_args(["--shapes", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1",
+                              "--lengths", "48", "--checkpointing", "mixers"])
+    train.run(args)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| stage")]
+    # 4 cases x 2 models, less the layer-wise phase's (it has no Transformer analogue)
+    assert len(rows) == 7 and all("OOM" not in r and r.count("|") == 10 for r in rows)
+
+
+def test_train_bench_flops_count_the_4b_matrices():
+    """The FLOP model's parameter count at 4B shapes, against the sizes in PAPER.md worked out by hand."""
+    import torch
+
+    from ivl.bench.train import hybrid_flops, mean_context
+    from ivl.model import HybridConfig, InfiniteVL, InfiniteVLConfig
+
+    with torch.device("meta"):
+        model = InfiniteVL(InfiniteVLConfig(text=HybridConfig.preset("infinitevl-4b"), vision={"depth": 1}))
+    mlp = 3 * 2048 * 11008
+    attention = 2048 * 2048 * 2 + 2048 * 256 * 2  # q, o; k, v (2 key/value heads of 128)
+    gdn = 2048 * 2048 * 2 + 2048 * 4096 * 3 + 2048 * 16 * 2  # q, k; v, g, o; a, b
+    matrices = 36 * mlp + 9 * attention + 27 * gdn + 151936 * 2048  # + the (tied) head
+    flops = hybrid_flops(model, 4096)
+    core = flops.forward - 2 * matrices
+    assert 0 < core < 0.05 * flops.forward  # the mixers' cores are a few percent at 4K
+    assert flops.backward == 2 * flops.forward  # everything trainable: input and weight gradients
+    assert mean_context(4, None) == (1 + 2 + 3 + 4) / 4 and mean_context(5, 2) == (1 + 2 + 2 + 2 + 2) / 5

@@ -11,6 +11,8 @@ so that under FSDP2 it is the gathered weight of the forward that reads it. Matm
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -118,3 +120,58 @@ class _LinearKLDivergence(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         return (grad_hidden * grad_loss.to(grad_hidden.dtype) if grad_hidden is not None else None,
                 grad_weight * grad_loss if grad_weight is not None else None, None, None, None, None)
+
+
+@dataclass
+class HeadLosses:
+    """What ``head_losses`` computed (None where it was not asked for)."""
+
+    ce: torch.Tensor | None = None
+    """Mean next-token cross-entropy over labelled positions."""
+    correct: torch.Tensor | None = None
+    """[samples] 1.0 where every labelled next token of the sample is the head's argmax (what greedy decoding of
+    the whole answer gives under teacher forcing), 0.0 where one is not, NaN for a sample with no label."""
+    kl: torch.Tensor | None = None
+    """T^2 * mean KL(teacher || student) of next-token distributions at temperature T over unmasked positions."""
+
+
+def head_losses(hidden: torch.Tensor, head: torch.Tensor, labels: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                teacher_hidden: torch.Tensor | None = None, teacher_head: torch.Tensor | None = None,
+                temperature: float = 1.0) -> HeadLosses:
+    """The LM head's losses from final hidden states [B, T, D] and the head weight [vocab, D]: next-token
+    cross-entropy and exact match over ``labels`` != -100 (never across a packed ``cu_seqlens`` boundary), and with
+    the teacher's hidden states and head, the KL to it at ``temperature`` over ``attention_mask`` positions."""
+    out = HeadLosses()
+    if labels is not None:
+        targets = next_token_targets(labels, cu_seqlens)
+        positions = (targets != -100).nonzero(as_tuple=True)
+        out.ce, hits = linear_cross_entropy(hidden[:, :-1][positions], head, targets[positions])
+        out.correct = _exact_match_per_sample(hits, positions, cu_seqlens, len(targets))
+    if teacher_hidden is not None:
+        valid = (attention_mask.bool() if attention_mask is not None else
+                 torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device))
+        out.kl = linear_kl_divergence(hidden[valid], head, teacher_hidden[valid], teacher_head, temperature)
+    return out
+
+
+def next_token_targets(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T - 1]: the label each position t < T - 1 predicts (t + 1's), -100 where nothing is predicted."""
+    targets = labels[:, 1:].clone()
+    if cu_seqlens is not None:
+        # The last token of a sample must not be asked to predict the first token of the next one.
+        targets[:, cu_seqlens[1:-1].long() - 1] = -100
+    return targets
+
+
+def _exact_match_per_sample(hits: torch.Tensor, positions: tuple[torch.Tensor, torch.Tensor],
+                            cu_seqlens: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """[samples] 1.0 / 0.0 / NaN from per-labelled-position hits (see ``HeadLosses.correct``)."""
+    if cu_seqlens is not None:  # the packed sample each labelled position belongs to
+        sample = torch.bucketize(positions[1], cu_seqlens[1:].long(), right=True)
+        count = len(cu_seqlens) - 1
+    else:
+        sample, count = positions[0], rows
+    wrong = hits.new_zeros(count, dtype=torch.long).index_add_(0, sample, (~hits).long())
+    answered = hits.new_zeros(count, dtype=torch.long).index_add_(0, sample, torch.ones_like(sample))
+    return (wrong == 0).float().masked_fill(answered == 0, float("nan"))

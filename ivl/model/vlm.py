@@ -15,7 +15,7 @@ from ivl.model.cache import HybridCache
 from ivl.model.config import InfiniteVLConfig
 from ivl.model.generation import generate
 from ivl.model.lm import HybridLM
-from ivl.model.losses import linear_cross_entropy, linear_kl_divergence
+from ivl.model.losses import HeadLosses, head_losses, next_token_targets
 from ivl.model.rope_index import multimodal_position_ids
 from ivl.model.vision import build_vision_tower, reset_vision_buffers, vision_features
 
@@ -26,19 +26,6 @@ class InfiniteVLOutput:
     """[B, T, vocab]."""
     loss: torch.Tensor | None = None
     """Mean next-token cross-entropy over labels != -100 (when labels were given)."""
-
-
-@dataclass
-class HeadLosses:
-    """What ``InfiniteVL.head_losses`` computed (None where it was not asked for)."""
-
-    ce: torch.Tensor | None = None
-    """Mean next-token cross-entropy over labelled positions."""
-    correct: torch.Tensor | None = None
-    """[samples] 1.0 where every labelled next token of the sample is the head's argmax (what greedy decoding of
-    the whole answer gives under teacher forcing), 0.0 where one is not, NaN for a sample with no label."""
-    kl: torch.Tensor | None = None
-    """T^2 * mean KL(teacher || student) of next-token distributions at temperature T over unmasked positions."""
 
 
 class InfiniteVL(nn.Module):
@@ -145,20 +132,8 @@ class InfiniteVL(nn.Module):
         weight (tied to the embeddings) is read while gathered.
         """
         hidden = self.hidden_states(input_ids, **inputs)
-        head = self.lm.lm_head.weight
-        out = HeadLosses()
-        if labels is not None:
-            cu_seqlens = inputs.get("cu_seqlens")
-            targets = next_token_targets(labels, cu_seqlens)
-            positions = (targets != -100).nonzero(as_tuple=True)
-            out.ce, hits = linear_cross_entropy(hidden[:, :-1][positions], head, targets[positions])
-            out.correct = _exact_match_per_sample(hits, positions, cu_seqlens, len(targets))
-        if teacher_hidden is not None:
-            mask = inputs.get("attention_mask")
-            valid = mask.bool() if mask is not None else torch.ones(hidden.shape[:2], dtype=torch.bool,
-                                                                     device=hidden.device)
-            out.kl = linear_kl_divergence(hidden[valid], head, teacher_hidden[valid], teacher_head, temperature)
-        return out
+        return head_losses(hidden, self.lm.lm_head.weight, labels, inputs.get("cu_seqlens"),
+                           inputs.get("attention_mask"), teacher_hidden, teacher_head, temperature)
 
     def block_outputs(self, layer_inputs: dict[int, torch.Tensor],
                       attention_mask: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
@@ -242,29 +217,8 @@ class InfiniteVL(nn.Module):
         return {"vision": vision, "language_model": lm, "total": vision + lm}
 
 
-def next_token_targets(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, T - 1]: the label each position t < T - 1 predicts (t + 1's), -100 where nothing is predicted."""
-    targets = labels[:, 1:].clone()
-    if cu_seqlens is not None:
-        # The last token of a sample must not be asked to predict the first token of the next one.
-        targets[:, cu_seqlens[1:-1].long() - 1] = -100
-    return targets
-
-
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None):
     """Cross-entropy of token t + 1 given tokens <= t, over labels != -100; never across a packed boundary."""
     targets = next_token_targets(labels, cu_seqlens)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
-
-def _exact_match_per_sample(hits: torch.Tensor, positions: tuple[torch.Tensor, torch.Tensor],
-                            cu_seqlens: torch.Tensor | None, rows: int) -> torch.Tensor:
-    """[samples] 1.0 / 0.0 / NaN from per-labelled-position hits (see ``HeadLosses.correct``)."""
-    if cu_seqlens is not None:  # the packed sample each labelled position belongs to
-        sample = torch.bucketize(positions[1], cu_seqlens[1:].long(), right=True)
-        count = len(cu_seqlens) - 1
-    else:
-        sample, count = positions[0], rows
-    wrong = hits.new_zeros(count, dtype=torch.long).index_add_(0, sample, (~hits).long())
-    answered = hits.new_zeros(count, dtype=torch.long).index_add_(0, sample, torch.ones_like(sample))
-    return (wrong == 0).float().masked_fill(answered == 0, float("nan"))

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from ivl.model import InfiniteVL, checkpoint
-from ivl.model.vlm import HeadLosses
+from ivl.model.losses import HeadLosses
 from ivl.stages import distributed, lora
 from ivl.stages.models import load_student, student_config, student_state
 
@@ -68,23 +68,15 @@ class StageModule(L.LightningModule):
             self.model = self.build_student()
             self._prepare()
             return
-        h = self.hparams
-        config = student_config(h.student, self.conversion_teacher(), h.hybrid_ratio, h.window)
         with torch.device("meta"):
-            self.model = InfiniteVL(config)
+            self.model = InfiniteVL(self.student_config())
         tied = checkpoint.tied_names(self.model)
         self._prepare()
-        distributed.shard(self.model, mesh, getattr(torch, h.param_dtype),
+        distributed.shard(self.model, mesh, getattr(torch, self.hparams.param_dtype),
                           forward_methods=("head_losses", "block_outputs"))
         self.model.to_empty(device=self.trainer.strategy.root_device)
         self.model.reset_buffers()
-        rank0 = self.trainer.global_rank == 0
-        state = None
-        if rank0:
-            state = student_state(h.student, self.conversion_teacher(), h.hybrid_ratio, h.window, h.gdn_init, h.seed)
-            state = lora.base_layer_names(state, set(self.model.state_dict()))
-        distributed.load_full_state(self.model, state, tied)
-        del state
+        self.fill_weights(tied)
         self._reset_adapters()
         self.sharded = True
 
@@ -93,6 +85,20 @@ class StageModule(L.LightningModule):
         if trainer is None or not isinstance(trainer.strategy, ModelParallelStrategy):
             return None
         return trainer.strategy.device_mesh["data_parallel"]
+
+    def student_config(self):
+        """The student's ``InfiniteVLConfig``, read without building it (from its folder, or the teacher's)."""
+        h = self.hparams
+        return student_config(h.student, self.conversion_teacher(), h.hybrid_ratio, h.window)
+
+    def fill_weights(self, tied: dict[str, str]) -> None:
+        """Load the student's weights into the sharded model: rank 0 reads (or converts) them, all ranks shard."""
+        state = None
+        if self.trainer.global_rank == 0:
+            h = self.hparams
+            state = student_state(h.student, self.conversion_teacher(), h.hybrid_ratio, h.window, h.gdn_init, h.seed)
+            state = lora.base_layer_names(state, set(self.model.state_dict()))
+        distributed.load_full_state(self.model, state, tied)
 
     def build_student(self) -> InfiniteVL:
         h = self.hparams

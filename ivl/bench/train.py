@@ -1,0 +1,420 @@
+"""Training throughput of the three stages: time per optimizer step, tokens/s per GPU, MFU and peak memory, for
+InfiniteVL and for a Qwen2.5-3B-shaped Transformer (transformers, sdpa) trained the same way.
+
+Every case runs the real stage module (``ivl.stages``) through Lightning's Trainer with ``FSDP2Strategy`` on
+``--devices`` processes (one GPU each): bf16 compute over float32 master weights, AdamW, activation checkpointing
+as ``--checkpointing`` says, the chunked head losses. The Transformer goes through the same Trainer, strategy,
+optimizer, checkpointing and losses. Weights are random (the 4B shapes, or the tiny ones with ``--shapes tiny``);
+each step is one sequence of ``length`` text tokens per process; the first ``--warmup`` steps (compilation,
+autotuning) are not timed.
+
+Cases: ``stage1-layerwise`` (teacher forward + the GDN blocks on the teacher's inputs, MSE), ``stage1-kl``
+(teacher forward + student, KL at T = 2), ``stage2`` (full fine-tune of the language model), ``stage3`` (LoRA
+r = 64 on every projection). Stage I trains the Gated DeltaNet mixers (the Transformer: the attention of the same
+27 layers), with the teacher (Qwen2.5-VL-3B-shaped, bf16) resident on every GPU.
+
+MFU counts model FLOPs per token, recomputation excluded: forward 2 N_run + the mixers' cores; backward
+2 N_run (input gradients through every product that ran) + 2 N_trainable (weight gradients) + twice the cores'
+forward. N are matrix parameters (the tied head counted once, as the head); the attention core is
+4 H D c per token (c: mean keys a query sees, causal and windowed), Gated DeltaNet's chunked core
+6 K V + 2 * 64 * (2K + V) per token and head. Stage I adds the teacher's forward. Peak: 989 TFLOP/s (H100/H200
+dense bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import re
+import statistics
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn as nn
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
+
+from ivl.bench.convert import QWEN2_5_VL_3B
+from ivl.model.losses import head_losses
+from ivl.stages import DistillModule, FSDP2Strategy, InstructModule, LongContextModule, distributed, lora
+from ivl.model.convert import student_config
+from ivl.stages.models import TINY_TEACHER
+
+PEAK_FLOPS = 989e12
+CASES = ("stage1-layerwise", "stage1-kl", "stage2", "stage3")
+LENGTHS = {"stage1-layerwise": 8192, "stage1-kl": 8192, "stage2": 8192, "stage3": 32768}
+TINY_LENGTHS = {"stage1-layerwise": 128, "stage1-kl": 128, "stage2": 128, "stage3": 512}
+GDN_CHUNK = 64
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    parser.add_argument("--models", nargs="+", default=["infinitevl", "transformer"],
+                        choices=["infinitevl", "transformer"])
+    parser.add_argument("--lengths", type=int, nargs="+", help="tokens per step and GPU (default: per case, "
+                        + ", ".join(f"{c} {n}" for c, n in LENGTHS.items()) + ")")
+    parser.add_argument("--devices", type=int, default=1, help="GPUs (FSDP2 processes)")
+    parser.add_argument("--checkpointing", default="blocks",
+                        help="activation checkpointing: off, blocks, mixers or every n-th block")
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--lora-r", type=int, default=64)
+    parser.add_argument("--shapes", default="4b", choices=["4b", "tiny"], help="tiny: a CPU smoke run")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--out", type=Path, default=None, help="append one JSON line per run here")
+
+
+# ---- the models ----------------------------------------------------------------------------------------------
+
+def teacher_config(shapes: str) -> Qwen2_5_VLConfig:
+    return Qwen2_5_VLConfig(**(QWEN2_5_VL_3B if shapes == "4b" else TINY_TEACHER))
+
+
+def build_teacher(shapes: str, device: torch.device) -> nn.Module:
+    """The Qwen2.5-VL-3B-shaped teacher (random weights), bf16 on the GPU, frozen."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.device(device):
+        teacher = Qwen2_5_VLForConditionalGeneration._from_config(teacher_config(shapes), dtype=dtype,
+                                                                  attn_implementation="sdpa")
+    return teacher.requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def random_init_(model: nn.Module, std: float = 0.02) -> None:
+    """Random weights in place (sharded ones too): matrices N(0, std), norm weights 1, other vectors 0."""
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            p.normal_(0.0, std)
+        elif re.search(r"(norm|ln_q)[^.]*\.weight$", name):
+            p.fill_(1.0)
+        else:
+            p.zero_()
+
+
+class BenchWeights:
+    """Mixed into the stage modules: the 4B (or tiny) student config of the bench teacher, random weights
+    instead of rank 0's checkpoint."""
+
+    bench_shapes = "4b"
+
+    def student_config(self):
+        return student_config(teacher_config(self.bench_shapes), 0.25, self.hparams.window)
+
+    def fill_weights(self, tied):
+        random_init_(self.model)
+
+
+class BenchInstruct(BenchWeights, InstructModule):
+    pass
+
+
+class BenchLongContext(BenchWeights, LongContextModule):
+    pass
+
+
+class BenchDistill(BenchWeights, DistillModule):
+    pass
+
+
+class CausalLMLosses(nn.Module):
+    """transformers' causal LM returning ``ivl.model.losses.head_losses`` (the chunked losses InfiniteVL trains
+    with) from its forward, so that under FSDP2 the tied head is read while gathered."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, labels=None, teacher_hidden=None, teacher_head=None, temperature=1.0, **_):
+        hidden = self.lm.model(input_ids=input_ids).last_hidden_state
+        return head_losses(hidden, self.lm.lm_head.weight, labels, None, None, teacher_hidden, teacher_head,
+                           temperature)
+
+
+class TransformerStage(L.LightningModule):
+    """The baseline: a Qwen2.5-3B-shaped transformers LM (sdpa), sharded, checkpointed and optimised as the stages
+    do. ``case`` picks what trains and the loss (the same as InfiniteVL's for that case)."""
+
+    def __init__(self, case: str, shapes: str, checkpointing, lora_r: int, teacher: nn.Module | None = None,
+                 lr: float = 2e-4):
+        super().__init__()
+        self.case, self.shapes, self.checkpointing, self.lora_r, self.lr = case, shapes, checkpointing, lora_r, lr
+        self.__dict__["teacher"] = teacher
+        self.model = None
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        text = teacher_config(self.shapes).text_config.to_dict()
+        config = Qwen2Config(**{k: text[k] for k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                     "num_hidden_layers", "num_attention_heads",
+                                                     "num_key_value_heads", "rms_norm_eps",
+                                                     "tie_word_embeddings")},
+                             rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+        with torch.device("meta"):
+            self.model = CausalLMLosses(Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa"))
+        layers = self.model.lm.model.layers
+        if self.case == "stage3":
+            lora.inject(self.model.lm, lora.lora_config(self.lora_r, 2 * self.lora_r))
+            patterns = lora.TRAINABLE
+        elif self.case == "stage1-kl":  # the attention of the layers InfiniteVL turns into Gated DeltaNet
+            gdn = [str(i) for i in range(len(layers)) if i % 4]
+            patterns = [rf"lm\.model\.layers\.({'|'.join(gdn)})\.self_attn\..*"]
+        else:
+            patterns = [r"lm\..*"]
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(any(re.fullmatch(r, name) for r in patterns))
+        stride = self.checkpointing if isinstance(self.checkpointing, int) else 1
+        if self.checkpointing not in (None, "off"):
+            for i in range(0, len(layers), stride):
+                distributed.checkpoint(layers[i].self_attn if self.checkpointing == "mixers" else layers[i])
+        policy = distributed.MixedPrecisionPolicy(param_dtype=torch.bfloat16 if self.shapes == "4b" else
+                                                  torch.float32, reduce_dtype=torch.float32)
+        mesh = self.trainer.strategy.device_mesh["data_parallel"]
+        for layer in layers:
+            distributed.fully_shard(layer, mesh=mesh, mp_policy=policy)
+        distributed.fully_shard(self.model, mesh=mesh, mp_policy=policy)
+        self.model.to_empty(device=self.trainer.strategy.root_device)
+        random_init_(self.model)
+        rotary = self.model.lm.model.rotary_emb
+        for name, buffer in type(rotary)(rotary.config).named_buffers():
+            getattr(rotary, name).copy_(buffer)
+
+    def on_fit_start(self) -> None:
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+
+    def training_step(self, batch, batch_idx):
+        if self.case == "stage1-kl":
+            with torch.no_grad():
+                teacher_hidden = self.teacher.model(input_ids=batch["input_ids"]).last_hidden_state
+            return self.model(batch["input_ids"], teacher_hidden=teacher_hidden,
+                              teacher_head=self.teacher.lm_head.weight, temperature=2.0).kl
+        return self.model(batch["input_ids"], labels=batch["labels"]).ce
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=self.lr,
+                                 betas=(0.9, 0.95))
+
+
+# ---- FLOPs -----------------------------------------------------------------------------------------------------
+
+def mean_context(length: int, window: int | None) -> float:
+    """Mean number of keys a causal (windowed) query attends to over a sequence of ``length`` tokens."""
+    w = length if window is None else min(window, length)
+    return (w * (w + 1) / 2 + (length - w) * w) / length
+
+
+def matrix_params(module: nn.Module, trainable: bool | None = None) -> int:
+    """Parameters of the matrices (2-D weights) in ``module``, optionally only the (non-)trainable ones."""
+    return sum(p.numel() for p in module.parameters()
+               if p.dim() == 2 and (trainable is None or p.requires_grad == trainable))
+
+
+@dataclass
+class Flops:
+    forward: float
+    backward: float
+
+    @property
+    def total(self) -> float:
+        return self.forward + self.backward
+
+
+def hybrid_flops(model, length: int, blocks: list[int] | None = None, head: bool = True) -> Flops:
+    """Per token, for the InfiniteVL language model (``blocks``: only these blocks run, without embeddings or
+    head: the layer-wise phase)."""
+    text = model.config.text
+    blocks = range(text.num_layers) if blocks is None else blocks
+    run = sum(matrix_params(model.lm.layers[i]) for i in blocks)
+    trained = sum(matrix_params(model.lm.layers[i], trainable=True) for i in blocks)
+    if head:
+        run += model.lm.lm_head.weight.numel()
+        trained += model.lm.lm_head.weight.numel() if model.lm.lm_head.weight.requires_grad else 0
+    core = 0.0
+    for i in blocks:
+        if text.layer_types[i] == "attention":
+            core += 4 * text.num_attention_heads * text.head_dim * mean_context(length, text.window)
+        else:
+            K, V = text.gdn_head_k_dim, text.gdn_head_v_dim
+            core += text.gdn_num_heads * (6 * K * V + 2 * GDN_CHUNK * (2 * K + V))
+    return Flops(2 * run + core, 2 * run + 2 * trained + 2 * core)
+
+
+def transformer_flops(lm, length: int, trained: bool = True) -> Flops:
+    """Per token, for a transformers Qwen2 causal LM (``trained`` False: forward only, e.g. the teacher)."""
+    config = lm.config
+    config = getattr(config, "text_config", config)
+    layers = lm.model.language_model.layers if hasattr(lm.model, "language_model") else lm.model.layers
+    run = sum(matrix_params(layer) for layer in layers) + lm.lm_head.weight.numel()
+    head_dim = config.hidden_size // config.num_attention_heads
+    core = config.num_hidden_layers * 4 * config.num_attention_heads * head_dim * mean_context(length, None)
+    if not trained:
+        return Flops(2 * run + core, 0.0)
+    weight_grads = sum(matrix_params(layer, trainable=True) for layer in layers)
+    weight_grads += lm.lm_head.weight.numel() if lm.lm_head.weight.requires_grad else 0
+    return Flops(2 * run + core, 2 * run + 2 * weight_grads + 2 * core)
+
+
+# ---- one measured run ------------------------------------------------------------------------------------------
+
+class StepTimer(Callback):
+    """Wall time of each optimizer step after the warm-up (device synchronised), and the peak memory over them."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.times, self.peak_gib, self._start = warmup, [], float("nan"), None
+
+    def _sync(self, pl_module):
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.warmup and pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        if trainer.global_step >= self.warmup:
+            self._sync(pl_module)
+            self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._start is not None:
+            self._sync(pl_module)
+            self.times.append(time.perf_counter() - self._start)
+            self._start = None
+
+    def on_train_end(self, trainer, pl_module):
+        if pl_module.device.type == "cuda":
+            peak = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device=pl_module.device)
+            self.peak_gib = float(trainer.strategy.reduce(peak, reduce_op="max"))
+
+
+def synthetic_batches(case: str, model: str, length: int, vocab: int, count: int) -> list[dict]:
+    """One text sequence per step; the second half are answer tokens (the loss of stages II and III)."""
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(count):
+        ids = torch.randint(0, min(vocab, 150000), (1, length), generator=g)
+        labels = ids.clone()
+        labels[:, : length // 2] = -100
+        batch = {"input_ids": ids, "labels": labels}
+        if model == "infinitevl" and case.startswith("stage1"):
+            batch["attention_mask"] = torch.ones_like(ids)  # the distillation stage's padded batches
+        elif model == "infinitevl":
+            batch.update(cu_seqlens=torch.tensor([0, length], dtype=torch.int32), sources=["synthetic"],
+                         tasks=[None])
+        batches.append(batch)
+    return batches
+
+
+def build_module(case: str, model: str, args, teacher):
+    window = 8192 if args.shapes == "4b" else 64
+    common = dict(window=window, warmup_ratio=0.0, activation_checkpointing=args.checkpointing,
+                  param_dtype="bfloat16" if args.device == "cuda" else "float32")
+    if model == "transformer":
+        return TransformerStage(case, args.shapes, args.checkpointing, args.lora_r,
+                                teacher if case == "stage1-kl" else None)
+    if case.startswith("stage1"):
+        module = BenchDistill(teacher="bench", layerwise_steps=-1 if case == "stage1-layerwise" else 0, **common)
+        module.__dict__["teacher"] = teacher
+    elif case == "stage2":
+        module = BenchInstruct(teacher="bench", **common)
+    else:
+        module = BenchLongContext(teacher="bench", lora_r=args.lora_r, lora_alpha=2 * args.lora_r, **common)
+    module.bench_shapes = args.shapes
+    return module
+
+
+def step_flops(case: str, model: str, module, teacher, length: int) -> float:
+    """Model FLOPs of one step (``length`` tokens on one process)."""
+    if model == "transformer":
+        flops = transformer_flops(module.model.lm, length).total
+    elif case == "stage1-layerwise":
+        flops = hybrid_flops(module.model, length, blocks=module.gdn_layers, head=False).total
+    else:
+        flops = hybrid_flops(module.model, length).total
+    if case.startswith("stage1"):
+        flops += transformer_flops(teacher, length, trained=False).forward
+    return flops * length
+
+
+def measure(case: str, model: str, length: int, args, teacher) -> dict:
+    accelerator = "gpu" if args.device == "cuda" else "cpu"
+    module = build_module(case, model, args, teacher)
+    timer = StepTimer(args.warmup)
+    trainer = L.Trainer(accelerator=accelerator, devices=args.devices, strategy=FSDP2Strategy(),
+                        precision="32-true", max_steps=args.warmup + args.steps, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0,
+                        callbacks=[timer])
+    vocab = teacher_config(args.shapes).text_config.vocab_size
+    data = DataLoader(synthetic_batches(case, model, length, vocab, args.warmup + args.steps), batch_size=None)
+    row = dict(case=case, model=model, devices=args.devices, length=length, checkpointing=args.checkpointing,
+               shapes=args.shapes)
+    try:
+        trainer.fit(module, data)
+    except torch.OutOfMemoryError:
+        return {**row, "status": "OOM"}
+    except Exception as error:  # report and go on with the next case
+        traceback.print_exc()
+        return {**row, "status": f"failed: {type(error).__name__}"}
+    step = statistics.median(timer.times)
+    flops = step_flops(case, model, module, teacher, length)
+    return {**row, "status": "ok", "step_s": step, "tokens_per_s_per_gpu": length / step,
+            "mfu": flops / step / PEAK_FLOPS, "peak_gib": timer.peak_gib,
+            "trainable": sum(p.numel() for p in module.model.parameters() if p.requires_grad)}
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("ivl.bench train times GPU steps; no CUDA device is visible (--shapes tiny --device cpu "
+                         "for a smoke run)")
+    import os
+
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", rank) if args.device == "cuda" else torch.device("cpu")
+    rows = []
+    teacher = None
+    for case in args.cases:
+        if case.startswith("stage1") and teacher is None:
+            teacher = build_teacher(args.shapes, device)
+        for length in args.lengths or [(LENGTHS if args.shapes == "4b" else TINY_LENGTHS)[case]]:
+            for model in args.models:
+                if model == "transformer" and case == "stage1-layerwise":
+                    continue  # the layer-wise phase distils mixers into new mixers: no Transformer analogue
+                row = measure(case, model, length, args, teacher)
+                rows.append(row)
+                if rank == 0:
+                    print(json.dumps(row), flush=True)
+                    if args.out:
+                        with args.out.open("a") as f:
+                            f.write(json.dumps({**row, "date": str(datetime.date.today()),
+                                                "device": _device_name(args)}) + "\n")
+                gc.collect()
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
+    if rank == 0:
+        print(table(rows, _device_name(args)))
+
+
+def _device_name(args) -> str:
+    return torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+
+
+def table(rows: list[dict], device: str) -> str:
+    lines = [f"\n# {device} | torch {torch.__version__} | {datetime.date.today()}\n",
+             "| case | model | GPUs | tokens | checkpointing | s/step | tokens/s/GPU | MFU | peak GiB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['case']} | {r['model']} | {r['devices']} | {r['length']} | {r['checkpointing']} "
+                         f"| {r['status']} | | | |")
+            continue
+        lines.append(f"| {r['case']} | {r['model']} | {r['devices']} | {r['length']} | {r['checkpointing']} | "
+                     f"{r['step_s']:.3f} | {r['tokens_per_s_per_gpu']:,.0f} | {r['mfu']:.1%} | "
+                     f"{r['peak_gib']:.1f} |")
+    return "\n".join(lines)
