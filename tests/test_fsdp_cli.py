@@ -54,7 +54,9 @@ data:
 
 def fit(root: Path, corpus_path: Path, devices: int, *extra: str, killed: bool = False) -> None:
     (root / "config.yaml").write_text(CONFIG.format(root=root, corpus=corpus_path))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    inherited = {k: v for k, v in os.environ.items()  # not a process group this test process may have set up
+                 if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")}
+    env = {**inherited, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "ivl.experiments", "fit", "--config", str(root / "config.yaml"),
                "--trainer.devices", str(devices), "--trainer.callbacks+=fsdp_run.RecordStepLosses",

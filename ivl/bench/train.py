@@ -399,6 +399,8 @@ def run(args: argparse.Namespace) -> None:
                     torch.cuda.empty_cache()
     if rank == 0:
         print(table(rows, _device_name(args)))
+    if torch.distributed.is_initialized():  # set up by the Trainer's strategy, which leaves it
+        torch.distributed.destroy_process_group()
 
 
 def _device_name(args) -> str:
