@@ -61,8 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", help="tokens per step and GPU (default: per case, "
                         + ", ".join(f"{c} {n}" for c, n in LENGTHS.items()) + ")")
     parser.add_argument("--devices", type=int, default=1, help="GPUs (FSDP2 processes)")
-    parser.add_argument("--checkpointing", default="blocks",
-                        help="activation checkpointing: off, blocks, mixers or every n-th block")
+    parser.add_argument("--checkpointing", default="blocks", type=lambda s: int(s) if s.isdigit() else s,
+                        help="activation checkpointing: off, blocks, mixers or every n-th block (a number)")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--lora-r", type=int, default=64)
@@ -274,7 +274,13 @@ class StepTimer(Callback):
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize()
 
+    def on_train_start(self, trainer, pl_module):
+        self._began = time.perf_counter()
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step < self.warmup and trainer.is_global_zero:  # compilation and autotuning show here
+            print(f"  warm-up step {trainer.global_step} begins at {time.perf_counter() - self._began:.0f} s",
+                  flush=True)
         if trainer.global_step == self.warmup and pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         if trainer.global_step >= self.warmup:
