@@ -23,6 +23,7 @@ trainer:
   strategy: {{class_path: ivl.stages.FSDP2Strategy}}
   precision: 32-true
   max_steps: 4
+  gradient_clip_val: 0.5
   logger: false
   enable_progress_bar: false
   enable_model_summary: false
