@@ -27,18 +27,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gdn-init", choices=GDN_INITS, default="mimic")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the teacher's")
     args = parser.parse_args(argv)
+    if not (args.teacher / "config.json").exists():
+        parser.error(f"--teacher {args.teacher}: no config.json there (a local Qwen2.5-VL checkpoint folder is "
+                     "expected; nothing is downloaded)")
 
     layer_types = args.layer_types.split(",") if args.layer_types else None
     model, report = convert_qwen2_5_vl(
         args.teacher, hybrid_ratio=args.hybrid_ratio, window=args.window or None, layer_types=layer_types,
         gdn_init=args.gdn_init, dtype=getattr(torch, args.dtype) if args.dtype else None,
     )
-    model.save_pretrained(args.out)
+    model.save_pretrained(args.out)  # with the teacher's tokenizer and processor files when it has them
     (args.out / "conversion_report.json").write_text(json.dumps(report.to_dict(), indent=2))
-    if (args.teacher / "tokenizer_config.json").exists():
-        from ivl.data import Processor
-
-        Processor.from_pretrained(args.teacher).save_pretrained(args.out)
     print(report)
     print(f"wrote {args.out}")
 

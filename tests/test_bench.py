@@ -40,7 +40,7 @@ def test_baseline_static_decoder_equals_transformers_decoding():
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from ivl.stages.models import TINY_TEACHER
+    from ivl.model.teachers import TINY_TEACHER
 
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**TINY_TEACHER)).eval()
@@ -117,7 +117,7 @@ def test_train_bench_smoke(capsys):
 
 
 def test_train_bench_flops_count_the_4b_matrices():
-    """The FLOP model's parameter count at 4B shapes, against the sizes in PAPER.md worked out by hand."""
+    """The FLOP model's parameter count at 4B shapes, against the paper's layer sizes worked out by hand."""
     import torch
 
     from ivl.bench.train import hybrid_flops, mean_context

@@ -36,3 +36,38 @@ def test_demo_fit_records_an_mlflow_run(tmp_path, monkeypatch):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "checkpoints", "model"} <= artifacts
     assert (tmp_path / "runs" / "demo" / "model" / "config.json").exists()
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    [line] = [line for line in err.splitlines() if "error:" in line]
+    return line
+
+
+def test_missing_demo_corpus_is_one_line_that_names_the_fix_and_starts_no_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no data/demo here
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'tracking.db'}")
+    with pytest.raises(SystemExit) as exit:
+        main(["fit", "--config", str(EXPERIMENTS / "demo.yaml")])
+    assert exit.value.code == 2
+    line = _one_error_line(capsys)
+    assert "data.train[0].path" in line and "python -m ivl.data.demo --out data/demo" in line
+    assert not (tmp_path / "tracking.db").exists() and not (tmp_path / "runs").exists()
+
+
+def test_missing_teacher_folder_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit:
+        main(["fit", "--config", str(EXPERIMENTS / "stage1_distill.yaml")])
+    assert exit.value.code == 2
+    assert "teacher '/models/Qwen2.5-VL-3B-Instruct'" in _one_error_line(capsys)
+
+
+def test_convert_without_a_teacher_folder_is_a_usage_error(tmp_path, capsys):
+    from ivl.convert import main as convert
+
+    with pytest.raises(SystemExit) as exit:
+        convert(["--teacher", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
+    assert exit.value.code == 2
+    assert "--teacher" in _one_error_line(capsys) and not (tmp_path / "out").exists()

@@ -232,3 +232,16 @@ def test_lora_injection_export_loads_back_to_the_same_logits(tmp_path):
         loaded = InfiniteVL.from_pretrained(tmp_path / "out")(**inputs).logits
     torch.testing.assert_close(loaded, trained, rtol=1e-4, atol=1e-4)
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_weight_decay_spares_norms_biases_and_gates(tmp_path):
+    """One step at lr ~ 0 with a huge decay: matrices shrink, vectors (norms, biases, A_log, dt_bias) do not."""
+    module = built(InstructModule(teacher="tiny", window=64, trainable=[".*"], lr=1e-6, weight_decay=1e4,
+                                  warmup_ratio=0.0))
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    fit_on(module, fixed_batch(corpus(tmp_path)), steps=1)
+    for name, p in module.model.named_parameters():
+        if before[name].norm() == 0:  # Gated DeltaNet's mimic init zeroes a_proj and b_proj
+            continue
+        shrunk = p.detach().norm() < 0.999 * before[name].norm()
+        assert shrunk == (p.dim() >= 2), name

@@ -18,12 +18,11 @@ from pathlib import Path
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from ivl.bench.convert import QWEN2_5_VL_3B
 from ivl.model import HybridConfig, InfiniteVL, InfiniteVLConfig
 from ivl.model.generation import StaticDecoder
 from ivl.model.static_cache import StaticCache
+from ivl.model.teachers import QWEN2_5_VL_3B, TINY_TEACHER
 from ivl.model.vision import vision_config_dict
-from ivl.stages.models import TINY_TEACHER
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -41,11 +41,10 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
 
-from ivl.bench.convert import QWEN2_5_VL_3B
 from ivl.model.losses import head_losses
+from ivl.model.teachers import QWEN2_5_VL_3B, TINY_TEACHER
 from ivl.stages import DistillModule, FSDP2Strategy, InstructModule, LongContextModule, distributed, lora
 from ivl.model.convert import student_config
-from ivl.stages.models import TINY_TEACHER
 
 PEAK_FLOPS = 989e12
 CASES = ("stage1-layerwise", "stage1-kl", "stage2", "stage3")
@@ -103,6 +102,9 @@ class BenchWeights:
     instead of rank 0's checkpoint."""
 
     bench_shapes = "4b"
+
+    def check_sources(self):
+        pass  # no folders: the teacher is built in memory, the weights are random
 
     def student_config(self):
         return student_config(teacher_config(self.bench_shapes), 0.25, self.hparams.window)

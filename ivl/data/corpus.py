@@ -13,10 +13,13 @@ Every sample remembers where it came from (``file:line`` or ``shard:key``), so e
 
 from __future__ import annotations
 
+import glob
 import json
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ivl.errors import UsageError
 
 IMAGE_SUFFIXES = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"}
 VIDEO_SUFFIXES = {"mp4", "avi", "mov", "mkv", "webm"}
@@ -66,17 +69,28 @@ class CorpusSpec:
     name: str | None = None
 
 
+def corpus_files(spec: CorpusSpec) -> list[Path]:
+    """The files a corpus path names (itself, the shards a glob matches, or a folder's .tar shards); [] if none."""
+    path = Path(spec.path)
+    if any(ch in spec.path for ch in "*?["):
+        return sorted(Path(p) for p in glob.glob(spec.path))
+    if path.is_dir():
+        return sorted(path.glob("*.tar"))
+    return [path] if path.exists() else []
+
+
+def check_corpus(spec: CorpusSpec, field: str, hint: str | None = None) -> None:
+    """Raise a UsageError naming the config ``field`` (and ``hint``, how to get the files) if the corpus has no
+    files."""
+    if not corpus_files(spec):
+        raise UsageError(f"{field}: corpus {spec.path!r} not found" + (f"; {hint}" if hint else ""))
+
+
 def read_corpus(spec: CorpusSpec, skip_bad_samples: bool = False, bad: list | None = None) -> list[Sample]:
     """All samples of one corpus. Malformed records raise ``BadSample`` naming file, line and field, or, with
     ``skip_bad_samples``, are left out and their errors appended to ``bad``."""
-    path = Path(spec.path)
-    if any(ch in spec.path for ch in "*?["):
-        files = sorted(Path(p) for p in map(str, Path().glob(spec.path)))
-    elif path.is_dir():
-        files = sorted(path.glob("*.tar"))
-    else:
-        files = [path]
-    if not files or not all(f.exists() for f in files):
+    files = corpus_files(spec)
+    if not files:
         raise FileNotFoundError(f"corpus {spec.path!r}: no such file")
     samples = []
     for file in files:

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ivl.data.corpus import BadSample, CorpusSpec, Sample, read_corpus
+from ivl.data.corpus import BadSample, CorpusSpec, Sample, check_corpus, read_corpus
 from ivl.data.encoding import SampleEncoder
 from ivl.data.packing import collate_packed, collate_padded, plan_packs
 from ivl.data.processing import Processor
@@ -124,6 +124,7 @@ class VLDataModule(L.LightningDataModule):
         samples_per_epoch: size of the weighted mixture per epoch (default: every sample once).
         skip_bad_samples: skip (and count, and log) unusable samples instead of stopping with their error.
         image_min_pixels / image_max_pixels, video_max_pixels, video_fps, video_max_frames: vision budgets.
+        missing_hint: how to get the corpus files, appended to the error when one is missing.
     """
 
     def __init__(
@@ -144,10 +145,12 @@ class VLDataModule(L.LightningDataModule):
         video_max_pixels: int = 768 * 28 * 28,
         video_fps: float = 2.0,
         video_max_frames: int = 64,
+        missing_hint: str | None = None,
     ):
         super().__init__()
         self.train_specs = [CorpusSpec(**c) if isinstance(c, dict) else c for c in train]
         self.val_specs = [CorpusSpec(**c) if isinstance(c, dict) else c for c in (val or [])]
+        check_corpora(self.train_specs, self.val_specs, missing_hint)
         self.save_hyperparameters({"train": [asdict(c) for c in self.train_specs],
                                    "val": [asdict(c) for c in self.val_specs]})
         self.processor_dir = processor
@@ -245,6 +248,14 @@ class VLDataModule(L.LightningDataModule):
         for split, loader_state in state.items():
             if split in self._loaders:
                 self._loaders[split].load_state_dict(loader_state)
+
+
+def check_corpora(train: list, val: list, hint: str | None = None, prefix: str = "") -> None:
+    """A UsageError naming the first missing corpus (``train[i].path`` / ``val[i].path``) and how to get it."""
+    for split, specs in (("train", train), ("val", val)):
+        for i, spec in enumerate(specs):
+            spec = CorpusSpec(**spec) if isinstance(spec, dict) else spec
+            check_corpus(spec, f"{prefix}{split}[{i}].path", hint)
 
 
 def _token_count(item: dict) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 
@@ -9,6 +10,9 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 
+from ivl.data.modules import check_corpora
+from ivl.errors import UsageError
+from ivl.stages.models import check_student, check_teacher
 from ivl.stages import StageModule
 
 
@@ -31,12 +35,36 @@ class SaveConfigToMLflow(SaveConfigCallback):
 
 
 class IVLCLI(LightningCLI):
+    def before_instantiate_classes(self) -> None:
+        """Missing student or teacher folders and corpus files fail here, in one line, before anything is built or
+        an MLflow run is created (raised while instantiating, they would reach the user wrapped in a parser
+        error)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        model = config.get("model")
+        if model is not None and "init_args" in model:
+            check_student(model.init_args.get("student"))
+            check_teacher(model.init_args.get("teacher"))
+        data = config.get("data")
+        if data is not None and "init_args" in data and "train" in data.init_args:
+            args = data.init_args
+            check_corpora([dict(vars(s)) if hasattr(s, "__dict__") else s for s in args.train or []],
+                          [dict(vars(s)) if hasattr(s, "__dict__") else s for s in args.get("val") or []],
+                          args.get("missing_hint"), prefix="data.")
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--paths", type=dict, default={},
                             help="Named paths for ${paths.X} interpolation in configs (teacher, corpora, ...)")
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+    try:
+        return _cli(args, run)
+    except UsageError as error:  # a missing folder or corpus: one line, no traceback, no run started
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _cli(args: list[str] | None, run: bool) -> LightningCLI:
     return IVLCLI(
         StageModule,
         L.LightningDataModule,

@@ -37,6 +37,23 @@ def save_state(state: dict[str, torch.Tensor], config: dict, directory: str | Pa
         index.unlink()
 
 
+def has_tokenizer(directory: str | Path | None) -> bool:
+    return directory is not None and (Path(directory) / "tokenizer_config.json").exists()
+
+
+def save_processor(directory: str | Path, source: str | Path | None = None) -> None:
+    """The processor files beside the weights (tokenizer, chat_template.json, preprocessor_config.json), so that
+    ``Processor.from_pretrained(directory)`` works: ``source``'s (a folder with tokenizer files: a teacher's, or
+    the checkpoint the model came from), else the bundled Qwen2.5 tokenizer with ivl's defaults."""
+    from ivl.data.processing import Processor  # data-level; needed only when writing a folder
+
+    if not has_tokenizer(source):
+        source = None
+    elif Path(source).resolve() == Path(directory).resolve():
+        return
+    Processor.from_pretrained(source).save_pretrained(directory)
+
+
 def read_config(directory: str | Path) -> tuple[dict, torch.dtype]:
     path = Path(directory) / CONFIG
     if not path.exists():

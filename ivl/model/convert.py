@@ -22,6 +22,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLConfig
 
+from ivl.model import checkpoint
 from ivl.model.config import HybridConfig, InfiniteVLConfig, layer_types_from_ratio
 from ivl.model.vision import vision_config_dict
 from ivl.model.vlm import InfiniteVL
@@ -123,6 +124,9 @@ def convert_qwen2_5_vl(
     if config.text.tie_word_embeddings:
         unused.discard("lm_head.weight")  # the tied copy of the embeddings, which were inherited
     report.unused = sorted(unused)
+    folder = teacher if isinstance(teacher, (str, Path)) else getattr(teacher_config, "_name_or_path", None)
+    if checkpoint.has_tokenizer(folder):  # the student goes with its teacher's tokenizer and processor
+        student.processor_source = Path(folder)
     return student.eval(), report
 
 

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from ivl.model import checkpoint
 from ivl.model.cache import HybridCache
 from ivl.model.config import InfiniteVLConfig
-from ivl.model.generation import generate
 from ivl.model.lm import HybridLM
 from ivl.model.losses import HeadLosses, head_losses, next_token_targets
 from ivl.model.rope_index import multimodal_position_ids
@@ -32,6 +31,9 @@ class InfiniteVL(nn.Module):
     def __init__(self, config: InfiniteVLConfig):
         super().__init__()
         self.config = config
+        self.processor_source: Path | None = None
+        """A folder with the tokenizer and processor files this model goes with (the checkpoint it was loaded from,
+        or its teacher's); ``save_pretrained`` copies them. None: the bundled Qwen2.5 tokenizer."""
         self.visual = build_vision_tower(config.vision)
         self.lm = HybridLM(config.text)
 
@@ -182,6 +184,8 @@ class InfiniteVL(nn.Module):
         constant-memory cache in chunks of ``prefill_chunk`` tokens, then one token per step is decoded, greedy
         or sampled (temperature, nucleus top_p). ``on_token`` receives each step's tokens [B] as they come.
         """
+        from ivl.model.generation import generate  # the decode engine (caches, CUDA graphs, GEMV) loads on use
+
         embeds = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         position_ids, next_position = self.position_ids(input_ids, image_grid_thw, video_grid_thw,
                                                         second_per_grid_ts, attention_mask)
@@ -195,8 +199,11 @@ class InfiniteVL(nn.Module):
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, max_shard_size: str | int = "5GB") -> None:
-        """config.json + model.safetensors (sharded with an index above ``max_shard_size``), dtype kept."""
+        """config.json + model.safetensors (sharded with an index above ``max_shard_size``), dtype kept, and the
+        processor files (tokenizer, chat template, image settings) of ``processor_source``, so that the folder is
+        all ``InfiniteVL.from_pretrained`` and ``Processor.from_pretrained`` need."""
         checkpoint.save(self, self.config.to_dict(), directory, max_shard_size)
+        checkpoint.save_processor(directory, self.processor_source)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None,
@@ -208,6 +215,8 @@ class InfiniteVL(nn.Module):
             model = cls(config)
         model.to(dtype or saved_dtype)
         checkpoint.load_into(model, directory)
+        if checkpoint.has_tokenizer(directory):
+            model.processor_source = Path(directory)
         return model.eval()
 
     def num_parameters(self) -> dict[str, int]:

@@ -14,7 +14,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from ivl.model import InfiniteVL, checkpoint
 from ivl.model.losses import HeadLosses
 from ivl.stages import distributed, lora
-from ivl.stages.models import load_student, student_config, student_state
+from ivl.stages.models import check_student, check_teacher, load_student, student_config, student_state
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
                 "video_grid_thw", "second_per_grid_ts", "cu_seqlens")
@@ -53,6 +53,7 @@ class StageModule(L.LightningModule):
                  activation_checkpointing: str | int | None = "off", param_dtype: str = "bfloat16"):
         super().__init__()
         self.save_hyperparameters()
+        self.check_sources()
         self.model: InfiniteVL | None = None
         self.lora_config = None  # a peft LoraConfig: adapters injected into the language model when building
         self.trainable = list(trainable) if trainable is not None else None
@@ -79,6 +80,11 @@ class StageModule(L.LightningModule):
         self.fill_weights(tied)
         self._reset_adapters()
         self.sharded = True
+
+    def check_sources(self) -> None:
+        """Fail now, in one line, if the student or teacher folder is missing (not after the run has started)."""
+        check_student(self.hparams.student)
+        check_teacher(self.hparams.teacher)
 
     def _fsdp_mesh(self):
         trainer = self._trainer
@@ -156,8 +162,12 @@ class StageModule(L.LightningModule):
         self.log(f"{prefix}/tokens", float(tokens), reduce_fx="sum", batch_size=1)
 
     def configure_optimizers(self):
+        """AdamW; weight decay on matrices only (norm weights, biases and Gated DeltaNet's per-head A_log and
+        dt_bias are vectors and are not decayed, as in the public recipe's trainer)."""
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.hparams.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.hparams.lr,
                                       betas=tuple(self.hparams.betas))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = max(1, int(total * self.hparams.warmup_ratio))
@@ -189,3 +199,5 @@ class StageModule(L.LightningModule):
             state, adapters = lora.split_and_merge(state, lora.scalings(self.model))
             lora.save_adapter(adapters, self.lora_config, directory / "adapter")
         checkpoint.save_state(state, self.model.config.to_dict(), directory)
+        h = self.hparams
+        checkpoint.save_processor(directory, h.student if checkpoint.has_tokenizer(h.student) else h.teacher)

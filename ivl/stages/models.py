@@ -9,22 +9,22 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from ivl.model import InfiniteVL, InfiniteVLConfig, checkpoint, convert_qwen2_5_vl
 from ivl.model.convert import student_config as converted_config
+from ivl.errors import UsageError
+from ivl.model.teachers import TINY_TEACHER
 
-# A tiny random Qwen2.5-VL with the real Qwen2.5 vocabulary and special tokens: the embedded default's teacher
-# (and the tests'), so that the demo runs on a CPU in minutes with the real tokenizer.
-TINY_TEACHER = dict(
-    text_config=dict(
-        vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=True,
-        bos_token_id=151643, eos_token_id=151645,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-    ),
-    vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64,
-                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                       fullatt_block_indexes=[1], tokens_per_second=2),
-    image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
-    tie_word_embeddings=True,
-)
+
+def check_teacher(teacher: str | None) -> None:
+    """Raise a UsageError unless ``teacher`` is None, "tiny" or a Qwen2.5-VL checkpoint folder."""
+    if teacher not in (None, "tiny") and not (Path(teacher) / "config.json").exists():
+        raise UsageError(f"teacher {teacher!r}: not 'tiny' and no config.json there (a local Qwen2.5-VL "
+                         "checkpoint folder is expected; nothing is downloaded)")
+
+
+def check_student(student: str | None) -> None:
+    """Raise a UsageError unless ``student`` is None or a folder written by ``save_pretrained``."""
+    if student is not None and not (Path(student) / "config.json").exists():
+        raise UsageError(f"student {student!r}: no config.json there (an InfiniteVL checkpoint folder, e.g. the "
+                         "save_dir of the previous stage, is expected)")
 
 
 def load_teacher(teacher: str, dtype: str | None = None, seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
@@ -35,9 +35,7 @@ def load_teacher(teacher: str, dtype: str | None = None, seed: int = 0) -> Qwen2
             model = Qwen2_5_VLForConditionalGeneration._from_config(Qwen2_5_VLConfig(**TINY_TEACHER),
                                                                      attn_implementation="sdpa")
     else:
-        if not (Path(teacher) / "config.json").exists():
-            raise FileNotFoundError(f"teacher {teacher!r}: not 'tiny' and no config.json there (a local "
-                                    "Qwen2.5-VL checkpoint folder is expected; nothing is downloaded)")
+        check_teacher(teacher)
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(teacher, dtype=getattr(torch, dtype or "bfloat16"),
                                                                    attn_implementation="sdpa")
     model.requires_grad_(False)
@@ -73,9 +71,7 @@ def student_config(student: str | None, teacher, hybrid_ratio: float, window: in
     elif teacher == "tiny":
         teacher_config = Qwen2_5_VLConfig(**TINY_TEACHER)
     else:
-        if not (Path(teacher) / "config.json").exists():
-            raise FileNotFoundError(f"teacher {teacher!r}: not 'tiny' and no config.json there (a local "
-                                    "Qwen2.5-VL checkpoint folder is expected; nothing is downloaded)")
+        check_teacher(teacher)
         teacher_config = Qwen2_5_VLConfig.from_pretrained(teacher)
     return converted_config(teacher_config, hybrid_ratio, window)
 
