@@ -52,3 +52,32 @@ def dense_window_attention(q, k, v, window, doc_ids=None, scale=None):
             allowed[i, j] = j <= i and in_window and same_doc
     scores = scores.masked_fill(~allowed, float("-inf"))
     return torch.einsum("bhij,bjhd->bihd", scores.softmax(-1), v.double())
+
+
+def relative_error(x, ref) -> float:
+    """||x - ref|| / ||ref||, in float64."""
+    x, ref = x.double(), ref.double()
+    return float((x - ref).norm() / ref.norm())
+
+
+def assert_as_accurate(got, trusted, exact, factor: float = 4.0) -> None:
+    """Two float32 paths of one function (``got``, under test, and ``trusted``) sum in different orders, and each
+    CPU's kernels round their own way, so they are not compared with each other: each is compared with the float64
+    result ``exact``, and ``got`` may be at most ``factor`` times as far from it as ``trusted`` (or a few float32
+    epsilons). Rounding stays within that on any machine; a wrong result does not."""
+    floor = 16 * torch.finfo(torch.float32).eps
+    error, reference_error = relative_error(got, exact), relative_error(trusted, exact)
+    assert error <= factor * max(reference_error, floor), (
+        f"error {error:.2e} against float64, the trusted path's {reference_error:.2e}")
+
+
+def float64(module):
+    """A float64 copy of a model: the exact result its float32 paths are held to."""
+    import copy
+
+    return copy.deepcopy(module).double()
+
+
+def doubled(inputs: dict) -> dict:
+    """Model inputs with floating-point tensors (pixels) in float64."""
+    return {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}

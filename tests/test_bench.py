@@ -41,19 +41,23 @@ def test_baseline_static_decoder_equals_transformers_decoding():
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from ivl.model.teachers import TINY_TEACHER
+    from references import assert_as_accurate, float64
 
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**TINY_TEACHER)).eval()
     ids = torch.randint(0, 200, (2, 9))
+    exact_model = float64(model)
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True)
+        exact_past = exact_model(input_ids=ids, use_cache=True).past_key_values
         step = inference.BaselineStaticDecoder(model, out.past_key_values, 9, 14, cuda_graph=False)
         token, past = out.logits[:, -1].argmax(-1), out.past_key_values
         for s in range(4):
             logits = step(token, 9 + s)
             out = model(input_ids=token[:, None], past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            torch.testing.assert_close(logits, out.logits[:, -1], rtol=1e-4, atol=1e-4)
+            exact = exact_model(input_ids=token[:, None], past_key_values=exact_past, use_cache=True)
+            past, exact_past = out.past_key_values, exact.past_key_values
+            assert_as_accurate(logits, out.logits[:, -1], exact.logits[:, -1])
             token = logits.argmax(-1)
 
 

@@ -9,6 +9,7 @@ import torch
 from ivl.data import BadSample, CorpusSpec, ImageDataModule, Processor, SampleEncoder, VideoDataModule, read_corpus
 from ivl.model import HybridConfig, InfiniteVL, InfiniteVLConfig
 from media_files import write_image, write_video
+from references import assert_as_accurate, doubled, float64
 
 COLORS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}
 
@@ -109,16 +110,18 @@ def test_packed_batches_respect_the_budget_and_leak_nothing(tmp_path):
                     fullatt_block_indexes=[0]))).eval()
     batch = next(b for b in batches if len(b["sources"]) > 1)
     cu = batch["cu_seqlens"].tolist()
+    exact_model = float64(model)
     with torch.no_grad():
         packed = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
                        image_grid_thw=batch["image_grid_thw"], cu_seqlens=batch["cu_seqlens"]).logits
         patches = (batch["image_grid_thw"].prod(-1)).tolist()
         starts = [sum(patches[:i]) for i in range(len(patches))]
         for i, (a, z) in enumerate(zip(cu[:-1], cu[1:])):
-            alone = model(input_ids=batch["input_ids"][:, a:z],
+            inputs = dict(input_ids=batch["input_ids"][:, a:z],
                           pixel_values=batch["pixel_values"][starts[i]:starts[i] + patches[i]],
-                          image_grid_thw=batch["image_grid_thw"][i:i + 1]).logits
-            torch.testing.assert_close(packed[:, a:z], alone, rtol=1e-4, atol=1e-4)
+                          image_grid_thw=batch["image_grid_thw"][i:i + 1])
+            alone = model(**inputs).logits
+            assert_as_accurate(packed[:, a:z], alone, exact_model(**doubled(inputs)).logits)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

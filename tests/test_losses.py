@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ivl.model.losses import linear_cross_entropy, linear_kl_divergence
+from references import assert_as_accurate
 
 
 def leaves(*tensors):
@@ -18,13 +19,17 @@ def test_linear_cross_entropy_equals_plain_cross_entropy(chunk_rows):
     loss, hits = linear_cross_entropy(hidden, weight, targets, chunk_rows=chunk_rows)
     (loss * 3.0).backward()  # an upstream gradient other than 1
 
-    ref_hidden, ref_weight = leaves(hidden, weight)
-    logits = ref_hidden @ ref_weight.T
-    ref = F.cross_entropy(logits, targets)
-    (ref * 3.0).backward()
-    torch.testing.assert_close(loss, ref)
-    torch.testing.assert_close(hidden.grad, ref_hidden.grad)
-    torch.testing.assert_close(weight.grad, ref_weight.grad)
+    def plain(dtype):
+        ref_hidden, ref_weight = leaves(hidden.to(dtype), weight.to(dtype))
+        logits = ref_hidden @ ref_weight.T
+        ref = F.cross_entropy(logits, targets)
+        (ref * 3.0).backward()
+        return ref, ref_hidden.grad, ref_weight.grad, logits
+
+    ref, ref_hidden_grad, ref_weight_grad, logits = plain(torch.float32)
+    exact = plain(torch.float64)
+    for got, trusted, truth in zip((loss, hidden.grad, weight.grad), (ref, ref_hidden_grad, ref_weight_grad), exact):
+        assert_as_accurate(got.detach(), trusted.detach(), truth.detach())
     assert torch.equal(hits, logits.argmax(-1) == targets)
 
 
@@ -42,15 +47,18 @@ def test_linear_kl_equals_plain_kl_at_temperature(temperature):
     loss = linear_kl_divergence(hidden, weight, teacher_hidden, teacher_weight, temperature, chunk_rows=9)
     loss.backward()
 
-    ref_hidden, ref_weight = leaves(hidden, weight)
-    T = temperature
-    student = F.log_softmax(ref_hidden @ ref_weight.T / T, dim=-1)
-    teacher = F.log_softmax(teacher_hidden @ teacher_weight.T / T, dim=-1)
-    ref = F.kl_div(student, teacher, log_target=True, reduction="batchmean") * T * T
-    ref.backward()
-    torch.testing.assert_close(loss, ref)
-    torch.testing.assert_close(hidden.grad, ref_hidden.grad)
-    torch.testing.assert_close(weight.grad, ref_weight.grad)
+    def plain(dtype):
+        ref_hidden, ref_weight = leaves(hidden.to(dtype), weight.to(dtype))
+        T = temperature
+        student = F.log_softmax(ref_hidden @ ref_weight.T / T, dim=-1)
+        teacher = F.log_softmax(teacher_hidden.to(dtype) @ teacher_weight.to(dtype).T / T, dim=-1)
+        ref = F.kl_div(student, teacher, log_target=True, reduction="batchmean") * T * T
+        ref.backward()
+        return ref, ref_hidden.grad, ref_weight.grad
+
+    trusted, exact = plain(torch.float32), plain(torch.float64)
+    for got, ref, truth in zip((loss, hidden.grad, weight.grad), trusted, exact):
+        assert_as_accurate(got.detach(), ref.detach(), truth.detach())
 
 
 def test_kl_is_zero_for_the_teacher_itself():

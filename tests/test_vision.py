@@ -6,6 +6,7 @@ from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVi
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
 from ivl.model.vision import WindowBatchedAttention, build_vision_tower, vision_config_dict
+from references import assert_as_accurate
 from teacher import tiny_teacher_config
 
 
@@ -27,4 +28,5 @@ def test_batched_window_attention_equals_transformers_tower(grids):
     with torch.no_grad():
         expected = theirs(pixels, grid_thw=grid).pooler_output
         got = ours(pixels, grid_thw=grid).pooler_output
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        exact = theirs.double()(pixels.double(), grid_thw=grid).pooler_output
+    assert_as_accurate(got, expected, exact)

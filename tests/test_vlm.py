@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ivl.model import InfiniteVL, convert_qwen2_5_vl
+from references import assert_as_accurate, doubled, float64
 from teacher import IMAGE, VIDEO, image_video_prompt, tiny_teacher
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
@@ -125,10 +126,12 @@ def test_packed_batch_equals_separate_samples(teacher):
     }
     n = a["input_ids"].shape[1]
     cu = torch.tensor([0, n, packed["input_ids"].shape[1]], dtype=torch.int32)
+    exact_student = float64(student)
     with torch.no_grad():
         together = student(**packed, cu_seqlens=cu).logits
-        torch.testing.assert_close(together[:, :n], student(**student_inputs(a)).logits, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(together[:, n:], student(**student_inputs(b)).logits, rtol=1e-4, atol=1e-4)
+        for part, inputs in ((together[:, :n], a), (together[:, n:], b)):
+            exact = exact_student(**doubled(student_inputs(inputs))).logits
+            assert_as_accurate(part, student(**student_inputs(inputs)).logits, exact)
 
 
 def greedy_by_full_forwards(model, inputs, steps):
@@ -153,7 +156,9 @@ def test_cached_generate_equals_greedy_full_forwards(teacher, prefill_chunk):
     tokens, logits = student.generate(**inputs, max_new_tokens=20, stop_token_ids=[], prefill_chunk=prefill_chunk,
                                       on_token=streamed.append, return_scores=True)
     assert torch.equal(tokens, expected_tokens)
-    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
+    exact_tokens, exact = greedy_by_full_forwards(float64(student), doubled(inputs), steps=20)
+    assert torch.equal(exact_tokens, tokens)
+    assert_as_accurate(logits, expected_logits, exact)
     assert torch.equal(torch.stack(streamed, dim=1), tokens)
 
 
@@ -168,11 +173,13 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(teacher):
         **{k: torch.cat([a[k], b[k]]) for k in MODEL_INPUTS[2:]},
     }
     tokens, logits = student.generate(**batch, max_new_tokens=10, stop_token_ids=[], return_scores=True)
+    exact_student = float64(student)
     for row, alone in enumerate((a, b)):
         alone_tokens, alone_logits = student.generate(**alone, max_new_tokens=10, stop_token_ids=[],
                                                       return_scores=True)
         assert torch.equal(tokens[row], alone_tokens[0])
-        torch.testing.assert_close(logits[row], alone_logits[0], rtol=1e-4, atol=1e-4)
+        _, exact = exact_student.generate(**doubled(alone), max_new_tokens=10, stop_token_ids=[], return_scores=True)
+        assert_as_accurate(logits[row], alone_logits[0], exact[0])
 
 
 def test_stop_tokens_end_rows_and_pad_them(teacher):
@@ -230,4 +237,8 @@ def test_static_decoder_generates_what_the_dynamic_cache_generates(teacher):
                                       return_scores=True)
     ref_tokens, ref_scores = student.generate(**inputs, max_new_tokens=16, stop_token_ids=[], return_scores=True)
     assert torch.equal(tokens, ref_tokens)
-    torch.testing.assert_close(scores, ref_scores, rtol=1e-5, atol=1e-5)
+    student.double()
+    inputs = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+    exact_tokens, exact = student.generate(**inputs, max_new_tokens=16, stop_token_ids=[], return_scores=True)
+    assert torch.equal(exact_tokens, ref_tokens)
+    assert_as_accurate(scores, ref_scores, exact)
