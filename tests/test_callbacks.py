@@ -44,3 +44,17 @@ def test_lora_injection_trains_only_adapters(tmp_path):
     for n, p in module.model.named_parameters():
         if "lora_" not in n:
             assert torch.equal(p, base[n.replace(".base_layer", "")]), n
+
+
+def test_run_duration_prints_the_expected_time_from_measured_batches(tmp_path, caplog):
+    import logging
+
+    from ivl.callbacks import RunDuration
+
+    module = InstructModule(teacher="tiny", window=64)
+    batch = fixed_batch(corpus(tmp_path))
+    with caplog.at_level(logging.INFO):
+        trainer([RunDuration(after_batches=2)], steps=5).fit(module, DataLoader([batch] * 5, batch_size=None))
+    [estimate] = [r.getMessage() for r in caplog.records if "min of training left" in r.getMessage()]
+    assert "(5 batches in all" in estimate
+    assert any("training took" in r.getMessage() for r in caplog.records)
