@@ -63,7 +63,10 @@ def fit(root: Path, corpus_path: Path, devices: int, *extra: str, killed: bool =
                "--trainer.devices", str(devices), "--trainer.callbacks+=fsdp_run.RecordStepLosses",
                "--trainer.callbacks.path", str(root / "losses.jsonl"), *extra]
     done = subprocess.run(command, env=env, cwd=root, timeout=600, capture_output=True, text=True)
-    assert (done.returncode != 0) == killed, done.stderr[-3000:]
+    # gloo's threads can abort a CPU process at interpreter exit, after the run has finished and written
+    # everything ("terminate called without an active exception"): not a failure of the run.
+    exit_abort = "terminate called without an active exception" in done.stderr and (root / "model").exists()
+    assert (done.returncode != 0 and not exit_abort) == killed, done.stderr[-3000:]
 
 
 def losses(root: Path) -> dict[int, float]:

@@ -83,11 +83,12 @@ def _rank_main(rank, fn, port, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        fn(rank, *args)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    fn(rank, *args)  # an exception here reaches the test through torch.multiprocessing
+    dist.barrier()
+    dist.destroy_process_group()
+    # gloo's threads can still be winding down; a normal interpreter exit then sometimes aborts in their destructors
+    # ("terminate called without an active exception"), after every check has passed.
+    os._exit(0)
 
 
 def sharded_student(rank, checkpointing="blocks", with_lora=False):
