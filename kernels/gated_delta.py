@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ivl.kernels._fla import (fla_backward_is_miscompiled, fla_chunk_function, fla_gated_backward_is_refused,
                               fla_gated_delta, fla_refusal_lifted)
+from ivl.kernels.packed_bounds import host_bounds
 
 CHUNK_SIZE = 64
 
@@ -147,8 +148,9 @@ def _check_inputs(q, k, v, g, beta, initial_state, cu_seqlens) -> None:
     if cu_seqlens is not None:
         if B != 1:
             raise ValueError(f"with cu_seqlens the batch must be packed along T (B == 1); got B = {B}")
-        if cu_seqlens[0] != 0 or cu_seqlens[-1] != T:
-            raise ValueError(f"cu_seqlens must run from 0 to T = {T}; got {cu_seqlens.tolist()}")
+        bounds = host_bounds(cu_seqlens)
+        if bounds[0] != 0 or bounds[-1] != T:
+            raise ValueError(f"cu_seqlens must run from 0 to T = {T}; got {list(bounds)}")
     if initial_state is not None:
         n = B if cu_seqlens is None else len(cu_seqlens) - 1
         want = (n, H, q.shape[-1], v.shape[-1])
@@ -255,10 +257,11 @@ def _varlen(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqle
     Zero padding at the end of a sequence (beta = 0, g = 0) neither writes to nor decays the state, so the
     per-sequence final states are exact and nothing crosses a sequence boundary.
     """
-    bounds = cu_seqlens.tolist()
+    bounds = host_bounds(cu_seqlens)
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     N, t_max = len(lengths), max(lengths)
-    seq = torch.repeat_interleave(torch.arange(N, device=q.device), torch.tensor(lengths, device=q.device))
+    seq = torch.repeat_interleave(torch.arange(N, device=q.device), torch.tensor(lengths, device=q.device),
+                                  output_size=bounds[-1])
     pos = torch.arange(q.shape[1], device=q.device) - cu_seqlens.to(q.device).long()[seq]
 
     def to_padded(t):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ivl.kernels._fla import flash_attn_varlen
+from ivl.kernels.packed_bounds import host_bounds
 
 
 def sliding_window_attention(
@@ -141,8 +142,9 @@ def _flash_attn(q, k, v, window, cu_seqlens, scale):
         cu_seqlens = torch.arange(0, (B + 1) * T, T, device=q.device, dtype=torch.int32)
         max_len = T
     else:
+        bounds = host_bounds(cu_seqlens)
+        max_len = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
-        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     out = flash_attn_varlen()(
         q.reshape(B * T, Hq, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D),
         cu_seqlens, cu_seqlens, max_len, max_len, softmax_scale=scale, causal=True,
@@ -159,7 +161,7 @@ def _compiled_flex_attention():
 
 
 def _flex_attention(q, k, v, window, cu_seqlens, scale):
-    cu = tuple(cu_seqlens.tolist()) if cu_seqlens is not None else None
+    cu = host_bounds(cu_seqlens) if cu_seqlens is not None else None
     return _padded_flex(q, k, v, scale, lambda Tq, Tk: _block_mask(Tq, window, cu, q.device))
 
 

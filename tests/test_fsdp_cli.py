@@ -1,6 +1,7 @@
-"""`python -m ivl.experiments fit` with FSDP2Strategy on two CPU processes (gloo): killed mid-run, resumed from its
-distributed checkpoint on one process with the same global batch, it continues with the losses of the run that was
-never interrupted; its export loads with InfiniteVL.from_pretrained."""
+"""`python -m ivl.experiments fit` with FSDP2Strategy on several processes (two CPU processes on gloo; 2 and 4 GPUs
+on NCCL): killed mid-run, resumed from its distributed checkpoint on another number of processes with the same
+global batch, it continues with the losses of the run that was never interrupted; its export loads with
+InfiniteVL.from_pretrained."""
 
 import json
 import os
@@ -73,26 +74,37 @@ def losses(root: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (root / "losses.jsonl").read_text().splitlines())}
 
 
-@pytest.mark.parametrize("accelerator", [
-    "cpu",
-    pytest.param("gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2,
-                                                                   reason="needs two CUDA GPUs")]),
+def gpus(n: int) -> list:
+    return [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < n, reason=f"needs {n} CUDA GPUs")]
+
+
+@pytest.mark.parametrize("accelerator, before, after", [
+    ("cpu", 2, 1),
+    ("cpu", 1, 2),
+    pytest.param("gpu", 2, 1, marks=gpus(2)),
+    pytest.param("gpu", 4, 2, marks=gpus(4)),
+    pytest.param("gpu", 2, 4, marks=gpus(4)),
 ])
-def test_fsdp_run_killed_on_two_processes_resumes_on_one(tmp_path, accelerator):
+def test_fsdp_run_killed_resumes_on_another_number_of_processes(tmp_path, accelerator, before, after):
+    """Killed after step 2 on ``before`` processes, resumed on ``after``: the global batch (one sample per process
+    and micro-batch) stays the same through gradient accumulation, and so do the losses."""
     data = tmp_path / "data"
     data.mkdir()
-    corpus_path = corpus(data, n=12)
+    world = max(before, after)
+    corpus_path = corpus(data, n=6 * world)
     full, killed = tmp_path / "full", tmp_path / "killed"
     full.mkdir(), killed.mkdir()
     on = ("--trainer.accelerator", accelerator)
 
-    fit(full, corpus_path, 2, *on)
-    fit(killed, corpus_path, 2, *on, "--trainer.callbacks+=fsdp_run.KillAt", "--trainer.callbacks.step", "2",
-        killed=True)
+    def accumulate(devices):
+        return ("--trainer.accumulate_grad_batches", str(world // devices))
+
+    fit(full, corpus_path, before, *on, *accumulate(before))
+    fit(killed, corpus_path, before, *on, *accumulate(before), "--trainer.callbacks+=fsdp_run.KillAt",
+        "--trainer.callbacks.step", "2", killed=True)
     assert sorted(losses(killed)) == [1, 2] and not (killed / "model").exists()  # really stopped after step 2
     assert (killed / "checkpoints" / "last.ckpt").is_dir()  # a distributed (DCP) checkpoint folder
-    fit(killed, corpus_path, 1, *on, "--trainer.accumulate_grad_batches", "2",
-        "--ckpt_path", str(killed / "checkpoints" / "last.ckpt"))
+    fit(killed, corpus_path, after, *on, *accumulate(after), "--ckpt_path", str(killed / "checkpoints" / "last.ckpt"))
 
     expected, got = losses(full), losses(killed)
     assert sorted(expected) == [1, 2, 3, 4] and sorted(got) == [1, 2, 3, 4]
