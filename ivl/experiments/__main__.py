@@ -1,4 +1,7 @@
-"""python -m ivl.experiments {fit,validate,test,predict} --config experiments/X.yaml [--key value ...]"""
+"""python -m ivl.experiments {fit,validate,test,predict} --config experiments/X.yaml [--key value ...]
+
+python -m ivl.experiments sweep --config experiments/SWEEP.yaml [--parallel N] [--key value ...]
+"""
 
 from ivl.experiments.cli import main
 

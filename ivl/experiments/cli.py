@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -56,7 +59,40 @@ class IVLCLI(LightningCLI):
                             help="Named paths for ${paths.X} interpolation in configs (teacher, corpora, ...)")
 
 
+class _ParseOnly(IVLCLI):
+    """Parses and checks a command line as the real CLI does, and builds nothing."""
+
+    def _set_seed(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        pass
+
+
+def parse_only(args: list[str]) -> None:
+    """Raises UsageError with the parser's own message where ``python -m ivl.experiments *args`` would stop before
+    building anything (an unknown key, a value of the wrong type, a missing corpus)."""
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a check, not a run: its deprecation notes would repeat per child
+            _cli(args, run=True, cli_class=_ParseOnly)
+    except SystemExit:
+        text = stderr.getvalue()
+        message = text[text.rfind("error: ") + len("error: "):] if "error: " in text else text
+        lines = [line for line in message.strip().splitlines() if not line.strip().startswith("Given value")]
+        raise UsageError("\n".join(lines)) from None
+
+
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["sweep"]:
+        from ivl.experiments.sweep import main as sweep
+
+        raise SystemExit(sweep(argv[1:]))
     try:
         return _cli(args, run)
     except UsageError as error:  # a missing folder or corpus: one line, no traceback, no run started
@@ -64,8 +100,8 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         raise SystemExit(2) from None
 
 
-def _cli(args: list[str] | None, run: bool) -> LightningCLI:
-    return IVLCLI(
+def _cli(args: list[str] | None, run: bool, cli_class: type[IVLCLI] = IVLCLI) -> LightningCLI:
+    return cli_class(
         StageModule,
         L.LightningDataModule,
         subclass_mode_model=True,
