@@ -1,6 +1,7 @@
 """The three stages on tiny models: losses fall, the right parameters train, adapters reload, runs resume."""
 
 import json
+import math
 
 import lightning as L
 import pytest
@@ -248,3 +249,37 @@ def test_weight_decay_spares_norms_biases_and_gates(tmp_path):
             continue
         shrunk = p.detach().norm() < 0.999 * before[name].norm()
         assert shrunk == (p.dim() >= 2), name
+
+
+def test_distillation_validation_compares_student_and_teacher_on_held_out_answers(tmp_path):
+    """val/ppl, val/teacher_ppl, val/top1_agreement (answer tokens) and val/kl_to_teacher (all real tokens),
+    token-weighted over two batches, against the full logits of both models' ordinary forwards."""
+    import torch.nn.functional as F
+
+    module = built(DistillModule(teacher="tiny", window=64, layerwise_steps=0))
+    batches = list(datamodule(corpus(tmp_path, n=4), packed=False).train_dataloader())[:2]
+    assert len(batches) == 2
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    got = trainer.validate(module, DataLoader(batches, batch_size=None))[0]
+
+    nll = teacher_nll = agree = kl = answers = tokens = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            student = module.model(**module.model_inputs(batch)).logits.double()
+            teacher = module.teacher(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values",
+                                                              "image_grid_thw")}).logits.double()
+            targets = batch["labels"][:, 1:]
+            at = targets != -100
+            s, t = student[:, :-1][at], teacher[:, :-1][at]
+            nll += F.cross_entropy(s, targets[at], reduction="sum").item()
+            teacher_nll += F.cross_entropy(t, targets[at], reduction="sum").item()
+            agree += (s.argmax(-1) == t.argmax(-1)).sum().item()
+            answers += at.sum().item()
+            real = batch["attention_mask"].bool()
+            kl += F.kl_div(student[real].log_softmax(-1), teacher[real].log_softmax(-1), log_target=True,
+                           reduction="sum").item()
+            tokens += real.sum().item()
+    assert got["val/ppl"] == pytest.approx(math.exp(nll / answers), rel=1e-4)
+    assert got["val/teacher_ppl"] == pytest.approx(math.exp(teacher_nll / answers), rel=1e-4)
+    assert got["val/top1_agreement"] == pytest.approx(agree / answers, abs=1e-6)
+    assert got["val/kl_to_teacher"] == pytest.approx(kl / tokens, rel=1e-3, abs=1e-6)

@@ -133,26 +133,50 @@ class HeadLosses:
     the whole answer gives under teacher forcing), 0.0 where one is not, NaN for a sample with no label."""
     kl: torch.Tensor | None = None
     """T^2 * mean KL(teacher || student) of next-token distributions at temperature T over unmasked positions."""
+    teacher_ce: torch.Tensor | None = None
+    """The teacher's mean next-token cross-entropy over the same labelled positions (``compare_teacher``)."""
+    agreement: torch.Tensor | None = None
+    """Fraction of labelled positions where the student's and the teacher's top-1 next tokens agree."""
 
 
 def head_losses(hidden: torch.Tensor, head: torch.Tensor, labels: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 teacher_hidden: torch.Tensor | None = None, teacher_head: torch.Tensor | None = None,
-                temperature: float = 1.0) -> HeadLosses:
+                temperature: float = 1.0, compare_teacher: bool = False) -> HeadLosses:
     """The LM head's losses from final hidden states [B, T, D] and the head weight [vocab, D]: next-token
     cross-entropy and exact match over ``labels`` != -100 (never across a packed ``cu_seqlens`` boundary), and with
-    the teacher's hidden states and head, the KL to it at ``temperature`` over ``attention_mask`` positions."""
+    the teacher's hidden states and head, the KL to it at ``temperature`` over ``attention_mask`` positions.
+    ``compare_teacher`` (with labels and the teacher) adds the teacher's cross-entropy and the top-1 agreement over
+    the labelled positions, without gradients (for evaluation)."""
     out = HeadLosses()
     if labels is not None:
         targets = next_token_targets(labels, cu_seqlens)
         positions = (targets != -100).nonzero(as_tuple=True)
         out.ce, hits = linear_cross_entropy(hidden[:, :-1][positions], head, targets[positions])
         out.correct = _exact_match_per_sample(hits, positions, cu_seqlens, len(targets))
+        if compare_teacher and teacher_hidden is not None:
+            out.teacher_ce, out.agreement = _compare_with_teacher(
+                hidden[:, :-1][positions], head, teacher_hidden[:, :-1][positions], teacher_head, targets[positions])
     if teacher_hidden is not None:
         valid = (attention_mask.bool() if attention_mask is not None else
                  torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device))
         out.kl = linear_kl_divergence(hidden[valid], head, teacher_hidden[valid], teacher_head, temperature)
     return out
+
+
+@torch.no_grad()
+def _compare_with_teacher(hidden, weight, teacher_hidden, teacher_weight, targets,
+                          chunk_rows: int = CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the teacher's mean cross-entropy on ``targets``, the fraction of rows whose argmaxes agree), in chunks."""
+    n = hidden.shape[0]
+    ce = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    agree = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, n, chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        teacher = F.linear(teacher_hidden[rows], teacher_weight).float()
+        ce += (teacher.logsumexp(-1) - teacher.gather(1, targets[rows, None])[:, 0]).sum()
+        agree += (F.linear(hidden[rows], weight).argmax(-1) == teacher.argmax(-1)).sum()
+    return ce / max(n, 1), agree / max(n, 1)
 
 
 def next_token_targets(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:

@@ -120,7 +120,7 @@ class InfiniteVL(nn.Module):
 
     def head_losses(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                     teacher_hidden: torch.Tensor | None = None, teacher_head: torch.Tensor | None = None,
-                    temperature: float = 1.0, **inputs) -> HeadLosses:
+                    temperature: float = 1.0, compare_teacher: bool = False, **inputs) -> HeadLosses:
         """The training forward: hidden states once, then the LM head's losses in chunks (``ivl.model.losses``),
         so that no [tokens, vocab] float32 logits are ever kept.
 
@@ -129,13 +129,14 @@ class InfiniteVL(nn.Module):
             labels: [B, T] with -100 outside answers: cross-entropy and exact match of the labelled next tokens.
             teacher_hidden, teacher_head: the teacher's final hidden states [B, T, D'] and LM head [vocab, D']:
                 KL to the teacher at ``temperature`` over positions where attention_mask is 1 (all without one).
+            compare_teacher: also the teacher's cross-entropy and the top-1 agreement on the labels (evaluation).
 
         Under FSDP2 this method is registered as a forward (``register_fsdp_forward_method``), so the head
         weight (tied to the embeddings) is read while gathered.
         """
         hidden = self.hidden_states(input_ids, **inputs)
         return head_losses(hidden, self.lm.lm_head.weight, labels, inputs.get("cu_seqlens"),
-                           inputs.get("attention_mask"), teacher_hidden, teacher_head, temperature)
+                           inputs.get("attention_mask"), teacher_hidden, teacher_head, temperature, compare_teacher)
 
     def block_outputs(self, layer_inputs: dict[int, torch.Tensor],
                       attention_mask: torch.Tensor | None = None) -> dict[int, torch.Tensor]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 
 import torch
+from torchmetrics.aggregation import MeanMetric
 
 from ivl.stages.base import StageModule
 from ivl.stages.models import load_teacher
@@ -43,6 +44,8 @@ class DistillModule(StageModule):
         self.__dict__["teacher"] = None
         self.gdn_layers: list[int] = []
         self.phase_parameters: dict[str, set[str]] = {}
+        # token-weighted means over the validation epoch, reduced across processes
+        self.val_nll, self.val_teacher_nll, self.val_agreement, self.val_kl = (MeanMetric() for _ in range(4))
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -94,8 +97,33 @@ class DistillModule(StageModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int):
-        out = self.answer_losses(batch)
+        """On the answers of held-out text: the student's and the teacher's cross-entropy, KL(teacher || student)
+        at T = 1 over real tokens, and top-1 next-token agreement with the teacher. Epoch values are weighted by
+        tokens (``on_validation_epoch_end``: val/ppl, val/teacher_ppl, val/kl_to_teacher, val/top1_agreement)."""
+        teacher_hidden, _ = self.teacher_forward(batch)
+        out = self.model.head_losses(labels=batch["labels"], teacher_hidden=teacher_hidden,
+                                     teacher_head=self.teacher.lm_head.weight, temperature=1.0, compare_teacher=True,
+                                     **self.model_inputs(batch))
+        answers = int((batch["labels"][:, 1:] != -100).sum())
+        tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         self.log("val/loss", out.ce, prog_bar=True, batch_size=max(1, len(out.correct)))
+        zero = out.kl.detach().new_zeros(())  # every process updates every metric, so their reductions match
+        self.val_nll.update(out.ce if answers else zero, answers)
+        self.val_teacher_nll.update(out.teacher_ce if answers else zero, answers)
+        self.val_agreement.update(out.agreement if answers else zero, answers)
+        self.val_kl.update(out.kl, tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_kl.update_count == 0:  # no validation batch (the same on every process)
+            return
+        nll, teacher_nll, agreement = self.val_nll.compute(), self.val_teacher_nll.compute(), self.val_agreement.compute()
+        if torch.isfinite(nll):  # NaN: no answer token anywhere
+            self.log("val/ppl", nll.exp())
+            self.log("val/teacher_ppl", teacher_nll.exp())
+            self.log("val/top1_agreement", agreement)
+        self.log("val/kl_to_teacher", self.val_kl.compute())
+        for metric in (self.val_nll, self.val_teacher_nll, self.val_agreement, self.val_kl):
+            metric.reset()
 
     # ---- teacher ---------------------------------------------------------------------------------------------
     def _teacher_layers(self):
