@@ -132,17 +132,28 @@ def test_bad_sweep_files_fail_before_any_run_naming_the_key(workdir, capfd, body
     assert not (workdir / "mlflow.db").exists()  # no parent run was created
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (TESTS.parent / "experiments").glob("sweep*.yaml")))
-def test_shipped_sweep_files_give_children_that_fit_accepts(tmp_path, monkeypatch, name):
+SWEEP_FILES = sorted(str(p.relative_to(TESTS.parent / "experiments")) for p in (TESTS.parent / "experiments").rglob("*.yaml")
+                     if "\ngrid:" in p.read_text())
+
+
+@pytest.mark.parametrize("name", SWEEP_FILES)
+def test_shipped_sweep_files_give_children_that_their_subcommand_accepts(tmp_path, monkeypatch, name):
     from omegaconf import OmegaConf
 
+    from ivl.data import passkey, python_docs
     from ivl.data.demo import build
+    from ivl.data.processing import bundled_tokenizer_dir
     from ivl.experiments.sweep import Sweep, check_child, child_config
 
-    monkeypatch.chdir(tmp_path)  # the demo config's relative corpus paths
+    monkeypatch.chdir(tmp_path)  # the configs' relative paths: corpora and the teacher folder are made here
     build(tmp_path / "data" / "demo", seed=0, scale=0.01)
+    python_docs.build(tmp_path / "data" / "python-docs", docstrings=False)
+    passkey.build(tmp_path / "data" / "passkey", str(bundled_tokenizer_dir()), window=8, train=2, per_distance=1)
+    (tmp_path / "teachers" / "smollm2").mkdir(parents=True)
+    (tmp_path / "teachers" / "smollm2" / "config.json").write_text("{}")  # only its presence is checked here
     spec = Sweep.load(TESTS.parent / "experiments" / name)
     base = OmegaConf.load(spec.base)
+    assert spec.children()
     for child in spec.children():
         config = child_config(base, spec, child, tmp_path / child.folder_name, "run-id")
         OmegaConf.save(config, tmp_path / "child.yaml")

@@ -9,6 +9,7 @@ A sweep file::
     seeds: [0, 1]                          # optional: each grid point once per seed (seed_everything)
     overrides:                             # optional: dotted keys -> one value, for every child
       trainer.max_epochs: 2
+    subcommand: fit                        # optional: fit (default), validate or test
 
 Every child is a complete ``fit`` in its own process (a failure or an out-of-memory error stays in that child),
 with its own folder ``<base default_root_dir>/sweeps/<name>/<NN-child>`` holding its config, log, checkpoints and
@@ -43,7 +44,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ivl.errors import UsageError
 
-FIELDS = ("name", "base", "grid", "seeds", "overrides")
+FIELDS = ("name", "base", "grid", "seeds", "overrides", "subcommand")
+SUBCOMMANDS = ("fit", "validate", "test")
 STATE = "sweep.json"
 
 
@@ -57,6 +59,7 @@ class Sweep:
     grid: dict[str, list]
     seeds: list[int] | None
     overrides: dict[str, Any]
+    subcommand: str = "fit"
 
     @classmethod
     def load(cls, path: str | Path) -> "Sweep":
@@ -91,11 +94,14 @@ class Sweep:
         overrides = data.get("overrides") or {}
         if not isinstance(overrides, dict):
             raise UsageError(f"{file}: `overrides:` must map dotted config keys to values; got {overrides!r}")
+        subcommand = data.get("subcommand", "fit")
+        if subcommand not in SUBCOMMANDS:
+            raise UsageError(f"{file}: `subcommand:` must be one of {', '.join(SUBCOMMANDS)}; got {subcommand!r}")
         both = sorted(set(grid) & set(overrides))
         if both:
             raise UsageError(f"{file}: key {both[0]!r} is both in `grid:` and in `overrides:`")
         return cls(file=file, name=str(data.get("name") or file.stem), base=_find_base(file, str(data["base"])),
-                   grid=grid, seeds=seeds, overrides=overrides)
+                   grid=grid, seeds=seeds, overrides=overrides, subcommand=subcommand)
 
     def children(self) -> list["Child"]:
         keys = list(self.grid)
@@ -189,7 +195,7 @@ def check_child(config_path: Path, extra: list[str], sweep: Sweep, child: Child)
     from ivl.experiments.cli import parse_only
 
     try:
-        parse_only(["fit", "--config", str(config_path), *extra])
+        parse_only([sweep.subcommand, "--config", str(config_path), *extra])
     except UsageError as err:
         message = str(err)
         values = {**sweep.overrides, **child.values}
@@ -275,10 +281,11 @@ class Running:
     started: float
 
 
-def _start(child: Child, run_id: str, folder: Path, extra: list[str], gpu: int | None, echo: bool) -> Running:
-    command = [sys.executable, "-m", "ivl.experiments", "fit", "--config", str(folder / "config.yaml"), *extra]
+def _start(child: Child, run_id: str, folder: Path, extra: list[str], gpu: int | None, echo: bool,
+           subcommand: str = "fit") -> Running:
+    command = [sys.executable, "-m", "ivl.experiments", subcommand, "--config", str(folder / "config.yaml"), *extra]
     last = folder / "checkpoints" / "last.ckpt"
-    if last.exists():
+    if subcommand == "fit" and last.exists():
         command += ["--ckpt_path", str(last)]
         print(f"[sweep] {child.name}: resuming from {last}", flush=True)
     env = dict(os.environ)
@@ -369,7 +376,7 @@ def run(sweep_file: str, extra: list[str], parallel: int = 1) -> int:
     if parallel == 1:
         for child, run_id, folder in todo:
             print(f"[sweep] {child.name}: starting ({folder})", flush=True)
-            running = _start(child, run_id, folder, extra, None, echo=True)
+            running = _start(child, run_id, folder, extra, None, echo=True, subcommand=sweep.subcommand)
             _echo(running)
             failed += not _finish(running, tracking)
     else:
@@ -379,7 +386,7 @@ def run(sweep_file: str, extra: list[str], parallel: int = 1) -> int:
                 child, run_id, folder = todo.pop(0)
                 gpu = free.pop(0)
                 print(f"[sweep] {child.name}: starting on GPU {gpu} (log: {folder / 'fit.log'})", flush=True)
-                active.append(_start(child, run_id, folder, extra, gpu, echo=False))
+                active.append(_start(child, run_id, folder, extra, gpu, echo=False, subcommand=sweep.subcommand))
             time.sleep(1.0)
             for running in [r for r in active if r.process.poll() is not None]:
                 active.remove(running)
