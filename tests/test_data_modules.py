@@ -40,6 +40,31 @@ def test_labels_cover_exactly_the_answers(tmp_path, processor):
     assert int((item["input_ids"] == processor.image_token_id).sum()) == item["image_grid_thw"].prod() // 4
 
 
+@pytest.fixture(scope="module")
+def smollm2_processor():
+    from transformers import AutoTokenizer
+
+    from ivl.model.llama_teacher import VISION_TOKENS, smollm2_gguf
+
+    path = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tokenizer.add_tokens(VISION_TOKENS, special_tokens=True)
+    return Processor(tokenizer)
+
+
+@pytest.mark.parametrize("which", ["qwen", "smollm2"])
+def test_an_answer_that_starts_with_spaces_is_labelled_whole(tmp_path, request, which):
+    """SmolLM2's BPE merges the turn header's newline with the answer's leading space into one token ("\\n ")."""
+    processor = request.getfixturevalue("processor" if which == "qwen" else "smollm2_processor")
+    answer = "    indented code, then text"
+    record = {"conversations": [{"from": "human", "value": "Quote it."}, {"from": "gpt", "value": answer}]}
+    (tmp_path / "t.jsonl").write_text(json.dumps(record) + "\n")
+    [sample] = read_corpus(CorpusSpec(str(tmp_path / "t.jsonl")))
+    item = SampleEncoder(processor)(sample)
+    labelled = processor.tokenizer.decode(item["input_ids"][item["labels"] != -100])
+    assert labelled.endswith(answer + "<|im_end|>") and len(labelled) <= len(answer + "<|im_end|>") + 1
+
+
 def test_video_sample_carries_timestamps(tmp_path, processor):
     write_video(tmp_path / "clip.mp4", [COLORS["red"], COLORS["blue"]], frames_per_color=8, fps=8)  # 2 s
     record = {"video": "clip.mp4", "conversations": [{"from": "human", "value": "<video>first color?"},

@@ -283,3 +283,15 @@ def test_distillation_validation_compares_student_and_teacher_on_held_out_answer
     assert got["val/teacher_ppl"] == pytest.approx(math.exp(teacher_nll / answers), rel=1e-4)
     assert got["val/top1_agreement"] == pytest.approx(agree / answers, abs=1e-6)
     assert got["val/kl_to_teacher"] == pytest.approx(kl / tokens, rel=1e-3, abs=1e-6)
+
+
+def test_a_student_with_nothing_to_distil_is_still_validated(tmp_path):
+    """All window attention (ratio 1): no Gated DeltaNet layer to train, but `validate` measures it (the baseline
+    of the science sweeps); `fit` refuses it."""
+    batches = list(datamodule(corpus(tmp_path, n=2), packed=False).train_dataloader())[:1]
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    got = trainer.validate(DistillModule(teacher="tiny", window=64, hybrid_ratio=1.0),
+                           DataLoader(batches, batch_size=None))[0]
+    assert {"val/ppl", "val/teacher_ppl", "val/kl_to_teacher", "val/top1_agreement"} <= set(got)
+    with pytest.raises(ValueError, match="no Gated DeltaNet layer"):
+        trainer.fit(DistillModule(teacher="tiny", window=64, hybrid_ratio=1.0), DataLoader(batches, batch_size=None))

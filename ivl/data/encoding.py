@@ -28,7 +28,10 @@ class SampleEncoder:
         self.max_tokens, self.truncation = max_tokens, truncation
         self.video_fps, self.video_max_frames = video_fps, video_max_frames
         tok = processor.tokenizer
-        self.answer_start = tok.encode("<|im_start|>assistant\n")
+        # The turn's header without its newline: a BPE may merge that newline with the answer's leading spaces
+        # ("\n  * If ..." -> "\n " + " *"), so the newline is skipped only where it is a token of its own.
+        self.answer_start = tok.encode("<|im_start|>assistant", add_special_tokens=False)
+        self.newline = tok.encode("\n", add_special_tokens=False)
         self.turn_end = tok.convert_tokens_to_ids("<|im_end|>")
 
     def __call__(self, sample: Sample) -> dict:
@@ -50,16 +53,18 @@ class SampleEncoder:
         return {"input_ids": input_ids, "labels": labels, **inputs, "source": sample.source, "task": sample.task}
 
     def _answer_labels(self, ids: torch.Tensor) -> torch.Tensor:
-        """Copy ids inside assistant turns (after '<|im_start|>assistant\\n', through '<|im_end|>'), -100 elsewhere."""
+        """Copy ids inside assistant turns (after '<|im_start|>assistant\\n', through '<|im_end|>'), -100 elsewhere;
+        a newline merged into the answer's first token stays part of the answer."""
         labels = torch.full_like(ids, -100)
         ids_list, start, n = ids.tolist(), self.answer_start, len(self.answer_start)
         i = 0
         while i < len(ids_list):
             if ids_list[i:i + n] == start:
-                j = i + n
+                first = i + n + (len(self.newline) if ids_list[i + n:i + n + len(self.newline)] == self.newline else 0)
+                j = first
                 while j < len(ids_list) and ids_list[j] != self.turn_end:
                     j += 1
-                labels[i + n:j + 1] = ids[i + n:j + 1]
+                labels[first:j + 1] = ids[first:j + 1]
                 i = j + 1
             else:
                 i += 1

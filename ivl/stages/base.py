@@ -137,8 +137,13 @@ class StageModule(L.LightningModule):
         regex = [re.compile(self.expand(p)) for p in patterns]
         for name, p in self.model.named_parameters():
             p.requires_grad_(any(r.fullmatch(name) for r in regex))
-        if not any(p.requires_grad for p in self.model.parameters()):
+        if not any(p.requires_grad for p in self.model.parameters()) and self.fitting():
             raise ValueError(f"no parameter matches trainable={patterns}")
+
+    def fitting(self) -> bool:
+        """False under validate/test, where a model with nothing to train (an all-window-attention student in
+        Stage I) is still evaluated."""
+        return self._trainer is None or self.trainer.state.fn == "fit"
 
     def expand(self, pattern: str) -> str:
         """``{gdn}`` / ``{attention}`` in a pattern -> an alternation of those layers' indices."""

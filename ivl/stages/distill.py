@@ -55,20 +55,21 @@ class DistillModule(StageModule):
             self.__dict__["teacher"] = load_teacher(h.teacher, h.get("teacher_dtype"), seed=h.seed)
         super().configure_model()
         self.gdn_layers = [i for i, kind in enumerate(self.model.config.text.layer_types) if kind != "attention"]
-        if not self.gdn_layers:
-            raise ValueError("the student has no Gated DeltaNet layer to distil into")
 
     def conversion_teacher(self):
         return self.teacher
 
     def trainable_patterns(self) -> list[str]:
+        if self.fitting() and "gated_deltanet" not in self.model.config.text.layer_types:
+            raise ValueError("the student has no Gated DeltaNet layer to distil into (hybrid_ratio 1 is all window "
+                             "attention: evaluate it with validate)")
         layerwise = self.hparams.get("layerwise_trainable") or list(self.default_trainable)
         end_to_end = super().trainable_patterns()
         names = [n for n, _ in self.model.named_parameters()]
         for phase, patterns in zip(PHASES, (layerwise, end_to_end)):
             regex = [re.compile(self.expand(p)) for p in patterns]
             self.phase_parameters[phase] = {n for n in names if any(r.fullmatch(n) for r in regex)}
-            if not self.phase_parameters[phase]:
+            if not self.phase_parameters[phase] and self.fitting():
                 raise ValueError(f"no parameter matches the {phase} phase's trainable patterns {patterns}")
         return layerwise + end_to_end
 
