@@ -159,3 +159,9 @@ def test_shipped_sweep_files_give_children_that_their_subcommand_accepts(tmp_pat
         OmegaConf.save(config, tmp_path / "child.yaml")
         check_child(tmp_path / "child.yaml", [], spec, child)  # raises UsageError naming what fit would reject
         assert OmegaConf.select(config, "trainer.default_root_dir") == str(tmp_path / child.folder_name)
+
+
+def test_parallel_children_need_that_many_gpus(workdir, capfd):
+    file = write_sweep(workdir, "base: base.yaml\ngrid:\n  model.init_args.window: [32, 64]\n")
+    assert sweep(["--config", file, "--parallel", "2"]) == 2
+    assert "--parallel 2 runs one child per GPU, but 0 CUDA GPUs are visible" in capfd.readouterr().err
