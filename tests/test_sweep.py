@@ -165,3 +165,13 @@ def test_parallel_children_need_that_many_gpus(workdir, capfd):
     file = write_sweep(workdir, "base: base.yaml\ngrid:\n  model.init_args.window: [32, 64]\n")
     assert sweep(["--config", file, "--parallel", "2"]) == 2
     assert "--parallel 2 runs one child per GPU, but 0 CUDA GPUs are visible" in capfd.readouterr().err
+
+
+def test_children_cover_the_grid_for_one_seed_before_the_next():
+    from ivl.experiments.sweep import Sweep
+
+    spec = Sweep(file=Path("s.yaml"), name="s", base=Path("b.yaml"), grid={"a.x": [1, 2], "a.y": ["p", "q"]},
+                 seeds=[0, 1], overrides={})
+    assert [(c.values["a.x"], c.values["a.y"], c.seed) for c in spec.children()] == [
+        (1, "p", 0), (1, "q", 0), (2, "p", 0), (2, "q", 0), (1, "p", 1), (1, "q", 1), (2, "p", 1), (2, "q", 1)]
+    assert [c.folder_name for c in spec.children()][:2] == ["00-x=1,y=p,seed=0", "01-x=1,y=q,seed=0"]

@@ -106,8 +106,9 @@ class Sweep:
     def children(self) -> list["Child"]:
         keys = list(self.grid)
         points = itertools.product(*(self.grid[k] for k in keys))
+        # Seeds outermost: a sweep cut short has covered the whole grid for its first seeds.
         return [Child(i, dict(zip(keys, values)), seed)
-                for i, (values, seed) in enumerate(itertools.product(points, self.seeds or [None]))]
+                for i, (seed, values) in enumerate(itertools.product(self.seeds or [None], list(points)))]
 
 
 def _find_base(file: Path, base: str) -> Path:
@@ -257,6 +258,7 @@ class Tracking:
         if child.seed is not None:
             tags["seed"] = str(child.seed)
         run_id = self.client.create_run(self.experiment_id, run_name=child.name, tags=tags).info.run_id
+        self.client.update_run(run_id, status="SCHEDULED")  # RUNNING once its fit starts
         for key, value in child.values.items():
             self.client.log_param(run_id, key, json.dumps(value))
         if child.seed is not None:
@@ -281,13 +283,14 @@ class Running:
     started: float
 
 
-def _start(child: Child, run_id: str, folder: Path, extra: list[str], gpu: int | None, echo: bool,
-           subcommand: str = "fit") -> Running:
+def _start(tracking: Tracking, child: Child, run_id: str, folder: Path, extra: list[str], gpu: int | None,
+           echo: bool, subcommand: str = "fit") -> Running:
     command = [sys.executable, "-m", "ivl.experiments", subcommand, "--config", str(folder / "config.yaml"), *extra]
     last = folder / "checkpoints" / "last.ckpt"
     if subcommand == "fit" and last.exists():
         command += ["--ckpt_path", str(last)]
         print(f"[sweep] {child.name}: resuming from {last}", flush=True)
+    tracking.client.update_run(run_id, status="RUNNING")
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
@@ -376,7 +379,7 @@ def run(sweep_file: str, extra: list[str], parallel: int = 1) -> int:
     if parallel == 1:
         for child, run_id, folder in todo:
             print(f"[sweep] {child.name}: starting ({folder})", flush=True)
-            running = _start(child, run_id, folder, extra, None, echo=True, subcommand=sweep.subcommand)
+            running = _start(tracking, child, run_id, folder, extra, None, echo=True, subcommand=sweep.subcommand)
             _echo(running)
             failed += not _finish(running, tracking)
     else:
@@ -386,7 +389,8 @@ def run(sweep_file: str, extra: list[str], parallel: int = 1) -> int:
                 child, run_id, folder = todo.pop(0)
                 gpu = free.pop(0)
                 print(f"[sweep] {child.name}: starting on GPU {gpu} (log: {folder / 'fit.log'})", flush=True)
-                active.append(_start(child, run_id, folder, extra, gpu, echo=False, subcommand=sweep.subcommand))
+                active.append(_start(tracking, child, run_id, folder, extra, gpu, echo=False,
+                                     subcommand=sweep.subcommand))
             time.sleep(1.0)
             for running in [r for r in active if r.process.poll() is not None]:
                 active.remove(running)
