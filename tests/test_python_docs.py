@@ -45,8 +45,9 @@ def test_a_split_left_empty_is_an_error(tmp_path):
 def test_docstrings_are_read_from_sources_without_importing_them(tmp_path):
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "__init__.py").write_text('"""The package docstring, long enough to be kept here."""\n')
-    (tmp_path / "boom.py").write_text('"""Importing this module would raise, so it is read, not imported."""\n'
-                                      'raise SystemExit(1)\n\ndef f():\n    """f returns nothing, and says so at length."""\n')
+    (tmp_path / "boom.py").write_text(
+        '"""Importing this module would raise, so it is read, not imported."""\n'
+        'raise SystemExit(1)\n\ndef f():\n    """f returns nothing, and says so at length."""\n')
     (tmp_path / "broken.py").write_text("def (:\n")
     (tmp_path / "test").mkdir()
     (tmp_path / "test" / "test_x.py").write_text('"""A test module that must be left out of the corpus."""\n')

@@ -132,8 +132,8 @@ def test_bad_sweep_files_fail_before_any_run_naming_the_key(workdir, capfd, body
     assert not (workdir / "mlflow.db").exists()  # no parent run was created
 
 
-SWEEP_FILES = sorted(str(p.relative_to(TESTS.parent / "experiments")) for p in (TESTS.parent / "experiments").rglob("*.yaml")
-                     if "\ngrid:" in p.read_text())
+EXPERIMENTS = TESTS.parent / "experiments"
+SWEEP_FILES = sorted(str(p.relative_to(EXPERIMENTS)) for p in EXPERIMENTS.rglob("*.yaml") if "\ngrid:" in p.read_text())
 
 
 @pytest.mark.parametrize("name", SWEEP_FILES)
@@ -151,7 +151,7 @@ def test_shipped_sweep_files_give_children_that_their_subcommand_accepts(tmp_pat
     passkey.build(tmp_path / "data" / "passkey", str(bundled_tokenizer_dir()), window=8, train=2, per_distance=1)
     (tmp_path / "teachers" / "smollm2").mkdir(parents=True)
     (tmp_path / "teachers" / "smollm2" / "config.json").write_text("{}")  # only its presence is checked here
-    spec = Sweep.load(TESTS.parent / "experiments" / name)
+    spec = Sweep.load(EXPERIMENTS / name)
     base = OmegaConf.load(spec.base)
     assert spec.children()
     for child in spec.children():

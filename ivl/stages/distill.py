@@ -117,7 +117,8 @@ class DistillModule(StageModule):
     def on_validation_epoch_end(self) -> None:
         if self.val_kl.update_count == 0:  # no validation batch (the same on every process)
             return
-        nll, teacher_nll, agreement = self.val_nll.compute(), self.val_teacher_nll.compute(), self.val_agreement.compute()
+        nll, teacher_nll = self.val_nll.compute(), self.val_teacher_nll.compute()
+        agreement = self.val_agreement.compute()
         if torch.isfinite(nll):  # NaN: no answer token anywhere
             self.log("val/ppl", nll.exp())
             self.log("val/teacher_ppl", teacher_nll.exp())
