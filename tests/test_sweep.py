@@ -39,7 +39,7 @@ data:
   class_path: ivl.data.ImageDataModule
   init_args:
     train: [{{path: {corpus}}}]
-    val: [{{path: {corpus}}}]
+    val: [{{path: {corpus}, name: colors}}]   # per-task accuracy: val/accuracy/colors
     pack_tokens: null
     batch_size: 2
     image_max_pixels: 3136
@@ -109,7 +109,9 @@ def test_sweep_nests_children_under_one_parent_survives_a_kill_and_skips_finishe
     assert [r["window"] for r in rows] == ["32", "64"] and all(r["status"] == "FINISHED" for r in rows)
     assert all(0.0 <= float(r["val/accuracy (best)"]) <= 1.0 for r in rows)
     artifacts = [a.path for a in client.list_artifacts(parent.info.run_id)]
-    assert {"summary.csv", "summary.md", "summary.png", "sweep.yaml", "base.yaml"} <= set(artifacts)
+    assert {"summary.csv", "summary.md", "summary.png", "summary_tasks.png", "sweep.yaml", "base.yaml"} <= \
+        set(artifacts)
+    assert all(0.0 <= float(r["val/accuracy/colors"]) <= 1.0 for r in rows)  # per-task columns too
 
     # 3. rerun once more: nothing left to do
     assert sweep(["--config", file]) == 0

@@ -442,6 +442,10 @@ def summarise(tracking: Tracking, sweep: Sweep, base: DictConfig, children: list
     if metric is not None and any(row.get(f"{metric} (best)") is not None for row in rows):
         plot(rows, [short(k) for k in sweep.grid], f"{metric} (best)", root / "summary.png")
         files.append(root / "summary.png")
+    tasks = sorted({k for row in rows for k in row if k.startswith(TASK_PREFIX)}, key=_natural)
+    if tasks:
+        plot_tasks(rows, [short(k) for k in sweep.grid], tasks, root / "summary_tasks.png")
+        files.append(root / "summary_tasks.png")
         best = [row[f"{metric} (best)"] for row in rows if row.get(f"{metric} (best)") is not None]
         tracking.client.log_metric(parent, f"best/{metric}", (max if mode == "max" else min)(best))
     for path in files:
@@ -493,6 +497,43 @@ def plot(rows: list[dict], keys: list[str], metric: str, path: Path) -> None:
         ax.grid(alpha=0.3)
         if others:
             ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+TASK_PREFIX = "val/accuracy/"  # InstructModule's per-task exact match
+
+
+def _natural(key: str) -> list:
+    """Sort key with numbers compared as numbers: passkey/2x before passkey/16x."""
+    return [float(p) if re.fullmatch(r"\d+(\.\d+)?", p) else p for p in re.split(r"(\d+(?:\.\d+)?)", key)]
+
+
+def plot_tasks(rows: list[dict], keys: list[str], tasks: list[str], path: Path) -> None:
+    """Final per-task accuracy (x: the tasks in natural order, e.g. passkey distances), one line per grid point,
+    mean over seeds with their standard deviation as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(tasks) + 2), 3.8))
+    for point in dict.fromkeys(tuple(row[k] for k in keys) for row in rows):
+        group = [row for row in rows if tuple(row[k] for k in keys) == point]
+        means, stds = [], []
+        for task in tasks:
+            got = [row[task] for row in group if row.get(task) is not None]
+            means.append(float(np.mean(got)) if got else float("nan"))
+            stds.append(float(np.std(got)) if got else 0.0)
+        ax.errorbar(range(len(tasks)), means, yerr=stds, marker="o", capsize=3,
+                    label=", ".join(f"{k}={v}" for k, v in zip(keys, point)))
+    ax.set_xticks(range(len(tasks)), [t.removeprefix(TASK_PREFIX) for t in tasks], rotation=30, ha="right")
+    ax.set_ylabel("accuracy (final)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
