@@ -304,6 +304,7 @@ def _echo(running: Running) -> None:
     out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
     for chunk in iter(lambda: running.process.stdout.read1(4096), b""):
         running.log.write(chunk)
+        running.log.flush()  # fit.log is what people tail
         if out is not None:
             out.write(chunk)
             out.flush()
