@@ -292,8 +292,9 @@ def _start(tracking: Tracking, child: Child, run_id: str, folder: Path, extra: l
         print(f"[sweep] {child.name}: resuming from {last}", flush=True)
     tracking.client.update_run(run_id, status="RUNNING")
     env = dict(os.environ)
-    if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    if gpu is not None:  # the gpu-th of the GPUs this process sees (CUDA_VISIBLE_DEVICES may already pick some)
+        visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        env["CUDA_VISIBLE_DEVICES"] = visible[gpu] if gpu < len(visible) else str(gpu)
     log = (folder / "fit.log").open("ab")
     process = subprocess.Popen(command, stdout=subprocess.PIPE if echo else log, stderr=subprocess.STDOUT, env=env)
     return Running(child, run_id, folder, process, log, gpu, time.time())
