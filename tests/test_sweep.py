@@ -131,6 +131,7 @@ def test_bad_sweep_files_fail_before_any_run_naming_the_key(workdir, capfd, body
     assert sweep(["--config", write_sweep(workdir, body)]) == 2
     err = capfd.readouterr().err
     assert named in err and "sweep.yaml" in err, err
+    assert len(err.strip().splitlines()) == 1, err  # one line, no traceback
     assert not (workdir / "mlflow.db").exists()  # no parent run was created
 
 

@@ -60,38 +60,24 @@ def docstring_topics(stdlib: Path | None = None) -> dict[str, str]:
 
 def chunks(text: str, max_chars: int) -> list[str]:
     """``text`` cut at paragraph boundaries into pieces of at most ``max_chars`` (a longer paragraph at lines,
-    then hard); joined with blank lines they give back every paragraph."""
-    pieces, current = [], ""
-    for paragraph in text.split("\n\n"):
-        for part in _split_long(paragraph, max_chars):
-            if current and len(current) + 2 + len(part) > max_chars:
-                pieces.append(current)
-                current = part
-            else:
-                current = f"{current}\n\n{part}" if current else part
-    if current:
-        pieces.append(current)
-    return pieces
+    a longer line anywhere); joined with blank lines they give back every paragraph."""
+    def lines(paragraph: str) -> list[str]:
+        if len(paragraph) <= max_chars:
+            return [paragraph]
+        cut = [line[i:i + max_chars] for line in paragraph.split("\n") for i in range(0, max(len(line), 1), max_chars)]
+        return _pack(cut, "\n", max_chars)
+
+    return _pack([part for paragraph in text.split("\n\n") for part in lines(paragraph)], "\n\n", max_chars)
 
 
-def _split_long(paragraph: str, max_chars: int) -> list[str]:
-    if len(paragraph) <= max_chars:
-        return [paragraph]
-    out, current = [], ""
-    for line in paragraph.split("\n"):
-        while len(line) > max_chars:
-            if current:
-                out.append(current)
-                current = ""
-            out.append(line[:max_chars])
-            line = line[max_chars:]
-        if current and len(current) + 1 + len(line) > max_chars:
-            out.append(current)
-            current = line
+def _pack(parts: list[str], sep: str, max_chars: int) -> list[str]:
+    """Consecutive ``parts`` joined by ``sep`` into as few pieces of at most ``max_chars`` as a greedy pass makes."""
+    out: list[str] = []
+    for part in parts:
+        if out and len(out[-1]) + len(sep) + len(part) <= max_chars:
+            out[-1] += sep + part
         else:
-            current = f"{current}\n{line}" if current else line
-    if current:
-        out.append(current)
+            out.append(part)
     return out
 
 

@@ -83,8 +83,11 @@ def parse_only(args: list[str]) -> None:
     except SystemExit:
         text = stderr.getvalue()
         message = text[text.rfind("error: ") + len("error: "):] if "error: " in text else text
-        lines = [line for line in message.strip().splitlines() if not line.strip().startswith("Given value")]
-        raise UsageError("\n".join(lines)) from None
+        # jsonargparse explains a rejected value over many lines, most of them about Union alternatives that
+        # were never meant (None); one line of what is left reads as a path to the offending key.
+        noise = ("Given value", "Does not validate against", "Subtypes", "Errors", "Expected a <class 'NoneType'>")
+        lines = [line.strip().lstrip("- ").rstrip(":") for line in message.strip().splitlines()]
+        raise UsageError("; ".join(line for line in lines if line and not line.startswith(noise))) from None
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
