@@ -120,6 +120,32 @@ def test_train_bench_smoke(capsys):
     assert len(rows) == 7 and all("OOM" not in r and r.count("|") == 10 for r in rows)
 
 
+def test_train_bench_profiles_a_step_and_runs_each_checkpointing_mode(tmp_path, capsys):
+    from ivl.bench import train
+
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    args = parser.parse_args(["--shapes", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1",
+                              "--cases", "stage2", "--models", "infinitevl", "--lengths", "48",
+                              "--checkpointing", "off", "2", "--keep-gathered", "--profile", str(tmp_path)])
+    train.run(args)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| stage")]
+    assert [r.split("|")[5].strip() for r in rows] == ["off, kept gathered", "2, kept gathered"]
+    traces = sorted(p.name for p in tmp_path.glob("*.json.gz"))
+    assert traces == ["stage2-infinitevl-48-1gpu-ckpt2-kept-rank0.json.gz",
+                      "stage2-infinitevl-48-1gpu-ckptoff-kept-rank0.json.gz"]
+
+
+def test_host_bench_smoke(capsys):
+    from ivl.bench import host
+
+    parser = argparse.ArgumentParser()
+    host.add_arguments(parser)
+    host.run(parser.parse_args(["--shapes", "tiny", "--device", "cpu", "--length", "64", "--iters", "1",
+                                "--layers", "2"]))
+    assert "2 layers (attention, gated_deltanet), forward + backward at 64 tokens" in capsys.readouterr().out
+
+
 def test_train_bench_flops_count_the_4b_matrices():
     """The FLOP model's parameter count at 4B shapes, against the paper's layer sizes worked out by hand."""
     import torch

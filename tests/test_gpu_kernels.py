@@ -260,3 +260,29 @@ def test_gemv_inside_compiled_function_and_cuda_graph():
         reference = F.linear(F.silu(F.linear(x.float(), w1.float(), b1.float())), w2.float())
         assert rel_err(static_out, reference) < 1e-2
 
+
+
+def test_gated_deltanet_projecting_at_once_on_gpu_matches_one_by_one(monkeypatch):
+    """The training path (two products, one fla convolution over q, k and v) against the per-projection one, on
+    fla's kernels: outputs and every parameter's gradient, packed sequences."""
+    import ivl.model.gated_deltanet as gdn
+    from ivl.model.gated_deltanet import GatedDeltaNet
+
+    torch.manual_seed(0)
+    layer = GatedDeltaNet(HybridConfig.tiny(), 1).cuda()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(1, 600, layer.q_proj.in_features, device="cuda")
+    cu = torch.tensor([0, 250, 600], dtype=torch.int32, device="cuda")
+    results = []
+    for threshold in (10**9, 1):
+        monkeypatch.setattr(gdn, "PROJECT_AT_ONCE_MIN_TOKENS", threshold)
+        layer.zero_grad()
+        y = layer(x, cu_seqlens=cu)
+        y.square().sum().backward()
+        results.append((y.detach(), {n: p.grad.clone() for n, p in layer.named_parameters()}))
+    (y1, g1), (y2, g2) = results
+    assert rel_err(y2, y1) < 1e-5
+    for name in g1:
+        assert rel_err(g2[name], g1[name]) < 1e-4, name

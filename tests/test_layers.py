@@ -65,3 +65,50 @@ def test_each_axis_drives_its_own_frequencies():
     cos1, _ = rope(moved, torch.float32)
     changed = (cos0 != cos1)[0, 0, :8]
     assert changed.tolist() == [False, False, True, True, True, False, False, False]
+
+
+def _gdn_outputs(layer, x, cu_seqlens=None, cache=None):
+    layer.zero_grad()
+    y = layer(x, cu_seqlens=cu_seqlens, cache=cache)
+    y.square().sum().backward()
+    return y, {n: p.grad.clone() for n, p in layer.named_parameters()}
+
+
+def test_long_inputs_project_at_once_and_match_the_per_projection_layer(monkeypatch):
+    """Training-length inputs run the six input projections as two products and the three convolutions as one
+    call; outputs, gradients and the cache they leave must be those of the layer run projection by projection."""
+    import ivl.model.gated_deltanet as gdn
+    from ivl.model.cache import RecurrentCache
+
+    torch.manual_seed(0)
+    layer = GatedDeltaNet(HybridConfig.tiny(), 1).double()
+    with torch.no_grad():  # away from the mimic initialisation, so that every parameter matters
+        for p in layer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(1, 300, layer.q_proj.in_features, dtype=torch.float64)
+    cu = torch.tensor([0, 120, 300], dtype=torch.int32)
+    results = {}
+    for name, threshold in (("one by one", 10**9), ("at once", 1)):
+        monkeypatch.setattr(gdn, "PROJECT_AT_ONCE_MIN_TOKENS", threshold)
+        assert layer._projects_at_once(x) == (name == "at once")
+        cache = RecurrentCache()
+        layer(x[:, :280], cache=cache)  # a prefill leaves a state and convolution tails ...
+        continued, _ = _gdn_outputs(layer, x[:, 280:], cache=cache)  # ... which a short continuation reads
+        results[name] = (*_gdn_outputs(layer, x, cu_seqlens=cu), cache.state, cache.conv, continued)
+    (y1, g1, s1, c1, n1), (y2, g2, s2, c2, n2) = results["one by one"], results["at once"]
+    torch.testing.assert_close(y2, y1, rtol=1e-12, atol=1e-12)
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-10, atol=1e-12, msg=name)
+    torch.testing.assert_close(s2, s1, rtol=1e-12, atol=1e-12)
+    for key in "qkv":
+        torch.testing.assert_close(c2[key], c1[key], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(n2, n1, rtol=1e-12, atol=1e-12)
+
+
+def test_lora_wrapped_projections_run_one_by_one():
+    from ivl.stages import lora
+
+    layer = GatedDeltaNet(HybridConfig.tiny(), 1)
+    holder = torch.nn.ModuleDict({"mixer": layer})
+    lora.inject(holder, lora.lora_config(4, 8))
+    assert not holder["mixer"]._projects_at_once(torch.zeros(1, 4096, layer.q_proj.in_features))

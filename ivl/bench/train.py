@@ -26,8 +26,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import gzip
+import itertools
 import json
 import re
+import shutil
 import statistics
 import time
 import traceback
@@ -41,6 +44,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
 
+from ivl.bench import trace
 from ivl.model.losses import head_losses
 from ivl.model.teachers import QWEN2_5_VL_3B, TINY_TEACHER
 from ivl.stages import DistillModule, FSDP2Strategy, InstructModule, LongContextModule, distributed, lora
@@ -60,14 +64,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", help="tokens per step and GPU (default: per case, "
                         + ", ".join(f"{c} {n}" for c, n in LENGTHS.items()) + ")")
     parser.add_argument("--devices", type=int, default=1, help="GPUs (FSDP2 processes)")
-    parser.add_argument("--checkpointing", default="blocks", type=lambda s: int(s) if s.isdigit() else s,
-                        help="activation checkpointing: off, blocks, mixers or every n-th block (a number)")
+    parser.add_argument("--checkpointing", nargs="+", default=["blocks"],
+                        type=lambda s: int(s) if s.isdigit() else s,
+                        help="activation checkpointing: off, blocks, mixers or every n-th block (a number); "
+                             "several values run one after another")
+    parser.add_argument("--keep-gathered", action="store_true",
+                        help="FSDP2 reshard_after_forward=False: blocks stay gathered from forward to backward")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--lora-r", type=int, default=64)
     parser.add_argument("--shapes", default="4b", choices=["4b", "tiny"], help="tiny: a CPU smoke run")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--out", type=Path, default=None, help="append one JSON line per run here")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="also profile one extra step per run: each rank's Chrome trace (gzipped) and a summary "
+                             "of where its GPU time went go into this folder")
 
 
 # ---- the models ----------------------------------------------------------------------------------------------
@@ -144,8 +155,9 @@ class TransformerStage(L.LightningModule):
     do. ``case`` picks what trains and the loss (the same as InfiniteVL's for that case)."""
 
     def __init__(self, case: str, shapes: str, checkpointing, lora_r: int, teacher: nn.Module | None = None,
-                 lr: float = 2e-4):
+                 lr: float = 2e-4, keep_gathered: bool = False):
         super().__init__()
+        self.keep_gathered = keep_gathered
         self.case, self.shapes, self.checkpointing, self.lora_r, self.lr = case, shapes, checkpointing, lora_r, lr
         self.__dict__["teacher"] = teacher
         self.model = None
@@ -180,7 +192,7 @@ class TransformerStage(L.LightningModule):
                                                   torch.float32, reduce_dtype=torch.float32)
         mesh = self.trainer.strategy.device_mesh["data_parallel"]
         for layer in layers:
-            distributed.fully_shard(layer, mesh=mesh, mp_policy=policy)
+            distributed.fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=not self.keep_gathered)
         distributed.fully_shard(self.model, mesh=mesh, mp_policy=policy)
         self.model.to_empty(device=self.trainer.strategy.root_device)
         random_init_(self.model)
@@ -267,10 +279,11 @@ def transformer_flops(lm, length: int, trained: bool = True) -> Flops:
 # ---- one measured run ------------------------------------------------------------------------------------------
 
 class StepTimer(Callback):
-    """Wall time of each optimizer step after the warm-up (device synchronised), and the peak memory over them."""
+    """Wall time of each optimizer step after the warm-up (device synchronised), and the peak memory over them.
+    Steps from ``last`` on (a profiled one) are not timed."""
 
-    def __init__(self, warmup: int):
-        self.warmup, self.times, self.peak_gib, self._start = warmup, [], float("nan"), None
+    def __init__(self, warmup: int, last: int | None = None):
+        self.warmup, self.last, self.times, self.peak_gib, self._start = warmup, last, [], float("nan"), None
 
     def _sync(self, pl_module):
         if pl_module.device.type == "cuda":
@@ -285,7 +298,7 @@ class StepTimer(Callback):
                   flush=True)
         if trainer.global_step == self.warmup and pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        if trainer.global_step >= self.warmup:
+        if trainer.global_step >= self.warmup and (self.last is None or trainer.global_step < self.last):
             self._sync(pl_module)
             self._start = time.perf_counter()
 
@@ -299,6 +312,47 @@ class StepTimer(Callback):
         if pl_module.device.type == "cuda":
             peak = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device=pl_module.device)
             self.peak_gib = float(trainer.strategy.reduce(peak, reduce_op="max"))
+
+
+class StepProfiler(Callback):
+    """Profiles step ``at`` (after the timed ones) on every rank: a gzipped Chrome trace per rank and the summary
+    of ``ivl.bench.trace`` (printed and written beside it)."""
+
+    def __init__(self, at: int, folder: Path, tag: str):
+        self.at, self.folder, self.tag, self._prof = at, folder, tag, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if pl_module.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+                torch.cuda.synchronize()
+            self._prof = torch.profiler.profile(activities=activities)
+            self._prof.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._prof is None:
+            return
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        self._prof.__exit__(None, None, None)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        stem = self.folder / f"{self.tag}-rank{trainer.global_rank}"
+        raw = stem.with_suffix(".json")
+        self._prof.export_chrome_trace(str(raw))
+        with raw.open("rb") as f, gzip.open(f"{raw}.gz", "wb") as g:
+            shutil.copyfileobj(f, g)
+        raw.unlink()
+        try:
+            text = trace.format_summary(trace.summarise(f"{raw}.gz"))
+        except ValueError as error:  # a CPU run has no kernels
+            text = str(error)
+        text += "\n\n" + self._prof.key_averages().table(sort_by="self_device_time_total" if pl_module.device.type
+                                                         == "cuda" else "self_cpu_time_total", row_limit=30,
+                                                         max_name_column_width=80)
+        stem.with_suffix(".txt").write_text(text + "\n")
+        print(f"# profile of {self.tag}, rank {trainer.global_rank}\n{text.split(chr(10) * 2)[0]}", flush=True)
+        self._prof = None
 
 
 def synthetic_batches(case: str, model: str, length: int, vocab: int, count: int) -> list[dict]:
@@ -322,10 +376,11 @@ def synthetic_batches(case: str, model: str, length: int, vocab: int, count: int
 def build_module(case: str, model: str, args, teacher):
     window = 8192 if args.shapes == "4b" else 64
     common = dict(window=window, warmup_ratio=0.0, activation_checkpointing=args.checkpointing,
+                  reshard_after_forward=not args.keep_gathered,
                   param_dtype="bfloat16" if args.device == "cuda" else "float32")
     if model == "transformer":
         return TransformerStage(case, args.shapes, args.checkpointing, args.lora_r,
-                                teacher if case == "stage1-kl" else None)
+                                teacher if case == "stage1-kl" else None, keep_gathered=args.keep_gathered)
     if case.startswith("stage1"):
         module = BenchDistill(teacher="bench", layerwise_steps=-1 if case == "stage1-layerwise" else 0, **common)
         module.__dict__["teacher"] = teacher
@@ -353,16 +408,22 @@ def step_flops(case: str, model: str, module, teacher, length: int) -> float:
 def measure(case: str, model: str, length: int, args, teacher) -> dict:
     accelerator = "gpu" if args.device == "cuda" else "cpu"
     module = build_module(case, model, args, teacher)
-    timer = StepTimer(args.warmup)
+    steps = args.warmup + args.steps
+    timer = StepTimer(args.warmup, last=steps)
+    callbacks = [timer]
+    if args.profile is not None:
+        tag = f"{case}-{model}-{length}-{args.devices}gpu-ckpt{args.checkpointing}" + "-kept" * args.keep_gathered
+        callbacks.append(StepProfiler(steps, args.profile, tag))
+        steps += 1
     trainer = L.Trainer(accelerator=accelerator, devices=args.devices, strategy=FSDP2Strategy(),
-                        precision="32-true", max_steps=args.warmup + args.steps, logger=False,
+                        precision="32-true", max_steps=steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0,
-                        callbacks=[timer])
+                        callbacks=callbacks)
     vocab = teacher_config(args.shapes).text_config.vocab_size
-    data = DataLoader(synthetic_batches(case, model, length, vocab, args.warmup + args.steps), batch_size=None)
+    data = DataLoader(synthetic_batches(case, model, length, vocab, steps), batch_size=None)
     row = dict(case=case, model=model, devices=args.devices, length=length, checkpointing=args.checkpointing,
-               shapes=args.shapes)
+               shapes=args.shapes, keep_gathered=args.keep_gathered)
     try:
         trainer.fit(module, data)
     except torch.OutOfMemoryError:
@@ -391,10 +452,11 @@ def run(args: argparse.Namespace) -> None:
         if case.startswith("stage1") and teacher is None:
             teacher = build_teacher(args.shapes, device)
         for length in args.lengths or [(LENGTHS if args.shapes == "4b" else TINY_LENGTHS)[case]]:
-            for model in args.models:
+            for model, checkpointing in itertools.product(args.models, args.checkpointing):
                 if model == "transformer" and case == "stage1-layerwise":
                     continue  # the layer-wise phase distils mixers into new mixers: no Transformer analogue
-                row = measure(case, model, length, args, teacher)
+                one = argparse.Namespace(**{**vars(args), "checkpointing": checkpointing})
+                row = measure(case, model, length, one, teacher)
                 rows.append(row)
                 if rank == 0:
                     print(json.dumps(row), flush=True)
@@ -420,6 +482,7 @@ def table(rows: list[dict], device: str) -> str:
              "| case | model | GPUs | tokens | checkpointing | s/step | tokens/s/GPU | MFU | peak GiB |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        r = {**r, "checkpointing": f"{r['checkpointing']}{', kept gathered' if r.get('keep_gathered') else ''}"}
         if r["status"] != "ok":
             lines.append(f"| {r['case']} | {r['model']} | {r['devices']} | {r['length']} | {r['checkpointing']} "
                          f"| {r['status']} | | | |")

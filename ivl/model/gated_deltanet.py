@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from ivl.model.config import HybridConfig
 
 MIMIC_DT = 1e-3
+PROJECT_AT_ONCE_MIN_TOKENS = 256
 
 
 class ShortConvolution(nn.Module):
@@ -38,27 +39,36 @@ class ShortConvolution(nn.Module):
         self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, tail: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, C]; tail [B, W-1, C], the inputs before x (zeros if None). Returns (y, new tail)."""
-        if x.is_cuda and x.shape[1] > 1 and fla_causal_conv1d() is not None:
-            return self._fla_forward(x, cu_seqlens, tail)
-        pos = None
-        if cu_seqlens is not None:  # each token's offset in its packed sequence
-            cu = cu_seqlens.to(device=x.device, dtype=torch.long)
-            steps = torch.arange(x.shape[1], device=x.device)
-            pos = steps - cu[torch.bucketize(steps, cu[1:], right=True)]
-        return _causal_conv_silu(x, tail, self.weight[:, 0, :], pos)
+        return short_convolution(x, self.weight[:, 0, :], cu_seqlens, tail)
 
-    def _fla_forward(self, x, cu_seqlens, tail):
-        # fla's kernel reads [B, T, C] in place (the compiled tap loop ran at a twentieth of memory bandwidth on
-        # an H100). A cached tail is prepended and its outputs dropped, which keeps fla's state layout out of it.
-        W = self.kernel_size
-        conv = fla_causal_conv1d()
-        if tail is None:
-            y, _ = conv(x, weight=self.weight[:, 0, :], activation="silu", cu_seqlens=cu_seqlens)
-            xp = x if x.shape[1] >= W - 1 else torch.cat([x.new_zeros(x.shape[0], W - 1, x.shape[2]), x], dim=1)
-            return y, xp[:, -(W - 1):]
-        xp = torch.cat([tail.to(x.dtype), x], dim=1)
-        y, _ = conv(xp, weight=self.weight[:, 0, :], activation="silu")
-        return y[:, W - 1:], xp[:, -(W - 1):]
+
+def short_convolution(x: torch.Tensor, w: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                      tail: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SiLU of the causal depthwise convolution of x [B, T, C] with w [C, W] (tap W-1 on the current token),
+    continuing ``tail`` [B, W-1, C] (zeros if None), not reaching across ``cu_seqlens`` boundaries; and the new
+    tail."""
+    if x.is_cuda and x.shape[1] > 1 and fla_causal_conv1d() is not None:
+        return _fla_conv(x, w, cu_seqlens, tail)
+    pos = None
+    if cu_seqlens is not None:  # each token's offset in its packed sequence
+        cu = cu_seqlens.to(device=x.device, dtype=torch.long)
+        steps = torch.arange(x.shape[1], device=x.device)
+        pos = steps - cu[torch.bucketize(steps, cu[1:], right=True)]
+    return _causal_conv_silu(x, tail, w, pos)
+
+
+def _fla_conv(x, w, cu_seqlens, tail):
+    # fla's kernel reads [B, T, C] in place (the compiled tap loop ran at a twentieth of memory bandwidth on
+    # an H100). A cached tail is prepended and its outputs dropped, which keeps fla's state layout out of it.
+    W = w.shape[1]
+    conv = fla_causal_conv1d()
+    if tail is None:
+        y, _ = conv(x, weight=w, activation="silu", cu_seqlens=cu_seqlens)
+        xp = x if x.shape[1] >= W - 1 else torch.cat([x.new_zeros(x.shape[0], W - 1, x.shape[2]), x], dim=1)
+        return y, xp[:, -(W - 1):]
+    xp = torch.cat([tail.to(x.dtype), x], dim=1)
+    y, _ = conv(xp, weight=w, activation="silu")
+    return y[:, W - 1:], xp[:, -(W - 1):]
 
 
 @fused
@@ -142,21 +152,43 @@ class GatedDeltaNet(nn.Module):
         if cache is not None and cu_seqlens is not None:
             raise ValueError("a cache holds one stream per batch row; pass padded batches, not cu_seqlens")
         conv = cache.conv if cache is not None else {}
-        q, conv_q = self.q_conv1d(self.q_proj(x), cu_seqlens, conv.get("q"))
-        k, conv_k = self.k_conv1d(self.k_proj(x), cu_seqlens, conv.get("k"))
-        v, conv_v = self.v_conv1d(self.v_proj(x), cu_seqlens, conv.get("v"))
+        if self._projects_at_once(x):
+            q, k, v, gate, a, b, tails = self._project_at_once(x, cu_seqlens, conv)
+        else:
+            q, conv_q = self.q_conv1d(self.q_proj(x), cu_seqlens, conv.get("q"))
+            k, conv_k = self.k_conv1d(self.k_proj(x), cu_seqlens, conv.get("k"))
+            v, conv_v = self.v_conv1d(self.v_proj(x), cu_seqlens, conv.get("v"))
+            gate, a, b, tails = self.g_proj(x), self.a_proj(x), self.b_proj(x), (conv_q, conv_k, conv_v)
         q, k = _l2norm(q.view(B, T, H, K)), _l2norm(k.view(B, T, H, K))
         v = v.view(B, T, H, V)
-        g, beta = _gates(self.a_proj(x), self.b_proj(x), self.A_log, self.dt_bias)
+        g, beta = _gates(a, b, self.A_log, self.dt_bias)
         o, state = gated_delta_rule(
             q, k, v, g, beta, initial_state=cache.state if cache is not None else None,
             output_final_state=cache is not None, cu_seqlens=cu_seqlens,
         )
         if cache is not None:
-            cache.state, cache.conv = state, {"q": conv_q, "k": conv_k, "v": conv_v}
-        gate = self.g_proj(x).view(B, T, H, V)
-        o = self.o_norm(o, gate)
+            cache.state, cache.conv = state, dict(zip("qkv", tails))
+        o = self.o_norm(o, gate.view(B, T, H, V))
         return self.o_proj(o.reshape(B, T, H * V))
+
+    def _projects_at_once(self, x: torch.Tensor) -> bool:
+        """Whether the input projections run as two products (q, k, v; and the gates) and the three
+        convolutions as one call: for sequences long enough that concatenating the weights per call costs less
+        than the launches it saves (training and prefill, where the host, not the GPU, bounds a step of this
+        layer), and only over plain ``nn.Linear`` projections (a LoRA-wrapped one must run through its adapter)."""
+        return x.shape[1] >= PROJECT_AT_ONCE_MIN_TOKENS and all(
+            type(p) is nn.Linear and p.bias is None
+            for p in (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.a_proj, self.b_proj))
+
+    def _project_at_once(self, x, cu_seqlens, conv):
+        qkv_proj, qkv_conv = (self.q_proj, self.k_proj, self.v_proj), (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+        widths = [p.out_features for p in qkv_proj]
+        tail = torch.cat([conv[n] for n in "qkv"], dim=-1) if conv else None
+        qkv, tail = short_convolution(F.linear(x, torch.cat([p.weight for p in qkv_proj])),
+                                      torch.cat([c.weight[:, 0, :] for c in qkv_conv]), cu_seqlens, tail)
+        gates = (self.g_proj, self.a_proj, self.b_proj)
+        gate, a, b = F.linear(x, torch.cat([p.weight for p in gates])).split([p.out_features for p in gates], -1)
+        return (*qkv.split(widths, dim=-1), gate, a, b, tail.split(widths, dim=-1))
 
 
 @fused

@@ -42,6 +42,9 @@ class StageModule(L.LightningModule):
         activation_checkpointing: "off", "blocks", "mixers" or every n-th block (see ``checkpoint_blocks``).
         param_dtype: under FSDP2, the dtype each unit is gathered and computed in (float32 master weights and
             float32 gradient reduction either way).
+        reshard_after_forward: under FSDP2, free each block's gathered parameters after its forward and gather them
+            again for the backward (True, least memory); False keeps them from forward to backward: a third less
+            communication for one bf16 copy of the model per GPU.
     """
 
     default_trainable: tuple[str, ...] = (".*",)
@@ -50,7 +53,8 @@ class StageModule(L.LightningModule):
                  window: int | None = 8192, gdn_init: str = "mimic", trainable: list[str] | None = None,
                  lr: float = 2e-4, weight_decay: float = 0.0, warmup_ratio: float = 0.01,
                  betas: tuple[float, float] = (0.9, 0.95), save_dir: str | None = None, seed: int = 0,
-                 activation_checkpointing: str | int | None = "off", param_dtype: str = "bfloat16"):
+                 activation_checkpointing: str | int | None = "off", param_dtype: str = "bfloat16",
+                 reshard_after_forward: bool = True):
         super().__init__()
         self.save_hyperparameters()
         self.check_sources()
@@ -74,7 +78,8 @@ class StageModule(L.LightningModule):
         tied = checkpoint.tied_names(self.model)
         self._prepare()
         distributed.shard(self.model, mesh, getattr(torch, self.hparams.param_dtype),
-                          forward_methods=("head_losses", "block_outputs"))
+                          forward_methods=("head_losses", "block_outputs"),
+                          reshard_after_forward=self.hparams.reshard_after_forward)
         self.model.to_empty(device=self.trainer.strategy.root_device)
         self.model.reset_buffers()
         self.fill_weights(tied)

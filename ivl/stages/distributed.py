@@ -53,15 +53,16 @@ def checkpoint_blocks(lm: nn.Module, mode: str | int | None) -> list[int]:
 
 
 def shard(model: nn.Module, mesh, param_dtype: torch.dtype = torch.bfloat16,
-          forward_methods: tuple[str, ...] = ()) -> None:
+          forward_methods: tuple[str, ...] = (), reshard_after_forward: bool = True) -> None:
     """``fully_shard`` each LM block, the vision tower (one unit) and the model (the root): parameters stay float32
     and sharded, each unit is gathered in ``param_dtype`` for its forward and backward, and gradients are
     reduce-scattered in float32. ``forward_methods`` are methods of the root that run as forwards (so that they
-    gather the root's parameters: the embeddings and the tied head)."""
+    gather the root's parameters: the embeddings and the tied head). ``reshard_after_forward`` False keeps each
+    unit gathered from its forward to its backward (no second all-gather, one gathered copy of the model)."""
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in model.lm.layers:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model.visual, mesh=mesh, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model.visual, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     for name in forward_methods:
         register_fsdp_forward_method(model, name)
