@@ -1,6 +1,7 @@
 """Every Python snippet of README.md runs as written, on the tiny shapes and the CPU, in a fresh working directory
 holding the files the snippets name (a tiny Qwen2.5-VL teacher folder, an image, a corpus and a shard)."""
 
+import contextlib
 import io
 import json
 import re
@@ -12,10 +13,12 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from ivl.model.teachers import TINY_TEACHER
 from media_files import write_image
+from server_process import running_server
 
 README = Path(__file__).parents[1] / "README.md"
 SNIPPETS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 # What a GPU machine with the real teacher has, and this test has not.
+SERVER_URL = "http://127.0.0.1:8000"
 REPLACE = [('"/models/Qwen2.5-VL-3B-Instruct"', "TEACHER"), ('"cuda"', '"cpu"'), ("num_workers=8", "num_workers=0"),
            ("max_new_tokens=64", "max_new_tokens=4")]
 
@@ -45,7 +48,11 @@ def test_readme_python_snippet_runs(index, workdir):
     code = SNIPPETS[index]
     for old, new in REPLACE:
         code = code.replace(old, new)
-    exec(compile(code, f"README.md, Python snippet {index + 1}", "exec"), {"TEACHER": str(workdir / "teacher")})
+    with contextlib.ExitStack() as stack:
+        if SERVER_URL in code:  # a client snippet: against `python lightning_app.py` (the tiny model here)
+            url, _ = stack.enter_context(running_server("--api-key", "KEY", log_path=workdir / "server.log"))
+            code = code.replace(SERVER_URL, url)
+        exec(compile(code, f"README.md, Python snippet {index + 1}", "exec"), {"TEACHER": str(workdir / "teacher")})
 
 
 def test_a_saved_student_folder_carries_its_processor(workdir):

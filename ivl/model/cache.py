@@ -85,6 +85,29 @@ class HybridCache:
     def __len__(self) -> int:
         return len(self.layers)
 
+    def select_rows(self, rows: torch.Tensor) -> "HybridCache":
+        """A cache holding only batch rows ``rows`` (a LongTensor of indices, in the order given): finished or
+        abandoned requests leave a batch without touching the others' state."""
+        return self.clone(lambda t: t.index_select(0, rows))
+
+    def clone(self, rows=None) -> "HybridCache":
+        """An independent copy (``rows``: a function applied to each per-row tensor, e.g. selecting rows): a
+        snapshot to answer a question from without advancing the stream it was taken from."""
+        copy = (lambda t: t.clone()) if rows is None else rows
+        out = HybridCache.__new__(HybridCache)
+        out.seen_tokens = self.seen_tokens
+        out.layers = []
+        for layer in self.layers:
+            if isinstance(layer, WindowKVCache):
+                out.layers.append(WindowKVCache(
+                    layer.window, *(copy(t) if t is not None else None for t in (layer.keys, layer.values)),
+                    layer.positions.clone() if layer.positions is not None else None,
+                    copy(layer.valid) if layer.valid is not None else None, layer.length, layer.all_valid))
+            else:
+                out.layers.append(RecurrentCache(copy(layer.state) if layer.state is not None else None,
+                                                 {k: copy(v) for k, v in layer.conv.items()}))
+        return out
+
     def nbytes(self) -> int:
         """Bytes held by every cached tensor."""
         total = 0

@@ -1,0 +1,3 @@
+from ivl.serve.cli import main
+
+main()

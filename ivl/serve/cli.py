@@ -1,0 +1,55 @@
+"""`python lightning_app.py` (or `python -m ivl.serve`): serve a trained InfiniteVL."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from ivl.serve.loading import model_name, resolve
+from ivl.serve.messages import Limits
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python lightning_app.py", description=__doc__)
+    parser.add_argument("--model", default=None, help="a saved InfiniteVL folder (default: runs/demo/model when "
+                        "the demo was trained here, else a tiny random model with the real tokenizer)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="default: the saved one")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
+    parser.add_argument("--max-tokens", type=int, default=1024, help="most new tokens a request may ask for")
+    parser.add_argument("--max-context", type=int, default=32768, help="prompt + new tokens, per request")
+    parser.add_argument("--media-root", type=Path, default=None,
+                        help="allow file:// images and frames from under this folder (default: none)")
+    parser.add_argument("--max-sessions", type=int, default=8, help="live video sessions open at once")
+    parser.add_argument("--session-idle-timeout", type=float, default=600.0, help="seconds")
+    parser.add_argument("--api-key", default=os.environ.get("IVL_API_KEY"),
+                        help="require Authorization: Bearer KEY on every endpoint but /health (default: "
+                             "$IVL_API_KEY)")
+    args = parser.parse_args(argv)
+    folder = resolve(args.model)
+    if folder is not None and not (folder / "config.json").is_file():
+        parser.error(f"--model {folder}: not a saved InfiniteVL folder (no config.json)")
+    if args.media_root is not None and not args.media_root.is_dir():
+        parser.error(f"--media-root {args.media_root}: no such folder")
+    if args.max_batch_size < 1:
+        parser.error("--max-batch-size must be at least 1")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    from ivl.serve.app import Settings, build_server  # litserve and the model load after the arguments are good
+
+    limits = Limits(max_tokens=args.max_tokens, max_context=args.max_context, media_root=args.media_root)
+    settings = Settings(model=args.model, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
+                        limits=limits, max_sessions=args.max_sessions,
+                        session_idle_timeout=args.session_idle_timeout, api_key=args.api_key)
+    server = build_server(settings)
+    url = f"http://{args.host}:{args.port}"
+    print(f"serving {model_name(args.model)} on {args.device}\n  page: {url}/\n  OpenAI API: {url}/v1 "
+          f"(chat/completions, models)\n  video sessions: {url}/v1/sessions", flush=True)
+    server.run(host=args.host, port=args.port, generate_client_file=False, api_server_worker_type="thread")

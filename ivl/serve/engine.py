@@ -1,0 +1,179 @@
+"""Batched chat generation for the server: left-padded prefill of several prompts through the constant-memory
+cache, then one token per step for every row that is still running, each with its own sampling settings.
+
+On a GPU, once a single row is left, its steps run on the CUDA-graph decoder (``ivl.model.generation``).
+Rows leave the batch as soon as they finish (a stop token or string, their token budget, or their client gone):
+their rows are dropped from the cache, so the others' steps get cheaper and nothing of theirs stays in memory.
+A row never reads another row's tokens: padding is masked in attention and zeroed into Gated DeltaNet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from ivl.data.processing import Processor
+from ivl.model.generation import StaticDecoder
+from ivl.model.static_cache import StaticCache
+from ivl.model.vlm import InfiniteVL
+
+
+@dataclass
+class Sampling:
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Prompt:
+    """One request, ready for the model: its chat text (placeholders not yet expanded) and media."""
+
+    text: str
+    images: list = field(default_factory=list)  # PIL images
+    videos: list = field(default_factory=list)  # frame stacks [T, H, W, 3] uint8
+    sampling: Sampling = field(default_factory=Sampling)
+
+
+@dataclass
+class Delta:
+    """What one step added to one row: new text, and the finish reason once the row is done."""
+
+    text: str
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _Row:
+    """Incremental detokenisation and stop strings of one row."""
+
+    def __init__(self, prompt: Prompt, prompt_tokens: int, device):
+        self.sampling = prompt.sampling
+        self.tokens: list[int] = []
+        self.sent = 0  # characters of the decoded text already returned
+        self.prompt_tokens = prompt_tokens
+        self.generator = None
+        if prompt.sampling.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(prompt.sampling.seed)
+
+    def text_delta(self, processor: Processor, final: bool) -> tuple[str, bool]:
+        """(new text, whether a stop string ended the row). Text that could still turn into a stop string, or
+        an incomplete UTF-8 sequence, is held back until it is settled."""
+        text = processor.decode(self.tokens, skip_special_tokens=True)
+        for stop in self.sampling.stop:
+            at = text.find(stop)
+            if at >= 0:
+                out = text[self.sent:at]
+                self.sent = at
+                return out, True
+        end = len(text)
+        if not final:
+            if text.endswith("\ufffd"):
+                end = len(text.rstrip("\ufffd"))
+            hold = max((len(s) - 1 for s in self.sampling.stop), default=0)
+            end = max(self.sent, end - hold)
+        out = text[self.sent:end]
+        self.sent = end
+        return out, False
+
+
+class Engine:
+    """The model, its processor and the generation loop the server's workers call."""
+
+    def __init__(self, model: InfiniteVL, processor: Processor, max_context: int | None = None):
+        self.model, self.processor = model.eval(), processor
+        self.device = next(model.parameters()).device
+        self.stop_ids = set(model.config.eos_token_ids)
+        self.max_context = max_context or 32768
+
+    def count_tokens(self, prompt: Prompt) -> int:
+        """Tokens the prompt takes after its images and videos are expanded (checked before generating)."""
+        return int(self.processor(prompt.text, images=prompt.images or None, videos=prompt.videos or None)
+                   ["input_ids"].shape[1])
+
+    @torch.no_grad()
+    def generate(self, prompts: list[Prompt], cancelled: Callable[[int], bool] = lambda i: False,
+                 ) -> Iterator[list[Delta | None]]:
+        """Yields one list per step with a ``Delta`` for each prompt (None for rows that finished earlier).
+        ``cancelled(i)`` is asked every step: True drops row i (its client left)."""
+        model, lm = self.model, self.model.lm
+        batch = self.processor([p.text for p in prompts], images=[im for p in prompts for im in p.images] or None,
+                               videos=[v for p in prompts for v in p.videos] or None)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        mask = batch["attention_mask"]
+        dtype = next(model.parameters()).dtype
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in batch:
+                batch[key] = batch[key].to(dtype)
+        rows = [_Row(p, int(n), self.device) for p, n in zip(prompts, mask.sum(1).tolist())]
+        position_ids, next_position = model.position_ids(
+            batch["input_ids"], batch.get("image_grid_thw"), batch.get("video_grid_thw"),
+            batch.get("second_per_grid_ts"), mask)
+        cache = model.new_cache()
+        hidden = model.hidden_states(batch["input_ids"], mask, batch.get("pixel_values"),
+                                     batch.get("image_grid_thw"), batch.get("pixel_values_videos"),
+                                     batch.get("video_grid_thw"), batch.get("second_per_grid_ts"),
+                                     position_ids=position_ids, cache=cache)
+        logits = lm.lm_head(hidden[:, -1]).float()
+        live = list(range(len(prompts)))  # prompt index of each cache row
+        step, graph, index = 0, None, 0
+        while live:
+            out: list[Delta | None] = [None] * len(prompts)
+            keep = []
+            tokens = []
+            for r, i in enumerate(live):
+                row = rows[i]
+                token = _sample(logits[r], row.sampling, row.generator)
+                done = None
+                if cancelled(i):
+                    done = "cancelled"
+                elif token in self.stop_ids:
+                    done = "stop"
+                else:
+                    row.tokens.append(token)
+                    if len(row.tokens) >= row.sampling.max_tokens:
+                        done = "length"
+                text, stopped = row.text_delta(self.processor, final=done is not None)
+                if stopped:
+                    done = "stop"
+                out[i] = Delta(text, done, row.prompt_tokens, len(row.tokens))
+                if done is None:
+                    keep.append(r)
+                    tokens.append(token)
+            yield out
+            if len(keep) < len(live):
+                if not keep:
+                    return
+                assert graph is None  # the graph decodes a single row, which either continues or ends here
+                index = torch.tensor(keep, device=self.device)
+                cache = cache.select_rows(index)
+                next_position = next_position.index_select(0, index)
+                live = [live[r] for r in keep]
+            token = torch.tensor(tokens, device=self.device)
+            position = (next_position + step)[None, :, None].expand(3, -1, 1)
+            if graph is None and len(live) == 1 and self.device.type == "cuda":
+                # One row left on a GPU: the captured decode step (no per-kernel launches), as model.generate.
+                graph = StaticDecoder(lm, StaticCache.from_cache(lm, cache, 1), cache.seen_tokens, cuda_graph=True)
+                index = cache.seen_tokens
+            if graph is not None:
+                logits = graph(token, position, index).float()
+                index += 1
+            else:
+                logits = lm(token[:, None], position_ids=position, cache=cache)[:, -1].float()
+            step += 1
+
+
+def _sample(logits: torch.Tensor, sampling: Sampling, generator) -> int:
+    if sampling.temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return int(torch.multinomial(probs, 1, generator=generator))

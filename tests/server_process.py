@@ -1,0 +1,50 @@
+"""Start `lightning_app.py` in a subprocess on a free port and wait until it answers /health."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(*args: str, log_path: Path, env: dict | None = None, timeout: float = 120.0):
+    """Yields (base URL, process) of a server started with ``args``; its output goes to ``log_path``."""
+    port = free_port()
+    log = open(log_path, "w+")
+    proc = subprocess.Popen([sys.executable, str(REPO / "lightning_app.py"), "--port", str(port), *args],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                                       **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    try:
+        while proc.poll() is None and time.time() < deadline:
+            try:
+                if requests.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        else:
+            log.seek(0)
+            raise RuntimeError(f"the server did not start:\n{log.read()[-3000:]}")
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
