@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import pytest
 
 from ivl.data import CorpusSpec, read_corpus
@@ -75,3 +76,26 @@ def test_chart_answers_match_the_bars_and_the_real_stock_data(corpus):
 def test_val_images_come_from_easy_vqa_test_split(corpus):
     assert all("test-" in r["image"] for r in records(corpus / "images" / "val.jsonl"))
     assert all("train-" in r["image"] for r in records(corpus / "images" / "train.jsonl"))
+
+
+def test_eval_benchmarks_hold_the_val_questions_and_answers(corpus, tmp_path):
+    """`python -m ivl.data.demo --eval`: VLMEvalKit TSVs that read back to the val split's questions, media and
+    answers (multiple choice: the lettered option holds the recorded answer)."""
+    from ivl.data.demo_eval import build_eval
+    from ivl.evaluate.tsv import read_tsv
+
+    paths = {p.stem: p for p in build_eval(corpus, tmp_path)}
+    val = {name: records(corpus / name / "val.jsonl") for name in ("images", "documents", "videos")}
+    open_items, _ = read_tsv(paths["easy-vqa"])
+    mcq_items, _ = read_tsv(paths["easy-vqa-mcq"])
+    assert [i.answers[0] for i in open_items] == [r["answer"] for r in val["images"]]
+    assert [i.options[i.answers[0]] for i in mcq_items] == [r["answer"] for r in val["images"]]
+    first = np.asarray(open_items[0].images[0])
+    assert np.array_equal(first, np.asarray(Image.open(corpus / "images" / val["images"][0]["image"]).convert("RGB")))
+    charts, _ = read_tsv(paths["charts"])
+    chart_records = [r for r in val["documents"] if r["task"] == "chart-compare"]
+    assert [c.options[c.answers[0]] for c in charts] == [r["answer"] for r in chart_records]
+    videos, _ = read_tsv(paths["videos"], media_root=corpus / "videos")
+    assert [v.answers[0] for v in videos] == [r["answer"] for r in val["videos"]] and videos[0].video.is_file()
+    prior = json.loads((tmp_path / "prior.json").read_text())
+    assert set(prior) == set(paths) and all(0.0 <= s <= 1.0 for s in prior.values())

@@ -238,6 +238,20 @@ def test_lora_injection_export_loads_back_to_the_same_logits(tmp_path):
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
 
 
+def test_export_carries_the_pixel_budgets_the_model_was_trained_with(tmp_path):
+    """save_dir gets the DataModule's processor settings, not the bundled defaults: served or evaluated, the model
+    sees images and videos at the sizes it learned on."""
+    from ivl.data import Processor
+
+    dm = datamodule(corpus(tmp_path), video_max_pixels=28 * 28 * 4)
+    module = InstructModule(teacher="tiny", window=64, warmup_ratio=0.0, save_dir=str(tmp_path / "out"))
+    L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0).fit(module, datamodule=dm)
+    saved = Processor.from_pretrained(tmp_path / "out")
+    assert saved.image_size == {"shortest_edge": dm.processor.image_size["shortest_edge"], "longest_edge": 56 * 56}
+    assert saved.video_size["longest_edge"] == 28 * 28 * 4
+
+
 def test_weight_decay_spares_norms_biases_and_gates(tmp_path):
     """One step at lr ~ 0 with a huge decay: matrices shrink, vectors (norms, biases, A_log, dt_bias) do not."""
     module = built(InstructModule(teacher="tiny", window=64, trainable=[".*"], lr=1e-6, weight_decay=1e4,

@@ -192,10 +192,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every subset's size")
+    parser.add_argument("--eval", action="store_true",
+                        help="also write VLMEvalKit TSV benchmarks from the val splits to OUT/eval (builds the "
+                             "corpus first if OUT has none)")
     args = parser.parse_args(argv)
-    timings = build(args.out, args.seed, args.scale)
-    for name, seconds in timings.items():
-        print(f"{name}: {args.out / name} ({seconds:.1f} s)")
+    if not (args.eval and (args.out / "images" / "val.jsonl").is_file()):
+        timings = build(args.out, args.seed, args.scale)
+        for name, seconds in timings.items():
+            print(f"{name}: {args.out / name} ({seconds:.1f} s)")
+    if args.eval:
+        from ivl.data.demo_eval import build_eval
+
+        for path in build_eval(args.out, seed=args.seed):
+            print(f"benchmark: {path}")
 
 
 if __name__ == "__main__":

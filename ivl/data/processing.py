@@ -75,6 +75,7 @@ class Processor:
         if preprocessor.exists():
             pre = json.loads(preprocessor.read_text())
             for ours, theirs in (("image_min_pixels", "min_pixels"), ("image_max_pixels", "max_pixels"),
+                                 ("video_min_pixels", "video_min_pixels"), ("video_max_pixels", "video_max_pixels"),
                                  ("patch_size", "patch_size"), ("merge_size", "merge_size"),
                                  ("temporal_patch_size", "temporal_patch_size")):
                 if theirs in pre:
@@ -82,14 +83,16 @@ class Processor:
         return cls(tokenizer, **{**kwargs, **overrides})
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Tokenizer files, chat_template.json and preprocessor_config.json (Qwen2.5-VL's keys), so that
-        from_pretrained(directory) rebuilds this processor."""
+        """Tokenizer files, chat_template.json and preprocessor_config.json (Qwen2.5-VL's keys, plus
+        video_min_pixels / video_max_pixels, which transformers ignores), so that from_pretrained(directory)
+        rebuilds this processor."""
         directory = Path(directory)
         self.tokenizer.save_pretrained(str(directory))
         (directory / "chat_template.json").write_text(json.dumps({"chat_template": self.chat_template}))
         ip = self.image_processor
         (directory / "preprocessor_config.json").write_text(json.dumps({
             "min_pixels": self.image_size["shortest_edge"], "max_pixels": self.image_size["longest_edge"],
+            "video_min_pixels": self.video_size["shortest_edge"], "video_max_pixels": self.video_size["longest_edge"],
             "patch_size": ip.patch_size, "merge_size": ip.merge_size, "temporal_patch_size": ip.temporal_patch_size,
         }, indent=2))
 

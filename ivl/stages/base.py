@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from ivl.data.processing import Processor
 from ivl.model import InfiniteVL, checkpoint
 from ivl.model.losses import HeadLosses
 from ivl.stages import distributed, lora
@@ -210,4 +211,8 @@ class StageModule(L.LightningModule):
             lora.save_adapter(adapters, self.lora_config, directory / "adapter")
         checkpoint.save_state(state, self.model.config.to_dict(), directory)
         h = self.hparams
-        checkpoint.save_processor(directory, h.student if checkpoint.has_tokenizer(h.student) else h.teacher)
+        processor = getattr(getattr(self._trainer, "datamodule", None), "processor", None)
+        if isinstance(processor, Processor):  # the pixel budgets the model was trained with travel with it
+            processor.save_pretrained(directory)
+        else:
+            checkpoint.save_processor(directory, h.student if checkpoint.has_tokenizer(h.student) else h.teacher)

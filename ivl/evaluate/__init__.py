@@ -1,0 +1,1 @@
+"""Benchmark evaluation on VLMEvalKit-format TSV files (``python -m ivl.evaluate``)."""
