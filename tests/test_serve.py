@@ -12,7 +12,6 @@ import openai
 import psutil
 import pytest
 import requests
-import torch
 from PIL import Image
 
 from ivl.data.processing import Processor

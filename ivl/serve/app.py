@@ -24,7 +24,6 @@ import uuid
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import litserve as ls
 from fastapi import BackgroundTasks, HTTPException, Request
