@@ -237,3 +237,35 @@ def test_video_benchmarks_sweep_frame_counts_and_plot(tmp_path):
     assert seen == [[4, 4], [6, 6]]  # frames sampled per video, as asked
     assert [r["frames"] for r in results] == [4, 6] and all(r["items"] == 2 for r in results)
     assert score_against_frames(results, tmp_path / "frames.png").stat().st_size > 1000
+
+
+def test_lmms_eval_adapter_generates_what_the_model_generates(tmp_path):
+    """The lmms-eval model: one generate_until call on the tiny model, against model.generate on the same chat."""
+    pytest.importorskip("lmms_eval.api.model")
+    from lmms_eval.api.instance import Instance
+
+    from ivl.data.processing import Processor
+    from ivl.evaluate.lmms import InfiniteVLLMM, manifest
+    from ivl.serve.loading import tiny_random_model
+
+    tiny_random_model().save_pretrained(tmp_path / "model")
+    lm = InfiniteVLLMM(pretrained=str(tmp_path / "model"), device="cpu", batch_size="2", max_new_tokens=5)
+    image = Image.new("RGB", (56, 56), (10, 200, 30))
+    lm.task_dict = {"colours": {"test": [{"image": image}, {"image": image}]}}
+    requests = [Instance("generate_until", (f"<image>\nWhat colour? ({i})", {"max_new_tokens": 5, "until": ["\n\n"]},
+                                            lambda doc: [doc["image"]], i, "colours", "test"), i,
+                         {"task": "colours", "doc_id": i, "repeats": 1}) for i in range(2)]
+    outputs = lm.generate_until(requests)
+    processor = Processor.from_pretrained(tmp_path / "model")
+    for i, output in enumerate(outputs):
+        chat = processor.apply_chat_template([{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": f"What colour? ({i})"}]}], add_generation_prompt=True)
+        reference = lm.engine.model.generate(**processor(chat, images=[image]), max_new_tokens=5)
+        assert output == processor.decode(reference[0])
+    assert manifest().simple_class_path == "ivl.evaluate.lmms.InfiniteVLLMM"
+    from importlib.metadata import entry_points
+
+    (entry,) = [e for e in entry_points(group="lmms_eval.models") if e.name == "ivl"]  # how lmms-eval finds it
+    assert entry.load() is manifest
+    with pytest.raises(NotImplementedError, match="scores by generation"):
+        lm.loglikelihood(requests)
