@@ -18,3 +18,9 @@ class TokenThroughput(ThroughputMonitor):
 
     def __init__(self, window_size: int = 20):
         super().__init__(batch_size_fn=_samples, length_fn=_tokens, window_size=window_size)
+
+    def on_test_start(self, *args, **kwargs) -> None:
+        pass  # `test` runs benchmarks (ivl.evaluate.EvalDataModule): batches of questions, generated, not fed
+
+    def on_test_batch_end(self, *args, **kwargs) -> None:
+        pass

@@ -269,3 +269,58 @@ def test_lmms_eval_adapter_generates_what_the_model_generates(tmp_path):
     assert entry.load() is manifest
     with pytest.raises(NotImplementedError, match="scores by generation"):
         lm.loglikelihood(requests)
+
+
+def test_the_stage_cli_test_runs_benchmarks_like_python_m_ivl_evaluate(tmp_path):
+    """`python -m ivl.experiments test ... --data ivl.evaluate.EvalDataModule`: Trainer.test on a stage scores a
+    benchmark exactly as the standalone runner does on the same model, and logs eval/<name>/score."""
+    import lightning as L
+
+    from ivl.evaluate import EvalDataModule
+    from ivl.serve.engine import Engine
+    from ivl.stages import InstructModule
+
+    tsv = write_tsv(tmp_path / "mini.tsv", mcq_rows(), MCQ_COLUMNS)
+    module = InstructModule(teacher="tiny", window=64)
+    dm = EvalDataModule([str(tsv)], batch_size=2, max_new_tokens=4, circular=True, out=str(tmp_path / "cli"))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    (metrics,) = trainer.test(module, datamodule=dm)
+    alone = evaluate_file(Engine(module.model.eval(), dm.processor), tsv, tmp_path / "alone",
+                          Options(max_new_tokens=4, circular=True))
+    assert metrics["eval/mini/score"] == pytest.approx(alone["score"])
+    assert json.loads((tmp_path / "cli" / "mini" / "scores.json").read_text())["categories"] == alone["categories"]
+    cli_rows = [json.loads(x) for x in (tmp_path / "cli" / "mini" / "predictions.jsonl").read_text().splitlines()]
+    alone_rows = [json.loads(x) for x in (tmp_path / "alone" / "predictions.jsonl").read_text().splitlines()]
+    assert cli_rows == alone_rows
+
+
+def test_test_without_benchmarks_says_what_to_pass(tmp_path):
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from ivl.errors import UsageError
+    from ivl.stages import InstructModule
+
+    class NotBenchmarks(L.LightningDataModule):
+        def test_dataloader(self):
+            return DataLoader([{"input_ids": None}], batch_size=None)
+
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(UsageError, match="ivl.evaluate.EvalDataModule"):
+        trainer.test(InstructModule(teacher="tiny", window=64), datamodule=NotBenchmarks())
+
+
+def test_eval_datamodule_shards_questions_over_ranks(tmp_path):
+    from types import SimpleNamespace
+
+    from ivl.evaluate import EvalDataModule
+
+    tsv = write_tsv(tmp_path / "mini.tsv", mcq_rows(), MCQ_COLUMNS)
+    shares = []
+    for rank in range(2):
+        dm = EvalDataModule([str(tsv)], batch_size=2, circular=True)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        dm.setup("test")
+        shares.append({(item.index, r) for batch in dm.test_dataloader() for _, item, r in batch})
+    assert not shares[0] & shares[1]
+    assert shares[0] | shares[1] == {("1", 0), ("1", 1), ("1", 2), ("2", 0), ("2", 1), ("3", 0), ("3", 1)}

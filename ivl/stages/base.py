@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from ivl.data.processing import Processor
+from ivl.errors import UsageError
 from ivl.model import InfiniteVL, checkpoint
 from ivl.model.losses import HeadLosses
 from ivl.stages import distributed, lora
@@ -191,6 +192,23 @@ class StageModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- benchmarks (the `test` subcommand with ivl.evaluate.EvalDataModule) -----------------------------------
+    def test_step(self, batch, batch_idx: int) -> None:
+        evaluate = getattr(self.trainer.datamodule, "evaluate_batch", None)
+        if evaluate is None:
+            raise UsageError("`test` runs benchmarks: pass --data ivl.evaluate.EvalDataModule --data.benchmarks "
+                             "'[FILE.tsv, ...]' (the fit data's validation split is scored by `validate`)")
+        was_training = self.model.training
+        self.model.eval()
+        evaluate(self.model, batch)
+        self.model.train(was_training)
+
+    def on_test_epoch_end(self) -> None:
+        finish = getattr(self.trainer.datamodule, "finish", None)
+        if finish is not None:
+            for key, value in finish(self.trainer).items():
+                self.log(key, value, rank_zero_only=True)
 
     # ---- export ----------------------------------------------------------------------------------------------
     def on_train_end(self) -> None:

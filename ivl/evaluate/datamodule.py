@@ -1,0 +1,105 @@
+"""Benchmarks as the ``test`` data of the stage CLI, so that an evaluation runs on the model a config builds (or a
+checkpoint restores) and logs to that run's MLflow:
+
+    python -m ivl.experiments test --config experiments/demo.yaml --ckpt_path runs/demo/checkpoints/last.ckpt \\
+        --data ivl.evaluate.EvalDataModule --data.benchmarks '[data/demo/eval/charts.tsv]'
+
+Each test batch is a list of questions; the stage's ``test_step`` hands it to ``evaluate_batch`` (the same prompts,
+generation and scoring as ``python -m ivl.evaluate``), and ``finish`` gathers every rank's records, writes
+``<out>/<benchmark>/predictions.jsonl`` and ``scores.json`` and returns the metrics the stage logs
+(``eval/<benchmark>/score`` and per category).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from ivl.data.processing import Processor
+from ivl.evaluate.runner import Options, _generate, _record, _metric_name, metric_for, summarise
+from ivl.evaluate.tsv import read_tsv
+from ivl.serve.engine import Engine
+
+
+class EvalDataModule(L.LightningDataModule):
+    """Args:
+        benchmarks: VLMEvalKit TSV files.
+        metric, circular, batch_size, max_new_tokens, limit, frames, media_root, skip_bad: as ``python -m
+            ivl.evaluate`` (``frames``: one value here).
+        out: where predictions and scores are written.
+        processor: a folder with tokenizer files (the model's), None: the bundled tokenizer; pixel budgets below.
+    """
+
+    def __init__(self, benchmarks: list[str], metric: str = "auto", circular: bool = False, batch_size: int = 8,
+                 max_new_tokens: int = 32, limit: int | None = None, frames: int | None = None,
+                 media_root: str | None = None, skip_bad: bool = False, out: str = "runs/eval",
+                 processor: str | None = None, image_min_pixels: int | None = None,
+                 image_max_pixels: int | None = None, video_max_pixels: int | None = None):
+        super().__init__()
+        self.benchmarks = [Path(b) for b in benchmarks]
+        missing = [str(b) for b in self.benchmarks if not b.is_file()]
+        if missing:
+            raise FileNotFoundError(f"data.benchmarks: no such file(s) {missing}")
+        self.options = Options(metric=metric, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit,
+                               circular=circular, frames=frames, media_root=Path(media_root) if media_root else None,
+                               skip_bad=skip_bad)
+        self.out = Path(out)
+        pixels = dict(image_min_pixels=image_min_pixels, image_max_pixels=image_max_pixels,
+                      video_max_pixels=video_max_pixels)
+        self.processor = Processor.from_pretrained(processor, **{k: v for k, v in pixels.items() if v})
+        self.records: dict[str, list[dict]] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        self.files = []  # (name, items, metric, skipped)
+        for path in self.benchmarks:
+            items, skipped = read_tsv(path, self.options.media_root, self.options.skip_bad)
+            items = items[: self.options.limit] if self.options.limit is not None else items
+            self.files.append((path.stem, items, metric_for(items, self.options.metric), skipped))
+
+    def test_dataloader(self) -> DataLoader:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        batches = []
+        for name, items, metric, _ in self.files:
+            rotations = self.options.circular and metric == "mcq"
+            jobs = [(name, item, r) for item in items for r in (range(len(item.options)) if rotations else [0])]
+            mine = jobs[rank::world]  # each rank its share; together the whole benchmark
+            size = self.options.batch_size
+            batches += [mine[i:i + size] for i in range(0, len(mine), size)]
+        self.records = {name: [] for name, *_ in self.files}
+        return DataLoader(batches, batch_size=None, collate_fn=lambda batch: batch)
+
+    def evaluate_batch(self, model, batch: list) -> None:
+        engine = Engine(model, self.processor)
+        texts = _generate(engine, [(item, rotation) for _, item, rotation in batch], self.options)
+        metrics = {name: metric for name, _, metric, _ in self.files}
+        for (name, item, rotation), text in zip(batch, texts):
+            self.records[name].append(_record(item, rotation, text, metrics[name]))
+
+    def finish(self, trainer) -> dict[str, float]:
+        """Every rank's records together: files written (rank 0) and the metrics to log."""
+        records = self.records
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, records)
+            records = {name: [r for part in gathered for r in part[name]] for name in records}
+        metrics = {}
+        for name, items, metric, skipped in self.files:
+            circular = self.options.circular and metric == "mcq"
+            scores = summarise(records[name], items, metric, circular)
+            scores.update(benchmark=name, metric=metric, skipped=len(skipped), skipped_rows=skipped[:50],
+                          frames=self.options.frames, options={k: str(v) for k, v in asdict(self.options).items()})
+            metrics[f"eval/{name}/score"] = scores["score"]
+            metrics.update({f"eval/{name}/{_metric_name(c)}": v for c, v in scores["categories"].items()})
+            if trainer.is_global_zero:
+                folder = self.out / name
+                folder.mkdir(parents=True, exist_ok=True)
+                order = {item.index: i for i, item in enumerate(items)}
+                rows = sorted(records[name], key=lambda r: (order[r["index"]], r.get("rotation", 0)))
+                (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+                (folder / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+        return metrics
