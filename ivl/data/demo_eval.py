@@ -21,6 +21,8 @@ import random
 from collections import Counter
 from pathlib import Path
 
+YES_NO = ["yes", "no"]
+SHAPES = ["circle", "rectangle", "triangle"]
 COLUMNS = ["index", "image", "question", "A", "B", "C", "D", "answer", "category"]
 VIDEO_COLUMNS = ["index", "video", "question", "answer", "category"]
 
@@ -60,14 +62,14 @@ def build_eval(demo: Path, out: Path | None = None, seed: int = 0) -> list[Path]
             raise ValueError(f"{demo / name / 'val.jsonl'} is empty; rebuild with python -m ivl.data.demo")
 
     vqa, mcq = [], []
-    answers_by_question: dict[str, set[str]] = {}
-    for record in read["images"]:
-        answers_by_question.setdefault(_question(record), set()).add(record["answer"])
+    seen = {json.loads(line)["answer"] for split in ("train", "val")
+            for line in (demo / "images" / f"{split}.jsonl").read_text().splitlines()}
+    kinds = [YES_NO, SHAPES, sorted(seen - set(YES_NO) - set(SHAPES))]  # easy-vqa: colours are the rest
     for i, record in enumerate(read["images"]):
         question, image = _question(record), _image(demo / "images", record)
         vqa.append({"index": i, "image": image, "question": question, "answer": record["answer"],
                     "category": record["task"]})
-        kind = sorted(answers_by_question[question] | {record["answer"]})
+        kind = next(k for k in kinds if record["answer"] in k)  # distractors of the same kind
         options = _choices(record["answer"], kind, rng)
         answer = next(k for k, v in options.items() if v == record["answer"])
         mcq.append({"index": i, "image": image, "question": question, **options,
