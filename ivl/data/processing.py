@@ -28,6 +28,9 @@ IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
 # 128..768 areas, 2 frames per temporal patch.
 IMAGE_MIN_PIXELS, IMAGE_MAX_PIXELS = 56 * 56, 28 * 28 * 1280
 VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS = 128 * 28 * 28, 768 * 28 * 28
+# Qwen2.5-VL's budget for all frames of one video together (qwen-vl-utils' VIDEO_TOTAL_PIXELS): a long video gets
+# smaller frames rather than more tokens than a context holds.
+VIDEO_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)
 
 
 def bundled_tokenizer_dir() -> Path:
@@ -50,6 +53,7 @@ class Processor:
     def __init__(self, tokenizer, chat_template: str = QWEN2_VL_CHAT_TEMPLATE,
                  image_min_pixels: int = IMAGE_MIN_PIXELS, image_max_pixels: int = IMAGE_MAX_PIXELS,
                  video_min_pixels: int = VIDEO_MIN_PIXELS, video_max_pixels: int = VIDEO_MAX_PIXELS,
+                 video_total_pixels: int = VIDEO_TOTAL_PIXELS,
                  patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2):
         self.tokenizer = tokenizer
         self.chat_template = chat_template
@@ -57,6 +61,7 @@ class Processor:
                                                temporal_patch_size=temporal_patch_size)
         self.image_size = {"shortest_edge": image_min_pixels, "longest_edge": image_max_pixels}
         self.video_size = {"shortest_edge": video_min_pixels, "longest_edge": video_max_pixels}
+        self.video_total_pixels = video_total_pixels
         self.merge_size, self.temporal_patch_size = merge_size, temporal_patch_size
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         self.video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_PAD)
@@ -76,6 +81,7 @@ class Processor:
             pre = json.loads(preprocessor.read_text())
             for ours, theirs in (("image_min_pixels", "min_pixels"), ("image_max_pixels", "max_pixels"),
                                  ("video_min_pixels", "video_min_pixels"), ("video_max_pixels", "video_max_pixels"),
+                                 ("video_total_pixels", "video_total_pixels"),
                                  ("patch_size", "patch_size"), ("merge_size", "merge_size"),
                                  ("temporal_patch_size", "temporal_patch_size")):
                 if theirs in pre:
@@ -93,6 +99,7 @@ class Processor:
         (directory / "preprocessor_config.json").write_text(json.dumps({
             "min_pixels": self.image_size["shortest_edge"], "max_pixels": self.image_size["longest_edge"],
             "video_min_pixels": self.video_size["shortest_edge"], "video_max_pixels": self.video_size["longest_edge"],
+            "video_total_pixels": self.video_total_pixels,
             "patch_size": ip.patch_size, "merge_size": ip.merge_size, "temporal_patch_size": ip.temporal_patch_size,
         }, indent=2))
 
@@ -116,7 +123,7 @@ class Processor:
                 raise ValueError(f"a video must be frames [T, H, W, 3]; got shape {frames.shape}")
             if pad := -len(frames) % self.temporal_patch_size:  # as Qwen's video processor: repeat the last frame
                 frames = np.concatenate([frames, np.repeat(frames[-1:], pad, axis=0)])
-            out = self.image_processor(images=list(frames), size=self.video_size, return_tensors="pt")
+            out = self.image_processor(images=list(frames), size=self.frame_size(len(frames)), return_tensors="pt")
             _, h, w = out["image_grid_thw"][0].tolist()
             tp = self.temporal_patch_size
             # Each frame's patches hold the frame repeated over the temporal axis; keep one copy per frame and
@@ -128,6 +135,15 @@ class Processor:
             seconds.append(tp / rate)
         return {"pixel_values_videos": torch.cat(patches), "video_grid_thw": torch.tensor(grids),
                 "second_per_grid_ts": torch.tensor(seconds)}
+
+    def frame_size(self, frames: int) -> dict:
+        """Pixel bounds of each frame of a ``frames``-frame video, as Qwen2.5-VL sets them: the per-frame maximum,
+        lowered so that all frames together stay within ``video_total_pixels`` (counted per temporal patch), but
+        not below 1.05x the minimum."""
+        low, high = self.video_size["shortest_edge"], self.video_size["longest_edge"]
+        shared = self.video_total_pixels / frames * self.temporal_patch_size
+        longest = min(high, max(min(VIDEO_MAX_PIXELS, shared), int(low * 1.05)))
+        return {"shortest_edge": low, "longest_edge": int(longest)}
 
     def __call__(self, text: str | list[str], images: list | None = None, videos: list | None = None,
                  fps: list[float] | float = 2.0, padding_side: str = "left") -> dict:
