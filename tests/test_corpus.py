@@ -59,7 +59,22 @@ def test_webdataset_shard(tmp_path):
                 tar.addfile(info, io.BytesIO(data))
     samples = read_corpus(CorpusSpec(str(tmp_path)))  # a folder of shards
     assert [s.source for s in samples] == [f"{tmp_path / 'shard-000.tar'}:a", f"{tmp_path / 'shard-000.tar'}:b"]
-    assert samples[0].media[0].data == image and samples[0].messages[0]["content"] == EXPECTED_USER
+    assert samples[0].messages[0]["content"] == EXPECTED_USER
+    # the image stays in the shard until the sample is encoded: an offset, not the bytes
+    media = samples[0].media[0]
+    assert media.data is None and media.member.size == len(image) and media.source().read() == image
+
+
+def test_compressed_shards_are_read_into_memory(tmp_path):
+    image = write_image(tmp_path / "x.png").read_bytes()
+    with tarfile.open(tmp_path / "shard-000.tar", "w:gz") as tar:  # gzipped, under a .tar name
+        for name, data in (("a.png", image), ("a.json", json.dumps({"conversations": llava()["conversations"]})
+                                                       .encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (sample,) = read_corpus(CorpusSpec(str(tmp_path / "shard-000.tar")))
+    assert sample.media[0].data == image
 
 
 def test_malformed_json_line_names_file_and_line(tmp_path):

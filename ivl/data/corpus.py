@@ -14,6 +14,7 @@ Every sample remembers where it came from (``file:line`` or ``shard:key``), so e
 from __future__ import annotations
 
 import glob
+import io
 import json
 import tarfile
 from dataclasses import dataclass, field
@@ -30,18 +31,41 @@ class BadSample(ValueError):
     """A sample that cannot be used; the message names the file, line (or shard key) and field."""
 
 
+@dataclass(frozen=True)
+class ShardMember:
+    """Where a tar member's bytes lie (file, offset, size): read when the sample is encoded, not at setup."""
+
+    file: str
+    offset: int
+    size: int
+
+    def read(self) -> bytes:
+        with open(self.file, "rb") as f:
+            f.seek(self.offset)
+            return f.read(self.size)
+
+
 @dataclass
 class Media:
-    """An image or video: a path on disk, or bytes from a tar shard; video sampling options ride along."""
+    """An image or video: a path on disk, a member of a tar shard, or bytes; video sampling options ride along."""
 
     kind: str  # "image" | "video"
     path: str | None = None
     data: bytes | None = None
     options: dict = field(default_factory=dict)  # fps, nframes, min_pixels, max_pixels
+    member: ShardMember | None = None
 
     @property
     def name(self) -> str:
         return self.path or "<bytes>"
+
+    def source(self):
+        """What a decoder opens: a file-like object over the bytes, or the path."""
+        if self.data is not None:
+            return io.BytesIO(self.data)
+        if self.member is not None:
+            return io.BytesIO(self.member.read())
+        return self.path
 
 
 @dataclass
@@ -134,15 +158,24 @@ def _json_records(file: Path):
 
 
 def _tar_records(file: Path):
-    """(source, record, {suffix or member name: bytes}) per key of a WebDataset shard."""
-    groups: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(file) as tar:
-        for member in tar.getmembers():
+    """(source, record, {suffix or member name: bytes of a .json member, else a ShardMember}) per key of a
+    WebDataset shard. The headers are read in one pass; media bytes stay in the file until a sample is encoded,
+    so a multi-GB shard costs its index, not its size, in memory."""
+    groups: dict[str, dict] = {}
+    try:
+        tar, lazy = tarfile.open(file, "r:"), True  # a plain tar: members can be read in place later
+    except tarfile.ReadError:
+        tar, lazy = tarfile.open(file), False  # compressed: offsets are not file offsets; read the bytes now
+    with tar:
+        for member in tar:  # streams the headers; only .json members are read
             if not member.isfile():
                 continue
             base = Path(member.name).name
             key, _, suffix = base.partition(".")
-            data = tar.extractfile(member).read()
+            if suffix == "json" or not lazy or member.sparse is not None:
+                data = tar.extractfile(member).read()
+            else:
+                data = ShardMember(str(file), member.offset_data, member.size)
             group = groups.setdefault(str(Path(member.name).parent / key), {})
             group[suffix] = group[base] = data  # reachable as "jpg" (WebDataset style) or "key.jpg"
     for key, members in groups.items():
@@ -191,6 +224,8 @@ def to_sample(record: dict, source: str, root: Path, members: dict | None = None
             data = members.get(name) or members.get(name.rpartition(".")[2] if "." in name else name)
             if data is None:
                 raise BadSample(f"{source}: field '{field}' names {value!r}, which is not in the shard")
+            if isinstance(data, ShardMember):
+                return Media(kind, path=f"{source}.{name}", options=options, member=data)
             return Media(kind, path=f"{source}.{name}", data=data, options=options)
         path = Path(value) if Path(value).is_absolute() else root / value
         return Media(kind, path=str(path), options=options)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
@@ -15,7 +14,7 @@ MIN_FRAMES = 4
 
 def load_image(media: Media, source: str) -> Image.Image:
     try:
-        with Image.open(io.BytesIO(media.data) if media.data is not None else media.path) as image:
+        with Image.open(media.source()) as image:
             return image.convert("RGB")
     except FileNotFoundError:
         raise BadSample(f"{source}: image {media.name} not found") from None
@@ -38,7 +37,7 @@ def load_video(media: Media, source: str, fps: float = 2.0, max_frames: int = 64
     import av  # imported here: only video corpora need PyAV
 
     try:
-        container = av.open(io.BytesIO(media.data) if media.data is not None else media.path)
+        container = av.open(media.source())
     except FileNotFoundError:
         raise BadSample(f"{source}: video {media.name} not found") from None
     except Exception as err:
