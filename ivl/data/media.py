@@ -12,6 +12,18 @@ from ivl.data.corpus import BadSample, Media
 MIN_FRAMES = 4
 
 
+def image_size(media: Media, source: str) -> tuple[int, int]:
+    """(height, width) from the image's header, without decoding its pixels."""
+    try:
+        with Image.open(media.source()) as image:
+            width, height = image.size
+            return height, width
+    except FileNotFoundError:
+        raise BadSample(f"{source}: image {media.name} not found") from None
+    except Exception as err:
+        raise BadSample(f"{source}: image {media.name} cannot be decoded ({type(err).__name__}: {err})") from err
+
+
 def load_image(media: Media, source: str) -> Image.Image:
     try:
         with Image.open(media.source()) as image:
@@ -64,6 +76,31 @@ def load_video(media: Media, source: str, fps: float = 2.0, max_frames: int = 64
     if not frames:
         raise BadSample(f"{source}: video {media.name} has no frames")
     return np.stack(frames), len(index) / (total / rate)
+
+
+def probe_video(media: Media, source: str, fps: float = 2.0, max_frames: int = 64,
+                frame_factor: int = 2) -> tuple[int, int, int]:
+    """(frames ``load_video`` keeps, frame height, frame width), from the container's header: nothing decoded,
+    unless the container does not say how many frames it holds (then they are counted by decoding)."""
+    import av
+
+    try:
+        container = av.open(media.source())
+    except FileNotFoundError:
+        raise BadSample(f"{source}: video {media.name} not found") from None
+    except Exception as err:
+        raise BadSample(f"{source}: video {media.name} cannot be opened ({type(err).__name__}: {err})") from err
+    try:
+        with container:
+            stream = container.streams.video[0]
+            rate = float(stream.average_rate or stream.guessed_rate or 25)
+            total = int(stream.frames or 0) or sum(1 for _ in container.decode(stream))
+            height, width = stream.codec_context.height, stream.codec_context.width
+    except Exception as err:
+        raise BadSample(f"{source}: video {media.name} cannot be decoded ({type(err).__name__}: {err})") from err
+    if not total:
+        raise BadSample(f"{source}: video {media.name} has no frames")
+    return len(_kept(total, rate, media, fps, max_frames, frame_factor)), height, width
 
 
 SEEK_AHEAD = 32

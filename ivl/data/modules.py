@@ -14,12 +14,11 @@ import random
 from dataclasses import asdict
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
-from ivl.data.corpus import BadSample, CorpusSpec, Sample, check_corpus, read_corpus
+from ivl.data.corpus import BadSample, CorpusSpec, Sample, check_corpus, corpus_files, read_corpus
 from ivl.data.encoding import SampleEncoder
+from ivl.data.lengths import cached_lengths
 from ivl.data.packing import collate_packed, collate_padded, plan_packs
 from ivl.data.processing import Processor
 
@@ -183,7 +182,7 @@ class VLDataModule(L.LightningDataModule):
             offsets = [sum(len(c) for c in corpora[:i]) for i in range(len(corpora))]
             dataset = EncodedDataset([s for c in corpora for s in c], encoder, self.skip_bad_samples)
             weights = [s.weight for s in specs]
-            lengths = self._lengths(dataset, split) if self.pack_tokens else None
+            lengths = self._lengths(dataset, split, specs) if self.pack_tokens else None
             shard_plan = functools.lru_cache(maxsize=4)(functools.partial(
                 self._plan, corpora=[len(c) for c in corpora], offsets=offsets, weights=weights, lengths=lengths,
                 shuffle=split == "train"))
@@ -196,10 +195,12 @@ class VLDataModule(L.LightningDataModule):
             self._loaders[split] = ResumableLoader(dataset, plan, collate, self.num_workers, split,
                                                    world=lambda: self._ranks()[1])
 
-    def _lengths(self, dataset: EncodedDataset, split: str) -> list[int]:
-        """Token count of every sample (one encoding pass, in workers), needed to plan packs."""
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_token_count)
-        return [n for n in tqdm(loader, desc=f"measuring {split} samples", total=len(dataset), leave=False)]
+    def _lengths(self, dataset: EncodedDataset, split: str, specs: list[CorpusSpec]) -> list[int]:
+        """Token count of every sample, needed to plan packs: from text and media headers (no pixel decoding),
+        cached next to the corpus (``ivl.data.lengths``)."""
+        files = [f for spec in specs for f in corpus_files(spec)]
+        return cached_lengths(dataset.samples, dataset.encoder, files, {"specs": [asdict(s) for s in specs]},
+                              desc=f"counting {split} tokens")
 
     def _plan(self, epoch: int, rank: int, world: int, corpora, offsets, weights, lengths,
               shuffle) -> list[list[int]]:
@@ -256,10 +257,6 @@ def check_corpora(train: list, val: list, hint: str | None = None, prefix: str =
         for i, spec in enumerate(specs):
             spec = CorpusSpec(**spec) if isinstance(spec, dict) else spec
             check_corpus(spec, f"{prefix}{split}[{i}].path", hint)
-
-
-def _token_count(item: dict) -> int:
-    return len(item["input_ids"]) if "bad" not in item else 0
 
 
 def _draw(rng: random.Random, n: int, k: int) -> list[int]:

@@ -18,8 +18,10 @@ from transformers import AutoTokenizer
 
 try:  # the PIL/numpy backend (no torchvision needed)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as _ImageProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 except ImportError:  # older transformers: the only processor is the numpy one
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor as _ImageProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from ivl.data.chat_template import QWEN2_VL_CHAT_TEMPLATE
 
@@ -144,6 +146,23 @@ class Processor:
         shared = self.video_total_pixels / frames * self.temporal_patch_size
         longest = min(high, max(min(VIDEO_MAX_PIXELS, shared), int(low * 1.05)))
         return {"shortest_edge": low, "longest_edge": int(longest)}
+
+    def image_grid(self, height: int, width: int) -> list[int]:
+        """[1, h, w] patches of an image of that size, as ``images`` would give it (read from its header, no
+        pixels decoded)."""
+        return self._grid(1, height, width, self.image_size)
+
+    def video_grid(self, frames: int, height: int, width: int) -> list[int]:
+        """[t, h, w] patches of a video of ``frames`` frames of that size, as ``videos`` would give it."""
+        tp = self.temporal_patch_size
+        frames += -frames % tp
+        return self._grid(frames // tp, height, width, self.frame_size(frames))
+
+    def _grid(self, t: int, height: int, width: int, size: dict) -> list[int]:
+        patch = self.image_processor.patch_size
+        h, w = smart_resize(height, width, factor=patch * self.merge_size, min_pixels=size["shortest_edge"],
+                            max_pixels=size["longest_edge"])
+        return [t, h // patch, w // patch]
 
     def __call__(self, text: str | list[str], images: list | None = None, videos: list | None = None,
                  fps: list[float] | float = 2.0, padding_side: str = "left") -> dict:
