@@ -324,3 +324,32 @@ def test_eval_datamodule_shards_questions_over_ranks(tmp_path):
         shares.append({(item.index, r) for batch in dm.test_dataloader() for _, item, r in batch})
     assert not shares[0] & shares[1]
     assert shares[0] | shares[1] == {("1", 0), ("1", 1), ("1", 2), ("2", 0), ("2", 1), ("3", 0), ("3", 1)}
+
+
+def test_a_killed_cli_evaluation_resumes_from_its_partial_records(tmp_path, monkeypatch):
+    import lightning as L
+
+    import ivl.evaluate.datamodule as datamodule
+    from ivl.evaluate import EvalDataModule
+    from ivl.stages import InstructModule
+
+    tsv = write_tsv(tmp_path / "mini.tsv", mcq_rows(), MCQ_COLUMNS)
+    module = InstructModule(teacher="tiny", window=64)
+
+    def run():
+        dm = EvalDataModule([str(tsv)], batch_size=2, max_new_tokens=3, out=str(tmp_path / "cli"))
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        return trainer.test(module, datamodule=dm)[0]
+
+    first = run()
+    folder = tmp_path / "cli" / "mini"
+    rows = folder.joinpath("predictions.jsonl").read_text().splitlines()
+    assert not list(folder.glob("partial-*"))  # merged into predictions.jsonl at the end
+    folder.joinpath("predictions.jsonl").unlink()
+    folder.joinpath("partial-rank0.jsonl").write_text("\n".join(rows[:2]) + "\n")  # killed after two questions
+    asked = []
+    generate = datamodule._generate
+    monkeypatch.setattr(datamodule, "_generate", lambda engine, jobs, options: (asked.extend(jobs),
+                                                                              generate(engine, jobs, options))[1])
+    assert run() == first and len(asked) == 1
+    assert folder.joinpath("predictions.jsonl").read_text().splitlines() == rows

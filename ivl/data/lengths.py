@@ -28,10 +28,10 @@ BATCH = 512  # samples tokenized together
 
 def sample_lengths(samples: list[Sample], encoder: SampleEncoder, desc: str = "counting tokens") -> list[int]:
     """The token count of every sample as ``encoder`` would encode it; 0 for a sample it would reject."""
-    out = []
+    out, headers = [], {}
     for start in tqdm(range(0, len(samples), BATCH), desc=desc, leave=False, unit_scale=BATCH):
         chunk = samples[start:start + BATCH]
-        texts = [_expanded_text(s, encoder) for s in chunk]
+        texts = [_expanded_text(s, encoder, headers) for s in chunk]
         good = [t for t in texts if t is not None]
         ids = iter(encoder.processor.tokenizer(good)["input_ids"]) if good else iter(())  # as Processor calls it
         for sample, text in zip(chunk, texts):
@@ -39,19 +39,25 @@ def sample_lengths(samples: list[Sample], encoder: SampleEncoder, desc: str = "c
     return out
 
 
-def _expanded_text(sample: Sample, encoder: SampleEncoder) -> str | None:
+def _expanded_text(sample: Sample, encoder: SampleEncoder, headers: dict) -> str | None:
     """The chat text with each image/video placeholder repeated once per merged patch; None if a medium is
-    unreadable."""
+    unreadable. ``headers`` remembers what each file on disk holds (corpora reuse images)."""
     processor = encoder.processor
     try:
         image_grids, video_grids = [], []
         for m in sample.media:
-            if m.kind == "image":
-                image_grids.append(processor.image_grid(*image_size(m, sample.source)))
+            key = (m.kind, m.path, tuple(sorted(m.options.items()))) if m.data is None and m.member is None else None
+            if key is not None and key in headers:
+                grid = headers[key]
+            elif m.kind == "image":
+                grid = processor.image_grid(*image_size(m, sample.source))
             else:
                 frames, height, width = probe_video(m, sample.source, encoder.video_fps, encoder.video_max_frames,
                                                     processor.temporal_patch_size)
-                video_grids.append(processor.video_grid(frames, height, width))
+                grid = processor.video_grid(frames, height, width)
+            if key is not None:
+                headers[key] = grid
+            (image_grids if m.kind == "image" else video_grids).append(grid)
         texts = [processor.apply_chat_template(sample.messages)]
         for placeholder, grids, name in ((IMAGE_PAD, image_grids, "image"), (VIDEO_PAD, video_grids, "video")):
             if grids:

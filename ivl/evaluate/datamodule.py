@@ -7,7 +7,8 @@ checkpoint restores) and logs to that run's MLflow:
 Each test batch is a list of questions; the stage's ``test_step`` hands it to ``evaluate_batch`` (the same prompts,
 generation and scoring as ``python -m ivl.evaluate``), and ``finish`` gathers every rank's records, writes
 ``<out>/<benchmark>/predictions.jsonl`` and ``scores.json`` and returns the metrics the stage logs
-(``eval/<benchmark>/score`` and per category).
+(``eval/<benchmark>/score`` and per category). Records also go to per-rank partial files as they come: a killed
+run, started again, asks only the questions that have no record yet.
 """
 
 from __future__ import annotations
@@ -61,24 +62,48 @@ class EvalDataModule(L.LightningDataModule):
             items = items[: self.options.limit] if self.options.limit is not None else items
             self.files.append((path.stem, items, metric_for(items, self.options.metric), skipped))
 
+    def _rank(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+
+    def _done(self, name: str) -> dict:
+        """Records a previous (killed) run left: its finished predictions.jsonl and every rank's partial file."""
+        folder, done = self.out / name, {}
+        for path in [folder / "predictions.jsonl", *sorted(folder.glob("partial-rank*.jsonl"))]:
+            if path.is_file():
+                for line in path.read_text().splitlines():
+                    if line.strip():
+                        record = json.loads(line)
+                        done[(record["index"], record.get("rotation", 0))] = record
+        return done
+
     def test_dataloader(self) -> DataLoader:
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        rank, world = self._rank()
         batches = []
+        self.records = {}
         for name, items, metric, _ in self.files:
+            done = self._done(name)
             rotations = self.options.circular and metric == "mcq"
-            jobs = [(name, item, r) for item in items for r in (range(len(item.options)) if rotations else [0])]
+            jobs = [(name, item, r) for item in items for r in (range(len(item.options)) if rotations else [0])
+                    if (item.index, r) not in done]
+            self.records[name] = list(done.values()) if rank == 0 else []  # gathered once, at the end
             mine = jobs[rank::world]  # each rank its share; together the whole benchmark
             size = self.options.batch_size
             batches += [mine[i:i + size] for i in range(0, len(mine), size)]
-        self.records = {name: [] for name, *_ in self.files}
         return DataLoader(batches, batch_size=None, collate_fn=lambda batch: batch)
 
     def evaluate_batch(self, model, batch: list) -> None:
+        """Generate and score one batch; each record is also appended to this rank's partial file, so that a
+        killed run resumes from it."""
         engine = Engine(model, self.processor)
         texts = _generate(engine, [(item, rotation) for _, item, rotation in batch], self.options)
         metrics = {name: metric for name, _, metric, _ in self.files}
+        rank, _ = self._rank()
         for (name, item, rotation), text in zip(batch, texts):
-            self.records[name].append(_record(item, rotation, text, metrics[name]))
+            record = _record(item, rotation, text, metrics[name])
+            self.records[name].append(record)
+            (self.out / name).mkdir(parents=True, exist_ok=True)
+            with (self.out / name / f"partial-rank{rank}.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def finish(self, trainer) -> dict[str, float]:
         """Every rank's records together: files written (rank 0) and the metrics to log."""
@@ -102,4 +127,8 @@ class EvalDataModule(L.LightningDataModule):
                 rows = sorted(records[name], key=lambda r: (order[r["index"]], r.get("rotation", 0)))
                 (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
                 (folder / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank has read the partial files' records before they go
+        for name, *_ in self.files:
+            (self.out / name / f"partial-rank{trainer.global_rank}.jsonl").unlink(missing_ok=True)
         return metrics
