@@ -118,27 +118,34 @@ def _child(code: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-_SETUP = """
-import json, resource, time
+_PEAK = """
+def peak_mib():  # VmHWM: this process's own peak (ru_maxrss would include the forking parent's)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+"""
+
+_SETUP = _PEAK + """
+import json, time
 from ivl.data import ImageDataModule
 start = time.perf_counter()
 dm = ImageDataModule(train=[{{"path": "{path}"}}], pack_tokens={pack})
 dm.setup("fit")
 batches = len(dm.train_dataloader())
-print(json.dumps({{"seconds": time.perf_counter() - start, "batches": batches,
-                  "rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}}))
+print(json.dumps({{"seconds": time.perf_counter() - start, "batches": batches, "rss_gib": peak_mib() / 1024}}))
 """
 
-_VIDEO = """
-import json, resource, time
+_VIDEO = _PEAK + """
+import json, time
 from ivl.data.corpus import Media
 from ivl.data.media import load_video
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_mib()
 start = time.perf_counter()
 frames, rate = load_video(Media("video", path="{path}"), "bench", fps=2.0, max_frames=64)
-print(json.dumps({{"seconds": time.perf_counter() - start, "frames": len(frames),
-                  "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "rss_before_mib": before / 1024}}))
+print(json.dumps({{"seconds": time.perf_counter() - start, "frames": len(frames), "rss_mib": peak_mib(),
+                  "rss_before_mib": before}}))
 """
 
 
