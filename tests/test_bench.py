@@ -164,3 +164,16 @@ def test_train_bench_flops_count_the_4b_matrices():
     assert 0 < core < 0.05 * flops.forward  # the mixers' cores are a few percent at 4K
     assert flops.backward == 2 * flops.forward  # everything trainable: input and weight gradients
     assert mean_context(4, None) == (1 + 2 + 3 + 4) / 4 and mean_context(5, 2) == (1 + 2 + 2 + 2 + 2) / 5
+
+
+def test_data_bench_scale_mode_smoke(tmp_path, capsys):
+    from ivl.bench import data
+
+    parser = argparse.ArgumentParser()
+    data.add_arguments(parser)
+    data.run(parser.parse_args(["--corpus", "-", "--scale", "300", "--video-minutes", "0.05", "--workers", "0",
+                                "--batches", "2", "--out", str(tmp_path)]))
+    out = capsys.readouterr().out
+    assert "| first (counts lengths, writes the cache) |" in out and "| second (reads the cache) |" in out
+    assert "sampled 6 frames of the 0.05-minute video" in out  # 3 s at 2 fps
+    assert list((tmp_path / ".ivl-cache").glob("lengths-*.json"))
