@@ -1,6 +1,7 @@
 """The inference benchmark runs end to end at tiny shapes on the CPU (its numbers come from GPU runs)."""
 
 import argparse
+import json
 
 from ivl.bench import inference
 
@@ -177,3 +178,30 @@ def test_data_bench_scale_mode_smoke(tmp_path, capsys):
     assert "| first (counts lengths, writes the cache) |" in out and "| second (reads the cache) |" in out
     assert "sampled 6 frames of the 0.05-minute video" in out  # 3 s at 2 fps
     assert list((tmp_path / ".ivl-cache").glob("lengths-*.json"))
+
+
+def test_serve_bench_smoke(tmp_path, capsys):
+    """Both servers started, loaded by concurrent clients, a live session measured (tiny models, CPU)."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from ivl.bench import serve
+    from ivl.data.processing import Processor
+    from ivl.model.teachers import TINY_TEACHER
+
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration._from_config(Qwen2_5_VLConfig(**TINY_TEACHER)).save_pretrained(tmp_path / "t")
+    Processor.from_pretrained().save_pretrained(tmp_path / "t")
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    serve.run(parser.parse_args(["--baseline", str(tmp_path / "t"), "--device", "cpu", "--clients", "1", "2",
+                                 "--requests", "2", "--max-tokens", "4", "--image-size", "56", "--frames", "4",
+                                 "--frame-size", "56", "--out", str(tmp_path / "rows.jsonl")]))
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [(r["server"], r.get("clients")) for r in rows] == [
+        ("InfiniteVL", 1), ("InfiniteVL", 2), ("Qwen2.5-VL (transformers)", 1), ("Qwen2.5-VL (transformers)", 2),
+        ("InfiniteVL", None)]
+    assert all(r["requests"] == 2 * r["clients"] and r["ttft_p50_s"] <= r["latency_p50_s"] for r in rows[:4])
+    assert rows[4]["frames"] == 4 and rows[4]["cache_kib_first"] == rows[4]["cache_kib_last"]
+    assert "live session (InfiniteVL)" in out

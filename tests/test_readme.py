@@ -13,7 +13,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from ivl.model.teachers import TINY_TEACHER
 from media_files import write_image
-from server_process import running_server
+from ivl.serve.launch import running_server
 
 README = Path(__file__).parents[1] / "README.md"
 SNIPPETS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
@@ -50,7 +50,8 @@ def test_readme_python_snippet_runs(index, workdir):
         code = code.replace(old, new)
     with contextlib.ExitStack() as stack:
         if SERVER_URL in code:  # a client snippet: against `python lightning_app.py` (the tiny model here)
-            url, _ = stack.enter_context(running_server("--api-key", "KEY", log_path=workdir / "server.log"))
+            url, _ = stack.enter_context(running_server("--api-key", "KEY", log_path=workdir / "server.log",
+                                                          env={"OMP_NUM_THREADS": "1"}))
             code = code.replace(SERVER_URL, url)
         exec(compile(code, f"README.md, Python snippet {index + 1}", "exec"), {"TEACHER": str(workdir / "teacher")})
 

@@ -12,13 +12,14 @@ import openai
 import psutil
 import pytest
 import requests
+import torch
 from PIL import Image
 
 from ivl.data.processing import Processor
 from ivl.serve.engine import Engine, Prompt, Sampling
 from ivl.serve.loading import tiny_random_model
 from ivl.serve.sessions import SessionError, SessionStore, VideoSession
-from server_process import running_server
+from ivl.serve.launch import running_server
 
 KEY = "test-key"
 
@@ -29,7 +30,7 @@ def server(tmp_path_factory):
     Image.new("RGB", (64, 64), (200, 10, 10)).save(media / "red.png")
     args = ["--max-context", "2048", "--max-batch-size", "16", "--media-root", str(media), "--max-sessions", "2"]
     with running_server(*args, log_path=tmp_path_factory.mktemp("log") / "server.log",
-                        env={"IVL_API_KEY": KEY}) as (url, proc):
+                        env={"IVL_API_KEY": KEY, "OMP_NUM_THREADS": "1"}) as (url, proc):
         yield {"url": url, "media": media, "proc": proc}
 
 
@@ -272,3 +273,30 @@ def test_session_store_limits_and_expiry(tiny):
     with pytest.raises(SessionError, match="no open session"):
         store.get(sid)
     store.close(other)
+
+
+def test_transformers_baseline_engine_streams_what_generate_returns(tmp_path):
+    """The serving benchmark's reference: transformers' Qwen2.5-VL behind Engine's interface, batched, against
+    its own generate on each prompt alone."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from ivl.model.teachers import TINY_TEACHER
+    from ivl.serve.baseline import TransformersEngine
+
+    torch.manual_seed(0)
+    teacher = Qwen2_5_VLForConditionalGeneration._from_config(Qwen2_5_VLConfig(**TINY_TEACHER))
+    teacher.save_pretrained(tmp_path / "teacher")
+    Processor.from_pretrained().save_pretrained(tmp_path / "teacher")
+    engine = TransformersEngine.from_pretrained(str(tmp_path / "teacher"), dtype="float32")
+    processor = engine.processor
+    texts = [processor.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True)
+             for c in ("hello", "a longer question for the other row")]
+    out = ["", ""]
+    for step in engine.generate([Prompt(t, sampling=Sampling(max_tokens=n)) for t, n in zip(texts, (4, 7))]):
+        for i, delta in enumerate(step):
+            if delta is not None:
+                out[i] += delta.text
+    for text, n, got in zip(texts, (4, 7), out):
+        inputs = processor(text)
+        alone = engine.model.generate(**inputs, max_new_tokens=n, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        assert processor.decode(alone) == got

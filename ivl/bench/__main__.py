@@ -1,8 +1,8 @@
-"""`python -m ivl.bench {layers,gemv,convert,data,inference,stream,profile,train,host}`: the benchmarks behind docs/benchmarks.md."""
+"""`python -m ivl.bench {layers,gemv,convert,data,inference,stream,profile,train,host,serve}`: the benchmarks behind docs/benchmarks.md."""
 
 import argparse
 
-from ivl.bench import convert, data, gemv, host, inference, layers, profile, stream, train
+from ivl.bench import convert, data, gemv, host, inference, layers, profile, serve, stream, train
 
 
 def main() -> None:
@@ -17,10 +17,11 @@ def main() -> None:
     profile.add_arguments(sub.add_parser("profile", help=profile.__doc__.splitlines()[0]))
     train.add_arguments(sub.add_parser("train", help=train.__doc__.splitlines()[0]))
     host.add_arguments(sub.add_parser("host", help=host.__doc__.splitlines()[0]))
+    serve.add_arguments(sub.add_parser("serve", help=serve.__doc__.splitlines()[0]))
     args = parser.parse_args()
     commands = {"layers": layers.run, "gemv": gemv.run, "convert": convert.run, "data": data.run,
                 "inference": inference.run, "stream": stream.run, "profile": profile.run,
-                "train": train.run, "host": host.run}
+                "train": train.run, "host": host.run, "serve": serve.run}
     commands[args.command](args)
 
 

@@ -49,6 +49,7 @@ class Settings:
     max_sessions: int = 8
     session_idle_timeout: float = 600.0
     api_key: str | None = None
+    baseline: str | None = None  # a Qwen2.5-VL folder: serve transformers' model instead (benchmarks)
 
     def __post_init__(self):
         self.limits = self.limits or messages.Limits()
@@ -120,9 +121,15 @@ class ChatAPI(ls.LitAPI):
         self.settings = settings
 
     def setup(self, device):
-        model, processor, _ = load(self.settings.model, self.settings.device, self.settings.dtype)
-        self.batcher = Batcher(Engine(model, processor, self.settings.limits.max_context),
-                               self.settings.max_batch_size)
+        if self.settings.baseline:
+            from ivl.serve.baseline import TransformersEngine
+
+            engine = TransformersEngine.from_pretrained(self.settings.baseline, self.settings.device,
+                                                        self.settings.dtype)
+        else:
+            model, processor, _ = load(self.settings.model, self.settings.device, self.settings.dtype)
+            engine = Engine(model, processor, self.settings.limits.max_context)
+        self.batcher = Batcher(engine, self.settings.max_batch_size)
 
     async def decode_request(self, request: ChatJob, **kwargs) -> ChatJob:
         return request
@@ -152,7 +159,7 @@ class ChatSpec(OpenAISpec):
         super().__init__()
         self.settings = settings
         self._processor = None
-        self.model_name = model_name(settings.model)
+        self.model_name = Path(settings.baseline).name if settings.baseline else model_name(settings.model)
 
     def pre_setup(self, lit_api):
         self.add_endpoint(self.api_path, self.chat_completion, ["POST"])
@@ -165,7 +172,7 @@ class ChatSpec(OpenAISpec):
         if self._processor is None:  # the tokenizer and image processor, in the API process
             from ivl.data.processing import Processor
 
-            folder = resolve(self.settings.model)
+            folder = Path(self.settings.baseline) if self.settings.baseline else resolve(self.settings.model)
             self._processor = Processor.from_pretrained(
                 folder if folder and (folder / "tokenizer_config.json").is_file() else None)
         return self._processor
@@ -332,8 +339,9 @@ class BearerAuth:
 def build_server(settings: Settings) -> ls.LitServer:
     middlewares = [(BearerAuth, {"key": settings.api_key})] if settings.api_key else []
     accelerator = "cuda" if settings.device.startswith("cuda") else "cpu"
-    server = ls.LitServer([ChatAPI(settings), SessionAPI(settings)], accelerator=accelerator, devices=1,
-                          timeout=False, middlewares=middlewares)
+    apis = [ChatAPI(settings)] if settings.baseline else [ChatAPI(settings), SessionAPI(settings)]
+    server = ls.LitServer(apis, accelerator=accelerator, devices=1, timeout=False, middlewares=middlewares)
+    name = Path(settings.baseline).name if settings.baseline else model_name(settings.model)
     server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) != "/"]
 
     @server.app.exception_handler(HTTPException)
@@ -348,7 +356,6 @@ def build_server(settings: Settings) -> ls.LitServer:
 
     @server.app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name(settings.model), "object": "model", "created": 0,
-                                            "owned_by": "ivl"}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "ivl"}]}
 
     return server

@@ -26,13 +26,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="allow file:// images and frames from under this folder (default: none)")
     parser.add_argument("--max-sessions", type=int, default=8, help="live video sessions open at once")
     parser.add_argument("--session-idle-timeout", type=float, default=600.0, help="seconds")
+    parser.add_argument("--baseline", default=None, help="serve transformers' Qwen2.5-VL from this folder instead "
+                        "(the reference for serving benchmarks; no video sessions)")
     parser.add_argument("--api-key", default=os.environ.get("IVL_API_KEY"),
                         help="require Authorization: Bearer KEY on every endpoint but /health (default: "
                              "$IVL_API_KEY)")
     args = parser.parse_args(argv)
-    folder = resolve(args.model)
+    folder = Path(args.baseline) if args.baseline else resolve(args.model)
     if folder is not None and not (folder / "config.json").is_file():
-        parser.error(f"--model {folder}: not a saved InfiniteVL folder (no config.json)")
+        parser.error(f"{'--baseline' if args.baseline else '--model'} {folder}: no config.json there")
     if args.media_root is not None and not args.media_root.is_dir():
         parser.error(f"--media-root {args.media_root}: no such folder")
     if args.max_batch_size < 1:
@@ -47,9 +49,11 @@ def main(argv=None) -> None:
     limits = Limits(max_tokens=args.max_tokens, max_context=args.max_context, media_root=args.media_root)
     settings = Settings(model=args.model, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
                         limits=limits, max_sessions=args.max_sessions,
-                        session_idle_timeout=args.session_idle_timeout, api_key=args.api_key)
+                        session_idle_timeout=args.session_idle_timeout, api_key=args.api_key,
+                        baseline=args.baseline)
     server = build_server(settings)
     url = f"http://{args.host}:{args.port}"
-    print(f"serving {model_name(args.model)} on {args.device}\n  page: {url}/\n  OpenAI API: {url}/v1 "
+    served = Path(args.baseline).name + " (transformers baseline)" if args.baseline else model_name(args.model)
+    print(f"serving {served} on {args.device}\n  page: {url}/\n  OpenAI API: {url}/v1 "
           f"(chat/completions, models)\n  video sessions: {url}/v1/sessions", flush=True)
     server.run(host=args.host, port=args.port, generate_client_file=False, api_server_worker_type="thread")

@@ -1,4 +1,7 @@
-"""Start `lightning_app.py` in a subprocess on a free port and wait until it answers /health."""
+"""Start the server (``python -m ivl.serve``) in a subprocess on a free port and wait until it answers /health:
+for tests and the serving benchmark."""
+
+from __future__ import annotations
 
 import os
 import socket
@@ -9,8 +12,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import requests
-
-REPO = Path(__file__).parents[1]
 
 
 def free_port() -> int:
@@ -24,9 +25,8 @@ def running_server(*args: str, log_path: Path, env: dict | None = None, timeout:
     """Yields (base URL, process) of a server started with ``args``; its output goes to ``log_path``."""
     port = free_port()
     log = open(log_path, "w+")
-    proc = subprocess.Popen([sys.executable, str(REPO / "lightning_app.py"), "--port", str(port), *args],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1",
-                                                                       **(env or {})})
+    proc = subprocess.Popen([sys.executable, "-m", "ivl.serve", "--port", str(port), *args],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout
     try:

@@ -1,0 +1,145 @@
+"""Serving under load: requests/s and time to first token at 1, 8 and 32 concurrent clients, and the per-frame
+latency of a live video session, for InfiniteVL and (``--baseline``) transformers' Qwen2.5-VL served the same way.
+
+Each server is started as ``python -m ivl.serve`` (``--max-batch-size`` = the largest client count). Every
+client sends ``--requests`` streamed chat requests one after another, each with one ``--image-size`` image and
+the same question, greedy, ``--max-tokens`` new tokens; a client counts a request from sending it to the last
+chunk, and its time to first token to the first chunk with text. The session pushes ``--frames`` frames two at a
+time (one temporal patch per push) and asks one question at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import concurrent.futures
+import datetime
+import io
+import json
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+from PIL import Image
+
+from ivl.serve.launch import running_server
+
+QUESTION = "Describe the picture in one sentence."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="the InfiniteVL folder (default: as lightning_app.py)")
+    parser.add_argument("--baseline", default=None, help="a Qwen2.5-VL folder served the same way, for reference")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests", type=int, default=4, help="requests per client")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=448)
+    parser.add_argument("--frames", type=int, default=200, help="frames pushed into the live session")
+    parser.add_argument("--frame-size", type=int, default=448)
+    parser.add_argument("--out", type=Path, default=None, help="append one JSON line per measurement")
+
+
+def _png(size: int, seed: int) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), ((seed * 37) % 256, (seed * 91) % 256, 120)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _one_request(url: str, image: str, max_tokens: int) -> tuple[float, float]:
+    """(seconds to the first text chunk, seconds to the end) of one streamed request."""
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                                      {"type": "text", "text": QUESTION}]}],
+            "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    start, first = time.perf_counter(), None
+    with requests.post(f"{url}/v1/chat/completions", json=body, stream=True, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if first is None and chunk["choices"][0]["delta"].get("content"):
+                first = time.perf_counter() - start
+    end = time.perf_counter() - start
+    return (first if first is not None else end), end
+
+
+def _p90(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)]
+
+
+def load(url: str, clients: int, per_client: int, max_tokens: int, image_size: int) -> dict:
+    image = _png(image_size, clients)
+    _one_request(url, image, max_tokens)  # warm-up: compilation, CUDA graphs, allocator
+
+    def client(_):
+        return [_one_request(url, image, max_tokens) for _ in range(per_client)]
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        results = [r for rs in pool.map(client, range(clients)) for r in rs]
+    wall = time.perf_counter() - start
+    ttft = sorted(r[0] for r in results)
+    return {"clients": clients, "requests": len(results), "requests_per_s": len(results) / wall,
+            "ttft_p50_s": statistics.median(ttft), "ttft_p90_s": _p90(ttft),
+            "latency_p50_s": statistics.median(r[1] for r in results)}
+
+
+def session(url: str, frames: int, frame_size: int) -> dict:
+    call = lambda body: requests.post(f"{url}/v1/sessions", json=body, timeout=600).json()  # noqa: E731
+    sid = call({"op": "open"})["session"]
+    pair = [_png(frame_size, i) for i in range(2)]
+    for _ in range(3):  # warm-up pushes
+        call({"op": "push", "session": sid, "frames": pair})
+    times, sizes = [], []
+    for _ in range(frames // 2):
+        start = time.perf_counter()
+        pushed = call({"op": "push", "session": sid, "frames": pair})
+        times.append((time.perf_counter() - start) / 2)
+        sizes.append(pushed["cache_bytes"])
+    start = time.perf_counter()
+    call({"op": "ask", "session": sid, "question": "What happened?", "max_tokens": 16, "temperature": 0})
+    ask = time.perf_counter() - start
+    call({"op": "close", "session": sid})
+    times.sort()
+    return {"frames": 2 * len(times), "per_frame_p50_ms": 1e3 * statistics.median(times),
+            "per_frame_p90_ms": 1e3 * _p90(times), "ask_s": ask,
+            "cache_kib_first": sizes[0] / 2**10, "cache_kib_last": sizes[-1] / 2**10}
+
+
+def run(args: argparse.Namespace) -> None:
+    rows, sessions = [], []
+    servers = [("InfiniteVL", ["--model", args.model] if args.model else [])]
+    if args.baseline:
+        servers.append(("Qwen2.5-VL (transformers)", ["--baseline", args.baseline]))
+    common = ["--device", args.device, "--max-batch-size", str(max(args.clients)), "--max-tokens",
+              str(max(args.max_tokens, 16))] + (["--dtype", args.dtype] if args.device != "cpu" else [])
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, extra in servers:
+            with running_server(*extra, *common, log_path=Path(tmp) / "server.log", timeout=600) as (url, _):
+                for clients in args.clients:
+                    row = {"server": name, **load(url, clients, args.requests, args.max_tokens, args.image_size)}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                if name == "InfiniteVL" and args.frames:
+                    sessions.append({"server": name, **session(url, args.frames, args.frame_size)})
+                    print(json.dumps(sessions[-1]), flush=True)
+    if args.out:
+        with args.out.open("a") as f:
+            for r in rows + sessions:
+                f.write(json.dumps({**r, "device": args.device, "date": str(datetime.date.today())}) + "\n")
+    print(f"\n# {args.device} | {datetime.date.today()} | {args.max_tokens} new tokens, one "
+          f"{args.image_size}x{args.image_size} image per request, {args.requests} requests per client\n")
+    print("| server | clients | requests/s | TTFT p50 s | TTFT p90 s | latency p50 s |\n| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['server']} | {r['clients']} | {r['requests_per_s']:.2f} | {r['ttft_p50_s']:.3f} | "
+              f"{r['ttft_p90_s']:.3f} | {r['latency_p50_s']:.3f} |")
+    for s in sessions:
+        print(f"\nlive session ({s['server']}): {s['frames']} frames of {args.frame_size}x{args.frame_size}, "
+              f"{s['per_frame_p50_ms']:.1f} ms per frame (p90 {s['per_frame_p90_ms']:.1f}), cache "
+              f"{s['cache_kib_first']:,.0f} -> {s['cache_kib_last']:,.0f} KiB, a question after them {s['ask_s']:.2f} s")
