@@ -54,6 +54,7 @@ def main(argv=None) -> None:
     server = build_server(settings)
     url = f"http://{args.host}:{args.port}"
     served = Path(args.baseline).name + " (transformers baseline)" if args.baseline else model_name(args.model)
-    print(f"serving {served} on {args.device}\n  page: {url}/\n  OpenAI API: {url}/v1 "
-          f"(chat/completions, models)\n  video sessions: {url}/v1/sessions", flush=True)
+    sessions = "" if args.baseline else f"\n  video sessions: {url}/v1/sessions"
+    print(f"serving {served} on {args.device}\n  page: {url}/\n  OpenAI API: {url}/v1 (chat/completions, models)"
+          f"{sessions}", flush=True)
     server.run(host=args.host, port=args.port, generate_client_file=False, api_server_worker_type="thread")
