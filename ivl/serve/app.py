@@ -97,7 +97,11 @@ class Batcher:
                     batch.append(self.waiting.get_nowait())
                 except queue.Empty:
                     break
-            batch = [b for b in batch if b[0].request_id not in self.cancelled]
+            gone = [b for b in batch if b[0].request_id in self.cancelled]  # left before they started
+            for job, loop, out in gone:
+                self.cancelled.discard(job.request_id)
+                loop.call_soon_threadsafe(out.put_nowait, None)
+            batch = [b for b in batch if b not in gone]
             if not batch:
                 continue
             ids = [job.request_id for job, _, _ in batch]
