@@ -353,3 +353,25 @@ def test_a_killed_cli_evaluation_resumes_from_its_partial_records(tmp_path, monk
                                                                               generate(engine, jobs, options))[1])
     assert run() == first and len(asked) == 1
     assert folder.joinpath("predictions.jsonl").read_text().splitlines() == rows
+
+
+def test_two_cli_processes_score_every_question_once(tmp_path):
+    """`test` under DDP on two CPU processes: each rank asks its share, the records are gathered, and the files
+    are those of a one-process run (Lightning must not shard the already-sharded batches again)."""
+    import os
+    from pathlib import Path
+
+    repo = Path(__file__).parents[1]
+    tsv = write_tsv(tmp_path / "mini.tsv", mcq_rows() + [dict(r, index=r["index"] + 10) for r in mcq_rows()],
+                    MCQ_COLUMNS)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
+    for devices in (1, 2):
+        done = subprocess.run(
+            [sys.executable, "-m", "ivl.experiments", "test", "--config", str(repo / "experiments" / "demo.yaml"),
+             "--trainer.devices", str(devices), "--trainer.strategy", "ddp" if devices > 1 else "auto",
+             "--data", "ivl.evaluate.EvalDataModule", "--data.benchmarks", f"[{tsv}]", "--data.batch_size", "2",
+             "--data.max_new_tokens", "3", "--data.out", str(tmp_path / f"out{devices}")],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (tmp_path / f"out{d}" / "mini" / "predictions.jsonl" for d in (1, 2))
+    assert len(one.read_text().splitlines()) == 6 and two.read_text() == one.read_text()

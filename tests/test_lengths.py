@@ -53,3 +53,27 @@ def test_the_cached_plan_is_the_encode_everything_plan(demo, tmp_path):
     assert cached_lengths(samples, encoder, files, {}) == [7] * len(samples)
     changed = SampleEncoder(Processor.from_pretrained(image_max_pixels=28 * 28 * 4), video_max_frames=8)
     assert cache_key(files, changed, {}) != cache_key(files, encoder, {})  # other settings, other counts
+
+
+def _count_on_rank(rank, world, init, corpus, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        encoder = SampleEncoder(Processor.from_pretrained(), video_max_frames=8)
+        samples = read_corpus(CorpusSpec(str(corpus)))
+        lengths = cached_lengths(samples, encoder, [corpus], {"world": world})
+        (out / f"rank{rank}.json").write_text(json.dumps(lengths))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_count_a_share_each_and_agree(demo, tmp_path):
+    """Under torch.distributed (gloo, two CPU processes) every rank ends with every sample's count."""
+    import torch.multiprocessing as mp
+
+    corpus = demo / "documents" / "train.jsonl"
+    mp.spawn(_count_on_rank, args=(2, f"file://{tmp_path / 'init'}", corpus, tmp_path), nprocs=2)
+    encoder = SampleEncoder(Processor.from_pretrained(), video_max_frames=8)
+    expected = [encoded_length(encoder, s) for s in read_corpus(CorpusSpec(str(corpus)))]
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)] == [expected, expected]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -46,6 +47,38 @@ def load_video(media: Media, source: str, fps: float = 2.0, max_frames: int = 64
     An hour of video costs a few keyframe intervals per kept frame, not 100,000 decoded frames. Containers that do
     not say how many frames they hold are decoded in full.
     """
+    with _video_stream(media, source) as (container, stream, rate):
+        total = int(stream.frames or 0)
+        if total > 0:
+            index = _kept(total, rate, media, fps, max_frames, frame_factor)
+            frames = _decode_at(container, stream, index, rate)
+        else:  # no frame count in the container: decode everything, then pick
+            decoded = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+            total = len(decoded)
+            if not total:
+                raise BadSample(f"{source}: video {media.name} has no frames")
+            index = _kept(total, rate, media, fps, max_frames, frame_factor)
+            frames = [decoded[i] for i in index]
+    if not frames:
+        raise BadSample(f"{source}: video {media.name} has no frames")
+    return np.stack(frames), len(index) / (total / rate)
+
+
+def probe_video(media: Media, source: str, fps: float = 2.0, max_frames: int = 64,
+                frame_factor: int = 2) -> tuple[int, int, int]:
+    """(frames ``load_video`` keeps, frame height, frame width), from the container's header: nothing decoded,
+    unless the container does not say how many frames it holds (then they are counted by decoding)."""
+    with _video_stream(media, source) as (container, stream, rate):
+        total = int(stream.frames or 0) or sum(1 for _ in container.decode(stream))
+        height, width = stream.codec_context.height, stream.codec_context.width
+    if not total:
+        raise BadSample(f"{source}: video {media.name} has no frames")
+    return len(_kept(total, rate, media, fps, max_frames, frame_factor)), height, width
+
+
+@contextlib.contextmanager
+def _video_stream(media: Media, source: str):
+    """(container, its first video stream, frame rate); opening or decoding errors become one BadSample line."""
     import av  # imported here: only video corpora need PyAV
 
     try:
@@ -57,50 +90,11 @@ def load_video(media: Media, source: str, fps: float = 2.0, max_frames: int = 64
     try:
         with container:
             stream = container.streams.video[0]
-            rate = float(stream.average_rate or stream.guessed_rate or 25)
-            total = int(stream.frames or 0)
-            if total > 0:
-                index = _kept(total, rate, media, fps, max_frames, frame_factor)
-                frames = _decode_at(container, stream, index, rate)
-            else:  # no frame count in the container: decode everything, then pick
-                decoded = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-                total = len(decoded)
-                if not total:
-                    raise BadSample(f"{source}: video {media.name} has no frames")
-                index = _kept(total, rate, media, fps, max_frames, frame_factor)
-                frames = [decoded[i] for i in index]
+            yield container, stream, float(stream.average_rate or stream.guessed_rate or 25)
     except BadSample:
         raise
     except Exception as err:
         raise BadSample(f"{source}: video {media.name} cannot be decoded ({type(err).__name__}: {err})") from err
-    if not frames:
-        raise BadSample(f"{source}: video {media.name} has no frames")
-    return np.stack(frames), len(index) / (total / rate)
-
-
-def probe_video(media: Media, source: str, fps: float = 2.0, max_frames: int = 64,
-                frame_factor: int = 2) -> tuple[int, int, int]:
-    """(frames ``load_video`` keeps, frame height, frame width), from the container's header: nothing decoded,
-    unless the container does not say how many frames it holds (then they are counted by decoding)."""
-    import av
-
-    try:
-        container = av.open(media.source())
-    except FileNotFoundError:
-        raise BadSample(f"{source}: video {media.name} not found") from None
-    except Exception as err:
-        raise BadSample(f"{source}: video {media.name} cannot be opened ({type(err).__name__}: {err})") from err
-    try:
-        with container:
-            stream = container.streams.video[0]
-            rate = float(stream.average_rate or stream.guessed_rate or 25)
-            total = int(stream.frames or 0) or sum(1 for _ in container.decode(stream))
-            height, width = stream.codec_context.height, stream.codec_context.width
-    except Exception as err:
-        raise BadSample(f"{source}: video {media.name} cannot be decoded ({type(err).__name__}: {err})") from err
-    if not total:
-        raise BadSample(f"{source}: video {media.name} has no frames")
-    return len(_kept(total, rate, media, fps, max_frames, frame_factor)), height, width
 
 
 SEEK_AHEAD = 32

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from ivl.data.processing import Processor
 from ivl.evaluate.runner import Options, _generate, _record, _metric_name, metric_for, summarise
@@ -89,7 +89,7 @@ class EvalDataModule(L.LightningDataModule):
             mine = jobs[rank::world]  # each rank its share; together the whole benchmark
             size = self.options.batch_size
             batches += [mine[i:i + size] for i in range(0, len(mine), size)]
-        return DataLoader(batches, batch_size=None, collate_fn=lambda batch: batch)
+        return DataLoader(_Batches(batches), batch_size=None, collate_fn=lambda batch: batch)
 
     def evaluate_batch(self, model, batch: list) -> None:
         """Generate and score one batch; each record is also appended to this rank's partial file, so that a
@@ -132,3 +132,17 @@ class EvalDataModule(L.LightningDataModule):
         for name, *_ in self.files:
             (self.out / name / f"partial-rank{trainer.global_rank}.jsonl").unlink(missing_ok=True)
         return metrics
+
+
+class _Batches(IterableDataset):
+    """This rank's batches, already sharded: iterable, so that Lightning does not shard them again with a
+    DistributedSampler (which would also pad the last rank with repeated questions)."""
+
+    def __init__(self, batches: list):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)

@@ -100,19 +100,8 @@ class TransformersEngine:
             for i, (row, token) in enumerate(zip(rows, tokens)):
                 if finished[i]:
                     continue
-                done = None
-                if cancelled(i):
-                    done = "cancelled"
-                elif token in self.stop_ids:
-                    done = "stop"
-                else:
-                    row.tokens.append(token)
-                    if len(row.tokens) >= row.sampling.max_tokens:
-                        done = "length"
-                text, stopped = row.text_delta(self.processor, final=done is not None)
-                done = "stop" if stopped else done
-                finished[i] = done
-                out[i] = Delta(text, done, row.prompt_tokens, len(row.tokens))
+                out[i] = row.advance(token, cancelled(i), self.stop_ids, self.processor)
+                finished[i] = out[i].finish_reason
             yield out
         if errors:
             raise errors[0]

@@ -61,6 +61,20 @@ class _Row:
         if prompt.sampling.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed(prompt.sampling.seed)
 
+    def advance(self, token: int, cancelled: bool, stop_ids: set[int], processor: Processor) -> Delta:
+        """This row's step with the token chosen for it: the new text, and why the row ends if it does."""
+        done = None
+        if cancelled:
+            done = "cancelled"
+        elif token in stop_ids:
+            done = "stop"
+        else:
+            self.tokens.append(token)
+            if len(self.tokens) >= self.sampling.max_tokens:
+                done = "length"
+        text, stopped = self.text_delta(processor, final=done is not None)
+        return Delta(text, "stop" if stopped else done, self.prompt_tokens, len(self.tokens))
+
     def text_delta(self, processor: Processor, final: bool) -> tuple[str, bool]:
         """(new text, whether a stop string ended the row). Text that could still turn into a stop string, or
         an incomplete UTF-8 sequence, is held back until it is settled."""
@@ -129,20 +143,8 @@ class Engine:
             for r, i in enumerate(live):
                 row = rows[i]
                 token = _sample(logits[r], row.sampling, row.generator)
-                done = None
-                if cancelled(i):
-                    done = "cancelled"
-                elif token in self.stop_ids:
-                    done = "stop"
-                else:
-                    row.tokens.append(token)
-                    if len(row.tokens) >= row.sampling.max_tokens:
-                        done = "length"
-                text, stopped = row.text_delta(self.processor, final=done is not None)
-                if stopped:
-                    done = "stop"
-                out[i] = Delta(text, done, row.prompt_tokens, len(row.tokens))
-                if done is None:
+                out[i] = row.advance(token, cancelled(i), self.stop_ids, self.processor)
+                if out[i].finish_reason is None:
                     keep.append(r)
                     tokens.append(token)
             yield out
