@@ -300,3 +300,13 @@ def test_transformers_baseline_engine_streams_what_generate_returns(tmp_path):
         inputs = processor(text)
         alone = engine.model.generate(**inputs, max_new_tokens=n, do_sample=False)[0, inputs["input_ids"].shape[1]:]
         assert processor.decode(alone) == got
+
+
+def test_a_stopped_server_leaves_no_model_worker_behind(tmp_path):
+    """LitServe runs the model in spawned worker processes, which outlive a terminated server process; the
+    launcher (tests, ``python -m ivl.bench serve``) ends the server's whole process group."""
+    with running_server(log_path=tmp_path / "server.log", env={"OMP_NUM_THREADS": "1"}) as (url, proc):
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        assert workers
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive

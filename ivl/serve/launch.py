@@ -4,6 +4,7 @@ for tests and the serving benchmark."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -26,7 +27,8 @@ def running_server(*args: str, log_path: Path, env: dict | None = None, timeout:
     port = free_port()
     log = open(log_path, "w+")
     proc = subprocess.Popen([sys.executable, "-m", "ivl.serve", "--port", str(port), *args],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                            start_new_session=True)  # its own process group: the model workers go with it
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout
     try:
@@ -42,9 +44,14 @@ def running_server(*args: str, log_path: Path, env: dict | None = None, timeout:
             raise RuntimeError(f"the server did not start:\n{log.read()[-3000:]}")
         yield url, proc
     finally:
-        proc.terminate()
+        proc.terminate()  # the server shuts its workers down
         try:
-            proc.wait(10)
+            proc.wait(30)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is still there
+        except ProcessLookupError:
+            pass
+        proc.wait()
         log.close()
