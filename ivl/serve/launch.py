@@ -4,7 +4,6 @@ for tests and the serving benchmark."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -27,8 +26,7 @@ def running_server(*args: str, log_path: Path, env: dict | None = None, timeout:
     port = free_port()
     log = open(log_path, "w+")
     proc = subprocess.Popen([sys.executable, "-m", "ivl.serve", "--port", str(port), *args],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                            start_new_session=True)  # its own process group: the model workers go with it
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout
     try:
@@ -44,14 +42,21 @@ def running_server(*args: str, log_path: Path, env: dict | None = None, timeout:
             raise RuntimeError(f"the server did not start:\n{log.read()[-3000:]}")
         yield url, proc
     finally:
-        proc.terminate()  # the server shuts its workers down
+        import psutil
+
+        try:  # LitServe's spawned model workers outlive their server: end them too
+            children = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            children = []
+        proc.terminate()
         try:
-            proc.wait(30)
+            proc.wait(10)
         except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is still there
-        except ProcessLookupError:
-            pass
-        proc.wait()
+            proc.kill()
+            proc.wait()
+        for child in children:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
         log.close()
