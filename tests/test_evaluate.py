@@ -364,7 +364,10 @@ def test_two_cli_processes_score_every_question_once(tmp_path):
     repo = Path(__file__).parents[1]
     tsv = write_tsv(tmp_path / "mini.tsv", mcq_rows() + [dict(r, index=r["index"] + 10) for r in mcq_rows()],
                     MCQ_COLUMNS)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
+    from ivl.serve.launch import free_port
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "OMP_NUM_THREADS": "1",
+           "MASTER_PORT": str(free_port())}  # not Lightning's fixed default, which another run may hold
     for devices in (1, 2):
         done = subprocess.run(
             [sys.executable, "-m", "ivl.experiments", "test", "--config", str(repo / "experiments" / "demo.yaml"),
