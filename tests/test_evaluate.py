@@ -366,7 +366,8 @@ def test_two_cli_processes_score_every_question_once(tmp_path):
                     MCQ_COLUMNS)
     from ivl.serve.launch import free_port
 
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "OMP_NUM_THREADS": "1",
+    launched = ("LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR")  # this process is no rank of it
+    env = {**{k: v for k, v in os.environ.items() if k not in launched}, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "OMP_NUM_THREADS": "1",
            "MASTER_PORT": str(free_port())}  # not Lightning's fixed default, which another run may hold
     for devices in (1, 2):
         done = subprocess.run(
