@@ -1,4 +1,4 @@
-"""python -m ivl.convert --teacher DIR --out DIR [--hybrid-ratio 0.25] [--window 8192] [--dtype bfloat16]
+"""python -m ivl.convert --teacher DIR --out DIR [--hybrid-ratio 0.25] [--linear-mixer gdn] [--window 8192]
 
 Converts a local Qwen2.5-VL checkpoint into an InfiniteVL checkpoint folder: weights (config.json + safetensors),
 the teacher's tokenizer and chat template (when the teacher folder has them), and conversion_report.json.
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ivl.model.convert import GDN_INITS, convert_qwen2_5_vl
-from ivl.model.mixers import MIXERS
+from ivl.model.mixers import ALIASES, LINEAR_MIXERS, MIXERS
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hybrid-ratio", type=float, default=0.25, help="fraction of layers kept as attention")
     parser.add_argument("--layer-types", help=f"comma-separated per-layer mixers ({', '.join(MIXERS)}); "
                                               "overrides --hybrid-ratio")
+    parser.add_argument("--linear-mixer", default="gated_deltanet", choices=[*LINEAR_MIXERS, *ALIASES],
+                        help="the mixer of the replaced layers (the paper's mixer ablation); default gated_deltanet")
     parser.add_argument("--window", type=int, default=8192, help="sliding window; 0 for full attention")
     parser.add_argument("--gdn-init", choices=GDN_INITS, default="mimic")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the teacher's")
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     model, report = convert_qwen2_5_vl(
         args.teacher, hybrid_ratio=args.hybrid_ratio, window=args.window or None, layer_types=layer_types,
         gdn_init=args.gdn_init, dtype=getattr(torch, args.dtype) if args.dtype else None,
+        linear_mixer=args.linear_mixer,
     )
     model.save_pretrained(args.out)  # with the teacher's tokenizer and processor files when it has them
     (args.out / "conversion_report.json").write_text(json.dumps(report.to_dict(), indent=2))

@@ -5,6 +5,7 @@
 # must get an empty one, not an error or a second copy of ivl's kernels.
 if __name__.startswith("ivl."):
     from ivl.kernels.gated_delta import gated_delta_rule
+    from ivl.kernels.gated_linear import gated_linear_attention
     from ivl.kernels.window_attention import sliding_window_attention
 
-    __all__ = ["gated_delta_rule", "sliding_window_attention"]
+    __all__ = ["gated_delta_rule", "gated_linear_attention", "sliding_window_attention"]

@@ -31,6 +31,15 @@ def fla_gated_delta():
 
 
 @functools.cache
+def fla_linear_kernels():
+    """(chunk_gla, chunk_simple_gla): fla's gated linear attention with a per-channel and a per-head (or no)
+    decay, or None without fla."""
+    gla = _optional("IVL_DISABLE_FLA", "fla.ops.gla", "chunk_gla")
+    simple = _optional("IVL_DISABLE_FLA", "fla.ops.simple_gla", "chunk_simple_gla")
+    return (gla[0], simple[0]) if gla and simple else None
+
+
+@functools.cache
 def fla_causal_conv1d():
     """fla's Triton causal depthwise convolution ([B, T, D] layout, fused SiLU, varlen), or None without fla."""
     found = _optional("IVL_DISABLE_FLA", "fla.modules.causal_conv1d", "causal_conv1d")

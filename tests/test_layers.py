@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from ivl.model import HybridConfig
-from ivl.model.gated_deltanet import GatedDeltaNet, ShortConvolution
+from ivl.model.gated_deltanet import GatedDeltaNet
+from ivl.model.short_convolution import ShortConvolution
 from ivl.model.layers import MultimodalRotaryEmbedding, apply_rotary
 
 

@@ -307,5 +307,5 @@ def test_a_student_with_nothing_to_distil_is_still_validated(tmp_path):
     got = trainer.validate(DistillModule(teacher="tiny", window=64, hybrid_ratio=1.0),
                            DataLoader(batches, batch_size=None))[0]
     assert {"val/ppl", "val/teacher_ppl", "val/kl_to_teacher", "val/top1_agreement"} <= set(got)
-    with pytest.raises(ValueError, match="no Gated DeltaNet layer"):
+    with pytest.raises(ValueError, match="no linear-mixer layer"):
         trainer.fit(DistillModule(teacher="tiny", window=64, hybrid_ratio=1.0), DataLoader(batches, batch_size=None))

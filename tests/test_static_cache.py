@@ -31,8 +31,9 @@ def test_static_decode_equals_dynamic_decode(prefill):
 
 
 @pytest.mark.gpu
-def test_decode_step_captures_in_a_cuda_graph():
-    model = tiny_lm().cuda()
+@pytest.mark.parametrize("linear_mixer", ["gated_deltanet", "mamba2", "gla", "linear_attention"])
+def test_decode_step_captures_in_a_cuda_graph(linear_mixer):
+    model = tiny_lm(linear_mixer=linear_mixer).cuda()
     B = 2
     ids = torch.randint(0, 256, (B, 40), device="cuda")
     with torch.no_grad():

@@ -242,3 +242,33 @@ def test_static_decoder_generates_what_the_dynamic_cache_generates(teacher):
     exact_tokens, exact = student.generate(**inputs, max_new_tokens=16, stop_token_ids=[], return_scores=True)
     assert torch.equal(exact_tokens, ref_tokens)
     assert_as_accurate(scores, ref_scores, exact)
+
+
+@pytest.mark.parametrize("mixer", ["mamba2", "gla", "linear_attention"])
+def test_conversion_with_another_linear_mixer_keeps_the_teacher_and_saves(teacher, mixer, tmp_path):
+    """The mixer ablation's students: the replaced layers get the named mixer (near pass-through at first), the
+    rest is the teacher's, and the checkpoint loads back to the same logits."""
+    student, report = convert_qwen2_5_vl(teacher, hybrid_ratio=0.25, linear_mixer=mixer)
+    assert student.config.text.layer_types == ["attention", mixer, mixer, mixer]
+    assert set(report.new) == {n for n, _ in student.named_parameters()
+                               if n.startswith(("lm.layers.1.mixer.", "lm.layers.2.mixer.", "lm.layers.3.mixer."))}
+    inputs = student_inputs(image_video_prompt())
+    student.save_pretrained(tmp_path / "s")
+    loaded = InfiniteVL.from_pretrained(tmp_path / "s")
+    assert loaded.config.text.linear_mixer == mixer
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, student(**inputs).logits, rtol=0, atol=0)
+
+
+def test_attention_init_of_gla_copies_q_and_k_and_mamba2_refuses_it(teacher, tmp_path):
+    student, report = convert_qwen2_5_vl(teacher, hybrid_ratio=0.25, gdn_init="attention", linear_mixer="gla")
+    attn = teacher.model.language_model.layers[1].self_attn
+    assert torch.equal(student.lm.layers[1].mixer.q_proj.weight, attn.q_proj.weight)
+    assert "lm.layers.1.mixer.k_proj.weight" in report.inherited
+    with pytest.raises(ValueError, match="mamba2 layer does not have"):
+        convert_qwen2_5_vl(teacher, hybrid_ratio=0.25, gdn_init="attention", linear_mixer="mamba2")
+    from ivl.convert import main
+
+    teacher.save_pretrained(tmp_path / "teacher")
+    main(["--teacher", str(tmp_path / "teacher"), "--out", str(tmp_path / "student"), "--linear-mixer", "mamba2"])
+    assert InfiniteVL.from_pretrained(tmp_path / "student").config.text.layer_types[1:] == ["mamba2"] * 3

@@ -34,7 +34,7 @@ def decode_shapes(config: HybridConfig) -> list[tuple[str, int, int, int]]:
     H, K, V = config.gdn_num_heads, config.gdn_head_k_dim, config.gdn_head_v_dim
     Hq, Hkv, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     n_attn = config.layer_types.count("attention")
-    n_gdn = config.num_layers - n_attn
+    n_gdn = config.layer_types.count("gated_deltanet")
     d, i = config.hidden_size, config.intermediate_size
     return [
         ("GDN q/k/v/g/a/b", 2 * H * K + 2 * H * V + 2 * H, d, n_gdn),

@@ -300,14 +300,14 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _state_bytes(model: InfiniteVL, B: int) -> int:
-    """Bytes a decode step reads besides the weights: full attention rings and GDN states (at the window)."""
+    """Bytes a decode step reads besides the weights: full attention rings and linear-mixer states (at the window)."""
     text = model.config.text
     total = 0
-    for kind in text.layer_types:
+    for kind, block in zip(text.layer_types, model.lm.layers):
         if kind == "attention":
             total += 2 * B * text.window * text.num_key_value_heads * text.head_dim * 2
         else:
-            total += B * text.gdn_num_heads * text.gdn_head_k_dim * text.gdn_head_v_dim * 4
+            total += B * torch.Size(block.mixer.state_shape()).numel() * 4
     return total
 
 

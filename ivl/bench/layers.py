@@ -1,4 +1,4 @@
-"""Forward and forward+backward time of one token-mixing layer (GDN, SWA, full attention) at 4B shapes.
+"""Forward and forward+backward time of one token-mixing layer (the linear mixers, SWA, full attention) at 4B shapes.
 
 Times one mixer layer of the `infinitevl-4b` preset (hidden 2048) on a [1, T, 2048] input, with CUDA events,
 after warm-up (which also absorbs FlexAttention's compilation), as the median of several repeats.
@@ -14,8 +14,11 @@ import torch
 
 from ivl.model import HybridConfig
 from ivl.model.attention import SlidingWindowAttention
-from ivl.model.gated_deltanet import GatedDeltaNet
 from ivl.model.layers import MultimodalRotaryEmbedding
+from ivl.model.mixers import mixer_class
+
+LINEAR = {"gdn": ("GDN", "gated_deltanet"), "mamba2": ("Mamba2", "mamba2"), "gla": ("GLA", "gla"),
+          "linear_attention": ("linear attention", "linear_attention")}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--preset", default="infinitevl-4b")
-    parser.add_argument("--mixers", nargs="+", default=["gdn", "swa", "full"], choices=["gdn", "swa", "full"])
+    parser.add_argument("--mixers", nargs="+", default=["gdn", "swa", "full"], choices=[*LINEAR, "swa", "full"])
 
 
 def time_ms(fn, repeats: int) -> float:
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace) -> None:
     dtype = getattr(torch, args.dtype)
     config = HybridConfig.preset(args.preset)
     builders = {
-        "gdn": ("GDN", lambda: GatedDeltaNet(config, 1)),
+        **{key: (label, lambda kind=kind: mixer_class(kind)(config, 1)) for key, (label, kind) in LINEAR.items()},
         "swa": (f"SWA (window {config.window})", lambda: SlidingWindowAttention(config, 0)),
         "full": ("full attention", lambda: SlidingWindowAttention(HybridConfig.preset(args.preset, window=None), 0)),
     }

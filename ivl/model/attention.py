@@ -8,20 +8,24 @@ import torch
 import torch.nn as nn
 
 from ivl.kernels import sliding_window_attention
+from ivl.kernels.gemv import linear
 from ivl.kernels.window_attention import attention_at_positions, sliding_window_attention_after_prefix
 from ivl.model.cache import WindowKVCache
 from ivl.model.layers import apply_rotary
+from ivl.model.mixers import TokenMixer
 
 if TYPE_CHECKING:
     from ivl.model.config import HybridConfig
 
 
-class SlidingWindowAttention(nn.Module):
+EMPTY = -(2**62)  # token index of an empty slot of the static ring: never inside any window
+
+
+class SlidingWindowAttention(TokenMixer):
     """Parameter names follow transformers' Qwen2.5-VL attention, so teacher layers copy over unchanged."""
 
     def __init__(self, config: HybridConfig, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
+        super().__init__(config, layer_idx)
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -81,3 +85,73 @@ class SlidingWindowAttention(nn.Module):
         if cache is not None:
             cache.update(k, v, token_index, attention_mask)
         return self.o_proj(out.reshape(B, T, -1))
+
+    # ---- the mixer contract: cache and fixed-shape decoding ------------------------------------------------------
+    def new_cache(self, window: int | None) -> WindowKVCache:
+        return WindowKVCache(window)
+
+    def static_buffers(self, batch: int, window: int, device, dtype) -> dict[str, torch.Tensor]:
+        """A [B, Hkv, window, D] ring of keys/values (heads first: one head's keys form one matrix), with the token
+        index and validity of each slot."""
+        shape = (batch, self.num_kv_heads, window, self.head_dim)
+        return {"keys": torch.zeros(shape, device=device, dtype=dtype),
+                "values": torch.zeros(shape, device=device, dtype=dtype),
+                "positions": torch.full((window,), EMPTY, dtype=torch.long, device=device),
+                "valid": torch.zeros(batch, window, dtype=torch.bool, device=device)}
+
+    def load_static(self, buffers: dict[str, torch.Tensor], entry: WindowKVCache) -> None:
+        if entry.keys is None:
+            return
+        slots = entry.positions % buffers["positions"].shape[0]
+        buffers["keys"][:, :, slots] = entry.keys.transpose(1, 2)
+        buffers["values"][:, :, slots] = entry.values.transpose(1, 2)
+        buffers["positions"][slots] = entry.positions
+        buffers["valid"][:, slots] = entry.valid
+
+    def projection_groups(self) -> dict[str, list[nn.Parameter]]:
+        groups = {"mixer_in": [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]}
+        if self.q_proj.bias is not None:
+            groups["mixer_in_bias"] = [self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]
+        return groups
+
+    def step_weights(self, packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        weights = {"w_in": packed["mixer_in"], "w_o": self.o_proj.weight}
+        if "mixer_in_bias" in packed:
+            weights["b_in"] = packed["mixer_in_bias"]
+        return weights
+
+    def step_sizes(self) -> tuple:
+        return self.num_heads, self.num_kv_heads, self.head_dim
+
+    @staticmethod
+    def step(x, weights, buffers, cos, sin, token_index, sizes) -> torch.Tensor:
+        """One token per row against the ring, which takes the token in place."""
+        Hq, Hkv, D = sizes
+        B = x.shape[0]
+        keys, values, positions, valid = (buffers[n] for n in ("keys", "values", "positions", "valid"))
+        window = positions.shape[0]
+        q, k, v = linear(x, weights["w_in"], weights.get("b_in")).split([Hq * D, Hkv * D, Hkv * D], -1)
+        q, k = apply_rotary(q.view(B, 1, Hq, D), cos, sin), apply_rotary(k.view(B, 1, Hkv, D), cos, sin)
+        slot = (token_index % window).view(1)
+        keys.index_copy_(2, slot, k.transpose(1, 2))
+        values.index_copy_(2, slot, v.view(B, 1, Hkv, D).transpose(1, 2))
+        positions.index_copy_(0, slot, token_index.view(1))
+        valid.index_fill_(1, slot, True)
+        in_window = (positions > token_index - window) & (positions <= token_index)  # [S]
+        return linear(_decode_attention(q, keys, values, in_window[None] & valid), weights["w_o"])
+
+
+def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query per row over the ring: q [B, 1, Hq, D], keys/values [B, Hkv, S, D], mask [B, S] -> [B, 1, Hq * D].
+
+    Two batched matrix products around a softmax, with the query heads of a key/value head as the rows of one
+    product. SDPA's kernels run a single masked query per (row, head) block without splitting the keys, which
+    reads the window at a small fraction of memory bandwidth.
+    """
+    B, _, Hq, D = q.shape
+    Hkv = keys.shape[1]
+    grouped = q.view(B, Hkv, Hq // Hkv, D)  # query head h reads key/value head h // (Hq / Hkv)
+    scores = (grouped @ keys.transpose(-1, -2)).float() * D**-0.5  # [B, Hkv, G, S]
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    out = scores.softmax(-1).to(values.dtype) @ values  # [B, Hkv, G, D]
+    return out.reshape(B, 1, Hq * D)

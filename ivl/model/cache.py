@@ -1,8 +1,8 @@
 """The hybrid inference cache: constant memory however long the input grows.
 
 Attention layers keep at most ``window`` keys/values in a ring buffer (token t lives in slot t % window), so the
-cache stops growing once the window is full. Gated DeltaNet layers keep one [H, K, V] state and the last
-``conv_size - 1`` inputs of each short convolution.
+cache stops growing once the window is full. Constant-memory layers (Gated DeltaNet, Mamba2, GLA, linear
+attention) keep one state and the last ``conv_size - 1`` inputs of each short convolution.
 """
 
 from __future__ import annotations
@@ -63,20 +63,38 @@ class WindowKVCache:
         self.positions[slots] = positions[-keep:]
         self.valid[:, slots] = valid[:, -keep:]
 
+    def clone(self, copy) -> "WindowKVCache":
+        """A copy whose per-row tensors are ``copy(t)`` (e.g. a row selection); slot positions are shared by rows."""
+        return WindowKVCache(self.window, *(copy(t) if t is not None else None for t in (self.keys, self.values)),
+                             self.positions.clone() if self.positions is not None else None,
+                             copy(self.valid) if self.valid is not None else None, self.length, self.all_valid)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.keys, self.values, self.positions, self.valid) if t is not None]
+
 
 @dataclass
 class RecurrentCache:
-    """State of one Gated DeltaNet layer: [B, H, K, V] (float32) and the short-convolution tails [B, C, W-1]."""
+    """State of one constant-memory layer (Gated DeltaNet's [B, H, K, V], float32; each linear mixer says its
+    shape) and its short-convolution tails by name, [B, W-1, C]."""
 
     state: torch.Tensor | None = None
     conv: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def clone(self, copy) -> "RecurrentCache":
+        return RecurrentCache(copy(self.state) if self.state is not None else None,
+                              {k: copy(v) for k, v in self.conv.items()})
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.state, *self.conv.values()) if t is not None]
+
 
 class HybridCache:
-    """One entry per layer plus the number of tokens seen so far (the next token's index)."""
+    """One entry per layer (each mixer's ``new_cache``) plus the number of tokens seen so far (the next token's
+    index)."""
 
-    def __init__(self, layer_types: list[str], window: int | None):
-        self.layers = [WindowKVCache(window) if kind == "attention" else RecurrentCache() for kind in layer_types]
+    def __init__(self, layers: list):
+        self.layers = list(layers)
         self.seen_tokens = 0
 
     def __getitem__(self, i: int):
@@ -93,28 +111,10 @@ class HybridCache:
     def clone(self, rows=None) -> "HybridCache":
         """An independent copy (``rows``: a function applied to each per-row tensor, e.g. selecting rows): a
         snapshot to answer a question from without advancing the stream it was taken from."""
-        copy = (lambda t: t.clone()) if rows is None else rows
-        out = HybridCache.__new__(HybridCache)
+        out = HybridCache([layer.clone((lambda t: t.clone()) if rows is None else rows) for layer in self.layers])
         out.seen_tokens = self.seen_tokens
-        out.layers = []
-        for layer in self.layers:
-            if isinstance(layer, WindowKVCache):
-                out.layers.append(WindowKVCache(
-                    layer.window, *(copy(t) if t is not None else None for t in (layer.keys, layer.values)),
-                    layer.positions.clone() if layer.positions is not None else None,
-                    copy(layer.valid) if layer.valid is not None else None, layer.length, layer.all_valid))
-            else:
-                out.layers.append(RecurrentCache(copy(layer.state) if layer.state is not None else None,
-                                                 {k: copy(v) for k, v in layer.conv.items()}))
         return out
 
     def nbytes(self) -> int:
         """Bytes held by every cached tensor."""
-        total = 0
-        for layer in self.layers:
-            if isinstance(layer, WindowKVCache):
-                tensors = [layer.keys, layer.values, layer.positions, layer.valid]
-            else:
-                tensors = [layer.state, *layer.conv.values()]
-            total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
-        return total
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())

@@ -7,13 +7,16 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ivl.model.mixers import LINEAR_MIXERS, canonical_name
+
+
 @dataclass
 class HybridConfig:
     """Configuration of the hybrid (sliding-window attention + Gated DeltaNet) language model.
 
     ``layer_types`` says, per layer, which token mixer it uses. Leave it empty to derive it from
     ``hybrid_ratio``: one attention layer opens each block of ``1 / hybrid_ratio`` layers (InfiniteVL's 1/4 gives
-    attention at layers 0, 4, 8, ...); ratio 0 means no attention layer at all.
+    attention at layers 0, 4, 8, ...), the others are ``linear_mixer``; ratio 0 means no attention layer at all.
     """
 
     vocab_size: int = 151936
@@ -25,9 +28,13 @@ class HybridConfig:
     num_layers: int = 36
     """Number of token-mixing layers (each followed by an MLP)."""
     layer_types: list[str] = field(default_factory=list)
-    """Per-layer mixer: "attention" or "gated_deltanet". Derived from hybrid_ratio when empty."""
+    """Per-layer mixer: "attention", "gated_deltanet" (or "gdn"), "mamba2", "gla" or "linear_attention".
+    Derived from hybrid_ratio and linear_mixer when empty."""
     hybrid_ratio: float | None = 0.25
     """Fraction of attention layers (one per block of 1/ratio); used only when layer_types is empty."""
+    linear_mixer: str = "gated_deltanet"
+    """The constant-memory mixer of the non-attention layers when layer_types is derived from hybrid_ratio:
+    gated_deltanet (gdn), mamba2, gla or linear_attention (ungated: the paper's negative control)."""
 
     # Sliding-window attention layers (Qwen2.5-VL's attention, restricted to a window).
     num_attention_heads: int = 16
@@ -54,6 +61,11 @@ class HybridConfig:
     """Value width per Gated DeltaNet head (the state per head is head_k_dim x head_v_dim)."""
     gdn_conv_size: int = 4
     """Width of the causal depthwise convolution after the q/k/v projections."""
+    # The other linear mixers take the Gated DeltaNet sizes above, so that a layer has about the same parameters
+    # and state whichever mixer it runs (GLA, linear attention: H heads of K x V; Mamba2: H groups of B/C of
+    # width K, and H * V / mamba2_head_dim heads over an inner width of H * V).
+    mamba2_head_dim: int = 64
+    """Channels per Mamba2 head (its P); the heads share their group's B and C."""
 
     rms_norm_eps: float = 1e-6
     """Epsilon of every RMSNorm."""
@@ -63,20 +75,32 @@ class HybridConfig:
     """Standard deviation of the normal init of linear and embedding weights."""
 
     def __post_init__(self) -> None:
+        try:
+            self.linear_mixer = canonical_name(self.linear_mixer)
+        except ValueError as err:
+            raise ValueError(f"linear_mixer: {err}") from None
+        if self.linear_mixer not in LINEAR_MIXERS:
+            raise ValueError(f"linear_mixer must be one of {list(LINEAR_MIXERS)}; got {self.linear_mixer!r}")
         if not self.layer_types:
             if self.hybrid_ratio is None:
                 raise ValueError("HybridConfig needs either layer_types or hybrid_ratio")
-            self.layer_types = layer_types_from_ratio(self.num_layers, self.hybrid_ratio)
+            self.layer_types = layer_types_from_ratio(self.num_layers, self.hybrid_ratio, self.linear_mixer)
         else:
             self.layer_types = list(self.layer_types)
             self.hybrid_ratio = self.layer_types.count("attention") / len(self.layer_types)
         if len(self.layer_types) != self.num_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries but num_layers is {self.num_layers}")
-        from ivl.model.mixers import MIXERS  # the registry imports the layers, which import this module
-
         for i, kind in enumerate(self.layer_types):
-            if kind not in MIXERS:
-                raise ValueError(f"layer_types[{i}] = {kind!r} is not a known mixer; choose from {sorted(MIXERS)}")
+            try:
+                self.layer_types[i] = canonical_name(kind)
+            except ValueError as err:
+                raise ValueError(f"layer_types[{i}] = {err}") from None
+        inner = self.gdn_num_heads * self.gdn_head_v_dim
+        if "mamba2" in self.layer_types and (inner % self.mamba2_head_dim
+                                             or (inner // self.mamba2_head_dim) % self.gdn_num_heads):
+            raise ValueError(f"mamba2_head_dim ({self.mamba2_head_dim}) must divide the Mamba2 inner width "
+                             f"gdn_num_heads * gdn_head_v_dim = {inner} into a multiple of gdn_num_heads "
+                             f"({self.gdn_num_heads}) heads (the B/C groups)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
@@ -123,14 +147,15 @@ class HybridConfig:
         return cls.from_dict(data)
 
 
-def layer_types_from_ratio(num_layers: int, ratio: float) -> list[str]:
-    """One attention layer at the start of each block of round(1 / ratio) layers; the rest Gated DeltaNet."""
+def layer_types_from_ratio(num_layers: int, ratio: float, linear_mixer: str = "gated_deltanet") -> list[str]:
+    """One attention layer at the start of each block of round(1 / ratio) layers; the rest ``linear_mixer``."""
     if not 0 <= ratio <= 1:
         raise ValueError(f"hybrid_ratio must be in [0, 1]; got {ratio}")
+    linear_mixer = canonical_name(linear_mixer)
     if ratio == 0:
-        return ["gated_deltanet"] * num_layers
+        return [linear_mixer] * num_layers
     block = round(1 / ratio)
-    return ["attention" if i % block == 0 else "gated_deltanet" for i in range(num_layers)]
+    return ["attention" if i % block == 0 else linear_mixer for i in range(num_layers)]
 
 
 PRESETS: dict[str, dict] = {
@@ -147,7 +172,7 @@ PRESETS: dict[str, dict] = {
         vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=4, hybrid_ratio=0.25,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention_bias=True, window=16,
         rope_theta=10_000.0, mrope_section=[2, 3, 3], gdn_num_heads=2, gdn_head_k_dim=16, gdn_head_v_dim=32,
-        gdn_conv_size=4, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        gdn_conv_size=4, mamba2_head_dim=16, rms_norm_eps=1e-6, tie_word_embeddings=True,
     ),
 }
 

@@ -2,9 +2,9 @@
 
 Copied from the teacher: the vision tower and merger, the embeddings, every norm and MLP, the LM head, and the
 attention layers that stay attention (they become sliding-window attention with the same weights). Every other
-layer gets a fresh Gated DeltaNet: by default with the "mimic" initialisation of the public InfiniteVL code (a
-near pass-through), or with ``gdn_init="attention"`` with q and the GQA-expanded k copied from the attention
-layer it replaces (for ablations).
+layer gets a fresh linear mixer (Gated DeltaNet, or ``linear_mixer`` for the mixer ablation): by default with the
+"mimic" initialisation of the public InfiniteVL code (a near pass-through), or with ``gdn_init="attention"`` with
+q and the GQA-expanded k copied from the attention layer it replaces (for ablations; mixers with q/k projections).
 
 Teacher weights are read by name, so both checkpoint layouts work: the original release's (``visual.*``,
 ``model.layers.*``) and transformers 5's (``model.visual.*``, ``model.language_model.*``).
@@ -24,6 +24,7 @@ from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLCo
 
 from ivl.model import checkpoint
 from ivl.model.config import HybridConfig, InfiniteVLConfig, layer_types_from_ratio
+from ivl.model.mixers import canonical_name, mixer_class
 from ivl.model.vision import vision_config_dict
 from ivl.model.vlm import InfiniteVL
 
@@ -76,6 +77,7 @@ def convert_qwen2_5_vl(
     gdn_init: str = "mimic",
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    linear_mixer: str = "gated_deltanet",
 ) -> tuple[InfiniteVL, ConversionReport]:
     """Build the hybrid student of a Qwen2.5-VL teacher.
 
@@ -84,9 +86,11 @@ def convert_qwen2_5_vl(
             safetensors). Nothing is fetched from a hub.
         hybrid_ratio: fraction of layers kept as attention (one at the start of each block of 1/ratio).
         window: sliding window of the kept attention layers (None: full attention).
-        layer_types: explicit per-layer "attention" / "gated_deltanet" (overrides hybrid_ratio).
+        layer_types: explicit per-layer mixer names, "attention" / "gated_deltanet" / ... (overrides hybrid_ratio).
         gdn_init: "mimic" (default) or "attention" (q and GQA-expanded k from the replaced attention layer).
         dtype: student dtype (default: the teacher's).
+        linear_mixer: the mixer of the replaced layers when layer_types is None: "gated_deltanet" (InfiniteVL's),
+            "mamba2", "gla" or "linear_attention" (the paper's mixer ablation).
 
     Returns:
         (student, report)
@@ -94,8 +98,13 @@ def convert_qwen2_5_vl(
     if gdn_init not in GDN_INITS:
         raise ValueError(f"gdn_init must be one of {GDN_INITS}; got {gdn_init!r}")
     teacher_config, tensors, teacher_dtype = _read_teacher(teacher)
-    config = student_config(teacher_config, hybrid_ratio, window, layer_types)
+    config = student_config(teacher_config, hybrid_ratio, window, layer_types, linear_mixer)
     layer_types = config.text.layer_types
+    if gdn_init == "attention":
+        for kind in set(layer_types) - {"attention"}:
+            if not mixer_class(kind).from_attention:
+                raise ValueError(f"gdn_init='attention' copies q/k projections, which a {kind} layer does not have; "
+                                 "use gdn_init='mimic'")
     with torch.device(device):
         student = InfiniteVL(config)
     student.to(dtype or teacher_dtype)
@@ -131,13 +140,14 @@ def convert_qwen2_5_vl(
 
 
 def student_config(teacher_config: Qwen2_5_VLConfig, hybrid_ratio: float = 0.25, window: int | None = 8192,
-                   layer_types: list[str] | None = None) -> InfiniteVLConfig:
+                   layer_types: list[str] | None = None, linear_mixer: str = "gated_deltanet") -> InfiniteVLConfig:
     """The InfiniteVL config ``convert_qwen2_5_vl`` gives a teacher with this config (no weights are read)."""
     text = getattr(teacher_config, "text_config", teacher_config)
+    linear_mixer = canonical_name(linear_mixer)
     if layer_types is None:
-        layer_types = layer_types_from_ratio(text.num_hidden_layers, hybrid_ratio)
+        layer_types = layer_types_from_ratio(text.num_hidden_layers, hybrid_ratio, linear_mixer)
     return InfiniteVLConfig(
-        text=student_text_config(teacher_config, layer_types, window),
+        text=student_text_config(teacher_config, layer_types, window, linear_mixer),
         vision=vision_config_dict(teacher_config.vision_config),
         image_token_id=teacher_config.image_token_id,
         video_token_id=teacher_config.video_token_id,
@@ -146,9 +156,11 @@ def student_config(teacher_config: Qwen2_5_VLConfig, hybrid_ratio: float = 0.25,
     )
 
 
-def student_text_config(teacher_config, layer_types: list[str], window: int | None) -> HybridConfig:
+def student_text_config(teacher_config, layer_types: list[str], window: int | None,
+                        linear_mixer: str = "gated_deltanet") -> HybridConfig:
     """The hybrid LM config of a Qwen2.5-VL teacher: its sizes, with GDN heads of the attention's shape and
-    value heads twice as wide (the public InfiniteVL's expand_v = 2)."""
+    value heads twice as wide (the public InfiniteVL's expand_v = 2); the other linear mixers take the same sizes
+    (Mamba2 with heads of half the attention's head width: 64 at 4B)."""
     text = getattr(teacher_config, "text_config", teacher_config)
     rope = getattr(text, "rope_parameters", None) or {}
     legacy = getattr(text, "rope_scaling", None) or {}
@@ -161,7 +173,7 @@ def student_text_config(teacher_config, layer_types: list[str], window: int | No
         rope_theta=rope.get("rope_theta", getattr(text, "rope_theta", 1_000_000.0)),
         mrope_section=list(rope.get("mrope_section", legacy.get("mrope_section", [16, 24, 24]))),
         gdn_num_heads=text.num_attention_heads, gdn_head_k_dim=head_dim, gdn_head_v_dim=2 * head_dim,
-        rms_norm_eps=text.rms_norm_eps,
+        linear_mixer=linear_mixer, mamba2_head_dim=max(head_dim // 2, 1), rms_norm_eps=text.rms_norm_eps,
         tie_word_embeddings=bool(getattr(teacher_config, "tie_word_embeddings", False)
                                  or getattr(text, "tie_word_embeddings", False)),
         initializer_range=getattr(text, "initializer_range", 0.02),
@@ -188,7 +200,6 @@ _BLOCK_TO_TEACHER = {
     "mlp.up_proj.weight": "mlp.up_proj.weight",
     "mlp.down_proj.weight": "mlp.down_proj.weight",
 }
-_GDN_FROM_ATTENTION = {"mixer.q_proj.weight": "self_attn.q_proj.weight", "mixer.k_proj.weight": "self_attn.k_proj.weight"}
 
 
 def _layer(name: str) -> int:
@@ -211,8 +222,9 @@ def _teacher_name(name: str, layer_types: list[str], gdn_init: str) -> str | Non
         return f"text.layers.{i}.{_BLOCK_TO_TEACHER[rest]}"
     if layer_types[i] == "attention" and rest.startswith("mixer."):
         return f"text.layers.{i}.self_attn.{rest.removeprefix('mixer.')}"
-    if gdn_init == "attention" and rest in _GDN_FROM_ATTENTION:
-        return f"text.layers.{i}.{_GDN_FROM_ATTENTION[rest]}"
+    if gdn_init == "attention" and rest.startswith("mixer."):
+        source = mixer_class(layer_types[i]).from_attention.get(rest.removeprefix("mixer."))
+        return f"text.layers.{i}.self_attn.{source}" if source else None
     return None
 
 

@@ -14,10 +14,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ivl.kernels import gated_delta_rule
-from ivl.kernels._fla import fla_causal_conv1d
 from ivl.kernels.fused import fused
+from ivl.kernels.gated_delta import gated_delta_step
+from ivl.kernels.gemv import linear
 from ivl.model.cache import RecurrentCache
-from ivl.model.layers import GatedRMSNorm
+from ivl.model.layers import GatedRMSNorm, gated_rms_norm
+from ivl.model.mixers import RecurrentMixer
+from ivl.model.short_convolution import ShortConvolution, conv_step, short_convolution
 
 if TYPE_CHECKING:
     from ivl.model.config import HybridConfig
@@ -26,74 +29,13 @@ MIMIC_DT = 1e-3
 PROJECT_AT_ONCE_MIN_TOKENS = 256
 
 
-class ShortConvolution(nn.Module):
-    """Causal depthwise 1D convolution followed by SiLU, aware of packed sequences and of a cached tail."""
+class GatedDeltaNet(RecurrentMixer):
+    from_attention = {"q_proj.weight": "q_proj.weight", "k_proj.weight": "k_proj.weight"}
+    conv_names = ("q", "k", "v")
 
-    def __init__(self, channels: int, kernel_size: int):
-        super().__init__()
-        self.kernel_size = kernel_size
-        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))  # nn.Conv1d's layout
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-
-    def forward(
-        self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, tail: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, T, C]; tail [B, W-1, C], the inputs before x (zeros if None). Returns (y, new tail)."""
-        return short_convolution(x, self.weight[:, 0, :], cu_seqlens, tail)
-
-
-def short_convolution(x: torch.Tensor, w: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
-                      tail: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """SiLU of the causal depthwise convolution of x [B, T, C] with w [C, W] (tap W-1 on the current token),
-    continuing ``tail`` [B, W-1, C] (zeros if None), not reaching across ``cu_seqlens`` boundaries; and the new
-    tail."""
-    if x.is_cuda and x.shape[1] > 1 and fla_causal_conv1d() is not None:
-        return _fla_conv(x, w, cu_seqlens, tail)
-    pos = None
-    if cu_seqlens is not None:  # each token's offset in its packed sequence
-        cu = cu_seqlens.to(device=x.device, dtype=torch.long)
-        steps = torch.arange(x.shape[1], device=x.device)
-        pos = steps - cu[torch.bucketize(steps, cu[1:], right=True)]
-    return _causal_conv_silu(x, tail, w, pos)
-
-
-def _fla_conv(x, w, cu_seqlens, tail):
-    # fla's kernel reads [B, T, C] in place (the compiled tap loop ran at a twentieth of memory bandwidth on
-    # an H100). A cached tail is prepended and its outputs dropped, which keeps fla's state layout out of it.
-    W = w.shape[1]
-    conv = fla_causal_conv1d()
-    if tail is None:
-        y, _ = conv(x, weight=w, activation="silu", cu_seqlens=cu_seqlens)
-        xp = x if x.shape[1] >= W - 1 else torch.cat([x.new_zeros(x.shape[0], W - 1, x.shape[2]), x], dim=1)
-        return y, xp[:, -(W - 1):]
-    xp = torch.cat([tail.to(x.dtype), x], dim=1)
-    y, _ = conv(xp, weight=w, activation="silu")
-    return y[:, W - 1:], xp[:, -(W - 1):]
-
-
-@fused
-def _causal_conv_silu(x: torch.Tensor, tail: torch.Tensor | None, w: torch.Tensor, pos: torch.Tensor | None):
-    """(SiLU of the causal depthwise convolution of x [B, T, C] continuing ``tail`` [B, W-1, C] (zeros if None)
-    with w [C, W], tap W-1 on the current token; the new tail). pos [T], if given, stops taps at packed-sequence
-    starts."""
-    W = w.shape[1]
-    T = x.shape[1]
-    if tail is None:
-        tail = x.new_zeros(x.shape[0], W - 1, x.shape[2])
-    xp = torch.cat([tail.to(x.dtype), x], dim=1)  # [B, W-1+T, C]
-    y = None
-    for back in range(W):  # tap reaching `back` tokens into the past
-        term = xp[:, W - 1 - back : W - 1 - back + T] * w[:, W - 1 - back]
-        if pos is not None:  # a tap must not reach into the previous packed sequence
-            term = term * (pos >= back)[None, :, None].to(term.dtype)
-        y = term if y is None else y + term
-    return F.silu(y), xp[:, -(W - 1):]
-
-
-class GatedDeltaNet(nn.Module):
     def __init__(self, config: HybridConfig, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
+        super().__init__(config, layer_idx)
+        self.eps = config.rms_norm_eps
         self.num_heads = H = config.gdn_num_heads
         self.head_k_dim = config.gdn_head_k_dim
         self.head_v_dim = config.gdn_head_v_dim
@@ -189,6 +131,40 @@ class GatedDeltaNet(nn.Module):
         gates = (self.g_proj, self.a_proj, self.b_proj)
         gate, a, b = F.linear(x, torch.cat([p.weight for p in gates])).split([p.out_features for p in gates], -1)
         return (*qkv.split(widths, dim=-1), gate, a, b, tail.split(widths, dim=-1))
+
+    # ---- the mixer contract: cache and fixed-shape decoding ------------------------------------------------------
+    def state_shape(self) -> tuple[int, ...]:
+        return self.num_heads, self.head_k_dim, self.head_v_dim
+
+    def conv_layout(self) -> tuple[int, list[int]]:
+        return self.q_conv1d.kernel_size, [c.weight.shape[0] for c in (self.q_conv1d, self.k_conv1d, self.v_conv1d)]
+
+    def projection_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"mixer_in": [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.g_proj.weight,
+                             self.a_proj.weight, self.b_proj.weight],
+                "conv": [self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight]}
+
+    def step_weights(self, packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"w_in": packed["mixer_in"], "conv": packed["conv"][:, 0], "A_log": self.A_log,
+                "dt_bias": self.dt_bias, "o_norm": self.o_norm.weight, "w_o": self.o_proj.weight}
+
+    def step_sizes(self) -> tuple:
+        return self.num_heads, self.head_k_dim, self.head_v_dim, self.eps
+
+    @staticmethod
+    def step(x, weights, buffers, cos, sin, token_index, sizes) -> torch.Tensor:
+        """One token per row: the packed projections, the three convolutions at once, the delta-rule update of
+        the state in place, the gated norm and the output projection."""
+        H, K, V, eps = sizes
+        B = x.shape[0]
+        q, k, v, gate, a, b = linear(x, weights["w_in"]).split([H * K, H * K, H * V, H * V, H, H], -1)
+        q, k, v = conv_step(buffers["tail"], torch.cat([q, k, v], dim=-1), weights["conv"]).split(
+            [H * K, H * K, H * V], -1)
+        q, k = _l2norm(q.view(B, 1, H, K)), _l2norm(k.view(B, 1, H, K))
+        g, beta = _gates(a, b, weights["A_log"], weights["dt_bias"])
+        o = gated_delta_step(q, k, v.view(B, 1, H, V), g, beta, K**-0.5, buffers["state"])
+        o = gated_rms_norm(o, gate.view(B, 1, H, V), weights["o_norm"], eps)
+        return linear(o.reshape(B, 1, H * V), weights["w_o"])
 
 
 @fused

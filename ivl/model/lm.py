@@ -7,19 +7,18 @@ import torch.nn as nn
 
 from ivl.model.cache import HybridCache
 from ivl.model.config import HybridConfig
-from ivl.model.gated_deltanet import GatedDeltaNet
 from ivl.model.layers import MultimodalRotaryEmbedding, RMSNorm, SwiGLU
-from ivl.model.mixers import MIXERS
+from ivl.model.mixers import mixer_class
 
 
 class Block(nn.Module):
-    """x + mixer(norm(x)), then x + mlp(norm(x)). The mixer is attention or Gated DeltaNet, per layer_types."""
+    """x + mixer(norm(x)), then x + mlp(norm(x)). The mixer is the registered one ``layer_types`` names."""
 
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()
         self.layer_type = config.layer_types[layer_idx]
         self.mixer_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mixer = MIXERS[self.layer_type](config, layer_idx)
+        self.mixer = mixer_class(self.layer_type)(config, layer_idx)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
@@ -41,9 +40,8 @@ class HybridLM(nn.Module):
         self.apply(self._init_weights)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        for module in self.modules():
-            if isinstance(module, GatedDeltaNet):
-                module.reset_mimic()
+        for block in self.layers:
+            block.mixer.reset_mimic()
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -52,7 +50,7 @@ class HybridLM(nn.Module):
             nn.init.zeros_(module.bias)
 
     def new_cache(self) -> HybridCache:
-        return HybridCache(self.config.layer_types, self.config.window)
+        return HybridCache([block.mixer.new_cache(self.config.window) for block in self.layers])
 
     def forward(
         self,

@@ -16,29 +16,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ivl.model.gated_deltanet import GatedDeltaNet
-
 
 def pack_projections(lm: nn.Module) -> list[dict[str, torch.Tensor]]:
-    """Per block of ``lm``: {"mixer_in", ["mixer_in_bias"], ["conv"], "gate_up"} packed matrices (see module doc).
-
-    GDN blocks: mixer_in = [q; k; v; g; a; b] rows, conv = the q/k/v short-convolution taps [2K + V, W].
-    Attention blocks: mixer_in = [q; k; v] with its bias. Every block: gate_up = [gate; up] of the MLP.
-    """
+    """Per block of ``lm``: each of its mixer's ``projection_groups`` as one matrix, and "gate_up" (the MLP's
+    [gate; up] rows). E.g. Gated DeltaNet's "mixer_in" = [q; k; v; g; a; b] rows and "conv" = its three
+    convolutions' taps; attention's "mixer_in" = [q; k; v] and "mixer_in_bias"."""
     packed = []
     for block in lm.layers:
-        m = block.mixer
-        if isinstance(m, GatedDeltaNet):
-            entry = {
-                "mixer_in": _pack([m.q_proj.weight, m.k_proj.weight, m.v_proj.weight, m.g_proj.weight,
-                                   m.a_proj.weight, m.b_proj.weight]),
-                # conv weights are [C, 1, W]: packed along C, then seen as [C, W]
-                "conv": _pack([m.q_conv1d.weight, m.k_conv1d.weight, m.v_conv1d.weight])[:, 0],
-            }
-        else:
-            entry = {"mixer_in": _pack([m.q_proj.weight, m.k_proj.weight, m.v_proj.weight])}
-            if m.q_proj.bias is not None:
-                entry["mixer_in_bias"] = _pack([m.q_proj.bias, m.k_proj.bias, m.v_proj.bias])
+        entry = {name: _pack(params) for name, params in block.mixer.projection_groups().items()}
         entry["gate_up"] = _pack([block.mlp.gate_proj.weight, block.mlp.up_proj.weight])
         packed.append(entry)
     return packed

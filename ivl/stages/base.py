@@ -33,10 +33,12 @@ class StageModule(L.LightningModule):
     Args:
         student: an InfiniteVL checkpoint folder; None converts ``teacher`` (a Qwen2.5-VL folder or "tiny").
         teacher: the Qwen2.5-VL teacher ("tiny": a random tiny one built in code).
-        hybrid_ratio, window, gdn_init: conversion settings when the student is converted here.
+        hybrid_ratio, window, gdn_init, linear_mixer: conversion settings when the student is converted here
+            (linear_mixer: the mixer of the replaced layers, "gated_deltanet", "mamba2", "gla" or
+            "linear_attention").
         trainable: regexes over parameter names; only matching parameters train (default: the stage's own).
             ``{gdn}`` and ``{attention}`` stand for the indices of those layers, e.g.
-            ``lm\\.layers\\.{gdn}\\.mixer\\..*`` for every Gated DeltaNet mixer.
+            ``lm\\.layers\\.{gdn}\\.mixer\\..*`` for every linear mixer (Gated DeltaNet or the ablation's).
         lr, weight_decay, warmup_ratio, betas: AdamW with linear warm-up and cosine decay to 10% of lr.
         save_dir: where the end of training writes the trained student (a plain ``save_pretrained`` folder, LoRA
             merged in, ``adapter/`` beside it); None: not written.
@@ -56,7 +58,7 @@ class StageModule(L.LightningModule):
                  lr: float = 2e-4, weight_decay: float = 0.0, warmup_ratio: float = 0.01,
                  betas: tuple[float, float] = (0.9, 0.95), save_dir: str | None = None, seed: int = 0,
                  activation_checkpointing: str | int | None = "off", param_dtype: str = "bfloat16",
-                 reshard_after_forward: bool = True):
+                 reshard_after_forward: bool = True, linear_mixer: str = "gated_deltanet"):
         super().__init__()
         self.save_hyperparameters()
         self.check_sources()
@@ -102,20 +104,22 @@ class StageModule(L.LightningModule):
     def student_config(self):
         """The student's ``InfiniteVLConfig``, read without building it (from its folder, or the teacher's)."""
         h = self.hparams
-        return student_config(h.student, self.conversion_teacher(), h.hybrid_ratio, h.window)
+        return student_config(h.student, self.conversion_teacher(), h.hybrid_ratio, h.window, h.linear_mixer)
 
     def fill_weights(self, tied: dict[str, str]) -> None:
         """Load the student's weights into the sharded model: rank 0 reads (or converts) them, all ranks shard."""
         state = None
         if self.trainer.global_rank == 0:
             h = self.hparams
-            state = student_state(h.student, self.conversion_teacher(), h.hybrid_ratio, h.window, h.gdn_init, h.seed)
+            state = student_state(h.student, self.conversion_teacher(), h.hybrid_ratio, h.window, h.gdn_init, h.seed,
+                                  h.linear_mixer)
             state = lora.base_layer_names(state, set(self.model.state_dict()))
         distributed.load_full_state(self.model, state, tied)
 
     def build_student(self) -> InfiniteVL:
         h = self.hparams
-        return load_student(h.student, self.conversion_teacher(), h.hybrid_ratio, h.window, h.gdn_init, h.seed)
+        return load_student(h.student, self.conversion_teacher(), h.hybrid_ratio, h.window, h.gdn_init, h.seed,
+                            h.linear_mixer)
 
     def conversion_teacher(self):
         """What a conversion reads the teacher from: its name (a stage with a loaded teacher gives the model)."""
@@ -153,9 +157,10 @@ class StageModule(L.LightningModule):
         return self._trainer is None or self.trainer.state.fn == "fit"
 
     def expand(self, pattern: str) -> str:
-        """``{gdn}`` / ``{attention}`` in a pattern -> an alternation of those layers' indices."""
-        for kind, key in (("gated_deltanet", "{gdn}"), ("attention", "{attention}")):
-            layers = [str(i) for i, t in enumerate(self.model.config.text.layer_types) if t == kind]
+        """``{gdn}`` (every linear-mixer layer, whichever mixer: Gated DeltaNet, Mamba2, GLA, ...) / ``{attention}``
+        in a pattern -> an alternation of those layers' indices."""
+        for attention, key in ((False, "{gdn}"), (True, "{attention}")):
+            layers = [str(i) for i, t in enumerate(self.model.config.text.layer_types) if (t == "attention") == attention]
             pattern = pattern.replace(key, "(" + "|".join(layers or ["-"]) + ")")
         return pattern
 

@@ -60,8 +60,8 @@ class DistillModule(StageModule):
         return self.teacher
 
     def trainable_patterns(self) -> list[str]:
-        if self.fitting() and "gated_deltanet" not in self.model.config.text.layer_types:
-            raise ValueError("the student has no Gated DeltaNet layer to distil into (hybrid_ratio 1 is all window "
+        if self.fitting() and set(self.model.config.text.layer_types) == {"attention"}:
+            raise ValueError("the student has no linear-mixer layer to distil into (hybrid_ratio 1 is all window "
                              "attention: evaluate it with validate)")
         layerwise = self.hparams.get("layerwise_trainable") or list(self.default_trainable)
         end_to_end = super().trainable_patterns()

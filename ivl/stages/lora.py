@@ -18,8 +18,10 @@ from safetensors.torch import save_file
 
 ADAPTER = "default"
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "g_proj", "gate_proj", "up_proj", "down_proj"]
-"""Every projection of attention, Gated DeltaNet and the MLPs."""
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "g_proj", "in_proj", "out_proj", "gate_proj", "up_proj",
+                   "down_proj"]
+"""Every projection of attention, the linear mixers (Gated DeltaNet, GLA, linear attention; Mamba2's in/out) and
+the MLPs."""
 TRAINABLE = [r".*\.lora_[AB]\..*"]
 """``trainable`` patterns that train the adapters only."""
 

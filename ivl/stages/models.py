@@ -43,7 +43,7 @@ def load_teacher(teacher: str, dtype: str | None = None, seed: int = 0) -> Qwen2
 
 
 def load_student(student: str | None, teacher, hybrid_ratio: float, window: int | None,
-                 gdn_init: str = "mimic", seed: int = 0) -> InfiniteVL:
+                 gdn_init: str = "mimic", seed: int = 0, linear_mixer: str = "gated_deltanet") -> InfiniteVL:
     """An InfiniteVL checkpoint folder, or (student None) a fresh conversion of the teacher (a name for
     ``load_teacher`` or an already loaded model). The student trains in float32 (mixed precision comes from the
     Trainer's ``precision``)."""
@@ -56,11 +56,12 @@ def load_student(student: str | None, teacher, hybrid_ratio: float, window: int 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model, _ = convert_qwen2_5_vl(teacher, hybrid_ratio=hybrid_ratio, window=window, gdn_init=gdn_init,
-                                      dtype=torch.float32)
+                                      dtype=torch.float32, linear_mixer=linear_mixer)
     return model.train()
 
 
-def student_config(student: str | None, teacher, hybrid_ratio: float, window: int | None) -> InfiniteVLConfig:
+def student_config(student: str | None, teacher, hybrid_ratio: float, window: int | None,
+                   linear_mixer: str = "gated_deltanet") -> InfiniteVLConfig:
     """The config of the student ``load_student`` would build, read without building it (for the meta device)."""
     if student is not None:
         return InfiniteVLConfig.from_dict(checkpoint.read_config(student)[0])
@@ -73,14 +74,14 @@ def student_config(student: str | None, teacher, hybrid_ratio: float, window: in
     else:
         check_teacher(teacher)
         teacher_config = Qwen2_5_VLConfig.from_pretrained(teacher)
-    return converted_config(teacher_config, hybrid_ratio, window)
+    return converted_config(teacher_config, hybrid_ratio, window, linear_mixer=linear_mixer)
 
 
 def student_state(student: str | None, teacher, hybrid_ratio: float, window: int | None, gdn_init: str = "mimic",
-                  seed: int = 0) -> dict[str, torch.Tensor]:
+                  seed: int = 0, linear_mixer: str = "gated_deltanet") -> dict[str, torch.Tensor]:
     """The weights of that student on the CPU: read from its folder, or converted from the teacher (float32)."""
     if student is not None:
         return checkpoint.read_state(student)
-    model = load_student(None, teacher, hybrid_ratio, window, gdn_init, seed)
+    model = load_student(None, teacher, hybrid_ratio, window, gdn_init, seed, linear_mixer)
     return {name: tensor for name, tensor in model.state_dict().items()
             if name not in checkpoint.tied_names(model)}
