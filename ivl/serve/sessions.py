@@ -38,11 +38,11 @@ class VideoSession:
         self.pending: list[np.ndarray] = []  # a frame waiting for its temporal-patch partner
         self.frames = 0
         self.patches = 0
-        self.last_used = time.monotonic()
         ids = processor.tokenizer(PREFIX, return_tensors="pt")["input_ids"].to(self.device)
         n = ids.shape[1]
         self._text(ids, start=0)
         self.video_start = n  # the video's positions start here (Qwen2.5-VL: after the text before it)
+        self.last_used = time.monotonic()  # idle from when it is ready, not from when its prefill began
         self.max_position = n - 1
 
     def _text(self, ids: torch.Tensor, start: int) -> torch.Tensor:
