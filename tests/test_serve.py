@@ -310,3 +310,14 @@ def test_a_stopped_server_leaves_no_model_worker_behind(tmp_path):
         assert workers
     gone, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive
+
+
+def test_sigterm_ends_the_server_and_its_model_workers(tmp_path):
+    """``kill`` (SIGTERM) of the server alone, as a service manager stops it: the workers end with it."""
+    with running_server(log_path=tmp_path / "server.log", env={"OMP_NUM_THREADS": "1"}) as (url, proc):
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        assert workers
+        proc.terminate()
+        assert proc.wait(30) is not None
+        gone, alive = psutil.wait_procs(workers, timeout=20)
+        assert not alive, [p.cmdline() for p in alive]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import sys
 from pathlib import Path
 
 from ivl.serve.loading import model_name, resolve
@@ -57,4 +59,16 @@ def main(argv=None) -> None:
     sessions = "" if args.baseline else f"\n  video sessions: {url}/v1/sessions"
     print(f"serving {served} on {args.device}\n  page: {url}/\n  OpenAI API: {url}/v1 (chat/completions, models)"
           f"{sessions}", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)
     server.run(host=args.host, port=args.port, generate_client_file=False, api_server_worker_type="thread")
+    # run() returns once it has ended the model workers, but LitServe 0.2.19 cannot stop its uvicorn threads (it
+    # calls terminate() on them), which would keep this process alive: leave without waiting for them.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _interrupt(signum, frame):
+    """SIGTERM (a service manager's or ``kill``'s stop) as Ctrl+C: LitServe then ends its model worker processes,
+    which a plain SIGTERM of the server would leave running."""
+    raise KeyboardInterrupt
