@@ -77,7 +77,7 @@ class GatedLinearAttention(RecurrentMixer):
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [B, T, hidden]; the mixers' common arguments (rope and token_index unused: no positions). Padding
-        tokens enter as zeros and neither write nor forget, so a left-padded row ends in its prompt's state."""
+        tokens enter as zeros and write nothing, so a left-padded row ends in the state its prompt gives."""
         if cache is not None and cu_seqlens is not None:
             raise ValueError("a cache holds one stream per batch row; pass padded batches, not cu_seqlens")
         if attention_mask is not None:
@@ -86,19 +86,12 @@ class GatedLinearAttention(RecurrentMixer):
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
         q, k = self.q_proj(x).view(B, T, H, K), self.k_proj(x).view(B, T, H, K)
         v, gate = self.v_proj(x).view(B, T, H, V), self.g_proj(x).view(B, T, H, V)
-        g = self._log_decay(self.gk_proj(x).view(B, T, H, K), attention_mask) if self.forgets else None
+        g = F.logsigmoid(self.gk_proj(x).view(B, T, H, K).float()) / GATE_LOGIT_NORMALIZER if self.forgets else None
         o, state = gated_linear_attention(q, k, v, g, initial_state=cache.state if cache is not None else None,
                                           output_final_state=cache is not None, cu_seqlens=cu_seqlens)
         if cache is not None:
             cache.state = state
         return self.o_proj(self.o_norm(o, gate).reshape(B, T, H * V))
-
-    @staticmethod
-    def _log_decay(logits: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        g = F.logsigmoid(logits.float()) / GATE_LOGIT_NORMALIZER
-        if attention_mask is not None:  # padding keeps the state as it is
-            g = g * attention_mask.to(g.dtype).view(*attention_mask.shape, *[1] * (g.dim() - 2))
-        return g
 
     # ---- the mixer contract: cache and fixed-shape decoding ------------------------------------------------------
     def state_shape(self) -> tuple[int, ...]:

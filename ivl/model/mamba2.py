@@ -77,7 +77,8 @@ class Mamba2(RecurrentMixer):
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [B, T, hidden]; the mixers' common arguments (rope and token_index unused). Padding tokens enter as
-        zeros and neither write nor decay the state, nor reach later tokens' convolution."""
+        zeros: they write nothing and reach no later token's convolution, so a left-padded row ends in the state
+        its prompt gives."""
         if cache is not None and cu_seqlens is not None:
             raise ValueError("a cache holds one stream per batch row; pass padded batches, not cu_seqlens")
         if attention_mask is not None:
@@ -87,8 +88,6 @@ class Mamba2(RecurrentMixer):
                                             self.num_heads], -1)
         xBC, tail = self.conv1d(xBC, cu_seqlens, cache.conv.get("xBC") if cache is not None else None)
         q, k, v, g, skip = self._ssd_inputs(xBC, dt, self.A_log, self.dt_bias, self.D, self.sizes())
-        if attention_mask is not None:
-            g = g * attention_mask[..., None].to(g.dtype)
         y, state = gated_linear_attention(q, k, v, g, scale=1.0,
                                           initial_state=cache.state if cache is not None else None,
                                           output_final_state=cache is not None, cu_seqlens=cu_seqlens)

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Callable, ClassVar
 import torch
 import torch.nn as nn
 
+from ivl.model.cache import RecurrentCache
+
 if TYPE_CHECKING:
     from ivl.model.config import HybridConfig
 
@@ -52,8 +54,8 @@ class TokenMixer(nn.Module):
 
     Forward (training, prefill, chunked prefill, decoding through the dynamic cache):
         ``forward(x, rope, cu_seqlens, cache, token_index, attention_mask)``: x [B, T, hidden] -> [B, T, hidden];
-        packed sequences (``cu_seqlens``, B = 1) never mix; padding tokens (``attention_mask`` 0, left padding)
-        leave no trace; with a cache entry from ``new_cache`` the call continues its stream and extends it.
+        packed sequences (``cu_seqlens``, B = 1) never mix; left padding (``attention_mask`` 0) leaves no trace
+        in what the row's real tokens see; with a cache entry from ``new_cache`` the call continues its stream and extends it.
     Fixed-shape decoding (the static cache and the CUDA-graph decoder):
         ``static_buffers`` allocates the buffers of one layer at their final shape, ``load_static`` copies a
         dynamic cache entry into them, and ``step`` (a pure function over tensors, compiled into one graph per
@@ -110,9 +112,7 @@ class RecurrentMixer(TokenMixer):
         """(kernel width, channels of each convolution in ``conv_names``)."""
         raise NotImplementedError
 
-    def new_cache(self, window: int | None):
-        from ivl.model.cache import RecurrentCache
-
+    def new_cache(self, window: int | None) -> RecurrentCache:
         return RecurrentCache()
 
     def static_buffers(self, batch: int, window: int, device, dtype) -> dict[str, torch.Tensor]:
