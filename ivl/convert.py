@@ -34,11 +34,14 @@ def main(argv: list[str] | None = None) -> None:
                      "expected; nothing is downloaded)")
 
     layer_types = args.layer_types.split(",") if args.layer_types else None
-    model, report = convert_qwen2_5_vl(
-        args.teacher, hybrid_ratio=args.hybrid_ratio, window=args.window or None, layer_types=layer_types,
-        gdn_init=args.gdn_init, dtype=getattr(torch, args.dtype) if args.dtype else None,
-        linear_mixer=args.linear_mixer,
-    )
+    try:
+        model, report = convert_qwen2_5_vl(
+            args.teacher, hybrid_ratio=args.hybrid_ratio, window=args.window or None, layer_types=layer_types,
+            gdn_init=args.gdn_init, dtype=getattr(torch, args.dtype) if args.dtype else None,
+            linear_mixer=args.linear_mixer,
+        )
+    except ValueError as err:  # a setting the teacher or the mixer rejects: a usage error, not a traceback
+        parser.error(str(err))
     model.save_pretrained(args.out)  # with the teacher's tokenizer and processor files when it has them
     (args.out / "conversion_report.json").write_text(json.dumps(report.to_dict(), indent=2))
     print(report)

@@ -270,5 +270,8 @@ def test_attention_init_of_gla_copies_q_and_k_and_mamba2_refuses_it(teacher, tmp
     from ivl.convert import main
 
     teacher.save_pretrained(tmp_path / "teacher")
+    with pytest.raises(SystemExit):  # argparse's one-line usage error
+        main(["--teacher", str(tmp_path / "teacher"), "--out", str(tmp_path / "x"), "--linear-mixer", "mamba2",
+              "--gdn-init", "attention"])
     main(["--teacher", str(tmp_path / "teacher"), "--out", str(tmp_path / "student"), "--linear-mixer", "mamba2"])
     assert InfiniteVL.from_pretrained(tmp_path / "student").config.text.layer_types[1:] == ["mamba2"] * 3
