@@ -79,12 +79,20 @@ def fla_chunk_function():
     return found[0] if found else None
 
 
+@functools.cache
+def fla_simple_gla_function():
+    """fla's autograd Function of chunked gated linear attention with a per-head decay
+    (``ChunkSimpleGLAFunction``), or None."""
+    found = _optional("IVL_DISABLE_FLA", "fla.ops.simple_gla.chunk", "ChunkSimpleGLAFunction")
+    return found[0] if found else None
+
+
 @contextlib.contextmanager
 def fla_refusal_lifted():
     """While open, fla's #640 check in ``chunk_bwd_dqkwg`` reads Triton as fixed (>= 3.7.1).
 
-    Opened only by ``gated_delta_rule``'s backward, around fla's own backward of one call whose key width is
-    outside the miscompiled tile (``fla_backward_is_miscompiled`` is False), and closed when that backward
+    Opened only by the backward of ``gated_delta_rule`` (or of ``gated_linear_attention`` with a per-head decay),
+    around fla's own backward of one call whose key width is outside the miscompiled tile (``fla_backward_is_miscompiled`` is False), and closed when that backward
     returns: no other code, in this process or later, sees the flag changed. Autograd runs one device's backward
     nodes one at a time, so nothing else runs fla's check while it is open.
     """

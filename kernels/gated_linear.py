@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from ivl.kernels._fla import fla_gated_backward_is_refused, fla_linear_kernels
+from ivl.kernels._fla import (fla_backward_is_miscompiled, fla_gated_backward_is_refused, fla_linear_kernels,
+                              fla_refusal_lifted, fla_simple_gla_function)
 from ivl.kernels.packed_bounds import host_bounds
 
 CHUNK_SIZE = 32
@@ -123,12 +124,17 @@ def _chunked(q, k, v, g, scale, initial_state):
 
 
 def _fla_may_run(q, k, v, g, initial_state) -> bool:
-    """fla 0.6 refuses the backward of a per-head decay on Hopper with Triton 3.4 to 3.7.0 (#640): training steps
-    there take the PyTorch path; inference (and GLA's own per-channel kernels) run fla."""
-    if g is None or g.dim() == 4 or not fla_gated_backward_is_refused():
+    """fla 0.6 refuses the backward of a per-head decay on Hopper with Triton 3.4 to 3.7.0 (#640). Training steps
+    take the PyTorch path only where fla would run its miscompiled BK = 64 tile (K <= 64); at K = 128 (Mamba2's
+    state width at 4B) fla's own backward runs with the refusal lifted (``_SimpleGlaRefusalLifted``). Inference,
+    and GLA's per-channel kernels (no gated ``chunk_bwd_dqkwg``), always run fla."""
+    if g is None or g.dim() == 4 or not _needs_grad(q, k, v, g, initial_state):
         return True
-    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                 for t in (q, k, v, g, initial_state)))
+    return not fla_backward_is_miscompiled(q.shape[-1])
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _fla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
@@ -136,8 +142,28 @@ def _fla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
     if g is not None and g.dim() == 4:
         o, state = chunk_gla(q, k, v, g.float(), scale=scale, initial_state=initial_state,
                              output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    elif (g is not None and fla_gated_backward_is_refused() and fla_simple_gla_function() is not None
+          and _needs_grad(q, k, v, g, initial_state)):
+        o, state = _SimpleGlaRefusalLifted.apply(q, k, v, g.float(), scale, initial_state, cu_seqlens)
     else:
         o, state = chunk_simple_gla(q, k, v, g=g.float() if g is not None else None, scale=scale,
                                     initial_state=initial_state, output_final_state=output_final_state,
                                     cu_seqlens=cu_seqlens)
-    return o, (state.float() if state is not None else None)
+    return o, (state.float() if state is not None and output_final_state else None)
+
+
+class _SimpleGlaRefusalLifted(torch.autograd.Function):
+    """fla's ``ChunkSimpleGLAFunction`` forward and backward, called with this node's ctx, with fla's #640 refusal
+    lifted for this call's backward only. Used where fla refuses but the tile it would run is correct (K > 64 on
+    Hopper; ``fla_backward_is_miscompiled``), as ``gated_delta_rule`` does for Gated DeltaNet."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, scale, initial_state, cu_seqlens):
+        return fla_simple_gla_function().forward(ctx, q, k, v, g, None, scale, initial_state, True, False,
+                                                 cu_seqlens, None)
+
+    @staticmethod
+    def backward(ctx, d_o, d_state):
+        with fla_refusal_lifted():
+            dq, dk, dv, dg, _, _, dh0 = fla_simple_gla_function().backward(ctx, d_o, d_state)[:7]
+        return dq, dk, dv, dg, None, dh0, None

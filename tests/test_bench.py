@@ -17,6 +17,18 @@ def test_inference_bench_smoke(tmp_path, capsys):
     assert (tmp_path / "p.png").stat().st_size > 0
 
 
+def test_inference_bench_times_each_linear_mixer(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    inference.add_arguments(parser)
+    args = parser.parse_args(["--shapes", "tiny", "--device", "cpu", "--contexts", "32", "--batch", "1",
+                              "--decode-tokens", "3", "--decoder", "static", "--baseline-max-context", "0",
+                              "--linear-mixers", "mamba2", "gla", "--plot", str(tmp_path / "p.png")])
+    inference.run(args)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| InfiniteVL")]
+    assert [r.split("|")[1].strip() for r in rows] == ["InfiniteVL (mamba2)", "InfiniteVL (gla)"]
+    assert not any("Qwen" in r for r in rows)
+
+
 def _stream_args(tmp_path, *extra):
     from ivl.bench import stream
 

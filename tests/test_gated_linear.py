@@ -81,3 +81,20 @@ def test_gradients_match_the_token_loop():
     theirs = torch.autograd.grad((ref * grad).sum(), (q, k, v, g))
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_only_a_trained_per_head_decay_at_the_miscompiled_tile_avoids_fla(monkeypatch):
+    """Where fla refuses its gated backward (Hopper, Triton < 3.7.1), training Mamba2's per-head decay takes the
+    PyTorch path only at K <= 64 (the miscompiled BK = 64 tile); inference and per-channel decays always run fla."""
+    from ivl.kernels import _fla, gated_linear
+
+    monkeypatch.setattr(_fla, "fla_gated_backward_is_refused", lambda: True)
+
+    def may_run(K, g_shape, grad):
+        q, k, v = (torch.zeros(1, 4, 2, K, requires_grad=grad) for _ in range(3))
+        g = torch.zeros(g_shape(K), requires_grad=grad)
+        return gated_linear._fla_may_run(q, k, v, g, None)
+
+    head, channel = (lambda K: (1, 4, 2)), (lambda K: (1, 4, 2, K))
+    assert may_run(128, head, grad=True) and not may_run(64, head, grad=True)
+    assert may_run(64, head, grad=False) and may_run(64, channel, grad=True)

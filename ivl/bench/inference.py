@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from ivl.model import HybridConfig, InfiniteVL, InfiniteVLConfig
 from ivl.model.generation import StaticDecoder
+from ivl.model.mixers import LINEAR_MIXERS
 from ivl.model.static_cache import StaticCache
 from ivl.model.teachers import QWEN2_5_VL_3B, TINY_TEACHER
 from ivl.model.vision import vision_config_dict
@@ -36,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--prefill-chunk", type=int, default=8192)
     parser.add_argument("--decoder", default="cuda_graph", choices=["dynamic", "static", "cuda_graph"])
+    parser.add_argument("--linear-mixers", nargs="+", default=["gated_deltanet"], choices=list(LINEAR_MIXERS),
+                        help="InfiniteVL's non-attention layers; several values time one model after another")
     parser.add_argument("--shapes", default="4b", choices=["4b", "tiny"], help="tiny: a CPU smoke run")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--plot", type=Path, default=Path("docs/figures/inference.png"))
@@ -45,9 +49,10 @@ def _teacher_config(shapes: str) -> Qwen2_5_VLConfig:
     return Qwen2_5_VLConfig(**(QWEN2_5_VL_3B if shapes == "4b" else TINY_TEACHER))
 
 
-def build_infinitevl(shapes: str, device: str, dtype: torch.dtype) -> InfiniteVL:
-    text = HybridConfig.preset("infinitevl-4b") if shapes == "4b" else HybridConfig.tiny(
-        vocab_size=151936, hidden_size=64, window=256)
+def build_infinitevl(shapes: str, device: str, dtype: torch.dtype,
+                     linear_mixer: str = "gated_deltanet") -> InfiniteVL:
+    text = HybridConfig.preset("infinitevl-4b", linear_mixer=linear_mixer) if shapes == "4b" else HybridConfig.tiny(
+        vocab_size=151936, hidden_size=64, window=256, linear_mixer=linear_mixer)
     vision = vision_config_dict(_teacher_config(shapes).vision_config)
     with torch.device(device):
         model = InfiniteVL(InfiniteVLConfig(text=text, vision=vision))
@@ -249,35 +254,40 @@ def hbm_bandwidth(device: str) -> float:
 
 def run(args: argparse.Namespace) -> None:
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    model = build_infinitevl(args.shapes, args.device, dtype)  # alone on the device: its peak is its own
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.lm.parameters())
-    bandwidth = hbm_bandwidth(args.device)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"# {name} | torch {torch.__version__} | {dtype} | {datetime.date.today()} | decoder {args.decoder}\n")
     print("| model | batch | context | prefill s | decode ms/token | peak GiB | decode roofline ms (fraction) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     rows = []
+    bandwidth = hbm_bandwidth(args.device)
 
     def report(label, B, T, prefill, decode, peak, roofline=""):
         print(f"| {label} | {B} | {T} | {prefill:.3f} | {decode * 1e3:.2f} | {peak:.2f} | {roofline} |", flush=True)
         rows.append((label, B, T, prefill, decode, peak))
         plot(rows, args.plot)  # after every row, so that a run cut short still leaves its plot
 
-    state_bytes = {B: _state_bytes(model, B) for B in args.batch}
-    for B in args.batch:
-        for T in [t for t in args.contexts if B * t <= args.max_batch_tokens]:
-            try:
-                prefill, decode, peak = time_infinitevl(model, B, T, args)
-            except torch.OutOfMemoryError:
-                print(f"| InfiniteVL | {B} | {T} | OOM | OOM | OOM | |", flush=True)
-                break
-            roofline = ""
-            if bandwidth == bandwidth:
-                bound = (weight_bytes + state_bytes[B]) / bandwidth
-                roofline = f"{bound * 1e3:.2f} ({bound / decode:.0%})"
-            report("InfiniteVL", B, T, prefill, decode, peak, roofline)
-    del model
-    _reset(args.device)
+    for mixer in args.linear_mixers:
+        label = "InfiniteVL" if args.linear_mixers == ["gated_deltanet"] else f"InfiniteVL ({mixer})"
+        model = build_infinitevl(args.shapes, args.device, dtype, mixer)  # alone on the device: its peak is its own
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.lm.parameters())
+        state_bytes = {B: _state_bytes(model, B) for B in args.batch}
+        for B in args.batch:
+            for T in [t for t in args.contexts if B * t <= args.max_batch_tokens]:
+                try:
+                    prefill, decode, peak = time_infinitevl(model, B, T, args)
+                except torch.OutOfMemoryError:
+                    print(f"| {label} | {B} | {T} | OOM | OOM | OOM | |", flush=True)
+                    break
+                roofline = ""
+                if bandwidth == bandwidth:
+                    bound = (weight_bytes + state_bytes[B]) / bandwidth
+                    roofline = f"{bound * 1e3:.2f} ({bound / decode:.0%})"
+                report(label, B, T, prefill, decode, peak, roofline)
+        del model
+        _reset(args.device)
+    if args.baseline_max_context <= 0:
+        print(f"\nplot: {args.plot}")
+        return
     baseline = build_baseline(args.shapes, args.device, dtype)
     # Bytes a step reads: the language model and LM head, a tied embedding counted once (one row is looked up).
     read = {p.data_ptr(): p for p in [*baseline.model.language_model.parameters(), baseline.lm_head.weight]}
@@ -326,7 +336,7 @@ def plot(rows, path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for (label, B), marker in zip(sorted({(r[0], r[1]) for r in rows}), "osd^v<>"):
+    for (label, B), marker in zip(sorted({(r[0], r[1]) for r in rows}), itertools.cycle("osd^v<>")):
         done = [r for r in rows if r[0] == label and r[1] == B and r[3] is not None]
         if not done:
             continue
