@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from ivl.cpu_threads import fit_threads_to_cpus
 from ivl.errors import UsageError
 
 
@@ -47,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    fit_threads_to_cpus()
     from ivl.evaluate.runner import Options, evaluate_file, log_mlflow, table
     from ivl.evaluate.tsv import BadRow
     from ivl.serve.engine import Engine

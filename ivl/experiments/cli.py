@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 
 from ivl.data.modules import check_corpora
+from ivl.cpu_threads import fit_threads_to_cpus
 from ivl.errors import UsageError
 from ivl.stages.models import check_student, check_teacher
 from ivl.stages import StageModule
@@ -92,6 +93,7 @@ def parse_only(args: list[str]) -> None:
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     argv = sys.argv[1:] if args is None else args
+    fit_threads_to_cpus()
     if argv[:1] == ["sweep"]:
         from ivl.experiments.sweep import main as sweep
 

@@ -8,6 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
+from ivl.cpu_threads import fit_threads_to_cpus
 from ivl.serve.loading import model_name, resolve
 from ivl.serve.messages import Limits
 
@@ -46,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    fit_threads_to_cpus()
     from ivl.serve.app import Settings, build_server  # litserve and the model load after the arguments are good
 
     limits = Limits(max_tokens=args.max_tokens, max_context=args.max_context, media_root=args.media_root)
