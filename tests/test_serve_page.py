@@ -50,7 +50,10 @@ def browser():
     if path is None:
         pytest.skip("no Chromium: npm install --prefix tests/browser, or playwright install chromium, or IVL_CHROMIUM")
     with sync_api.sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=path or None, args=ARGS, timeout=120_000)
+        try:
+            launched = p.chromium.launch(executable_path=path or None, args=ARGS, timeout=120_000)
+        except sync_api.Error as error:  # e.g. a system library the build needs is missing on this machine
+            pytest.skip(f"Chromium {path or '(playwright)'} does not start here: {str(error).splitlines()[0]}")
         yield launched
         launched.close()
 
