@@ -92,8 +92,8 @@ def fla_refusal_lifted():
     """While open, fla's #640 check in ``chunk_bwd_dqkwg`` reads Triton as fixed (>= 3.7.1).
 
     Opened only by the backward of ``gated_delta_rule`` (or of ``gated_linear_attention`` with a per-head decay),
-    around fla's own backward of one call whose key width is outside the miscompiled tile (``fla_backward_is_miscompiled`` is False), and closed when that backward
-    returns: no other code, in this process or later, sees the flag changed. Autograd runs one device's backward
+    around fla's own backward of one call whose key width is outside the miscompiled tile
+    (``fla_backward_is_miscompiled`` is False), and closed when that backward returns: no other code, in this process or later, sees the flag changed. Autograd runs one device's backward
     nodes one at a time, so nothing else runs fla's check while it is open.
     """
     module = importlib.import_module("fla.ops.common.chunk_o")
