@@ -93,8 +93,9 @@ def fla_refusal_lifted():
 
     Opened only by the backward of ``gated_delta_rule`` (or of ``gated_linear_attention`` with a per-head decay),
     around fla's own backward of one call whose key width is outside the miscompiled tile
-    (``fla_backward_is_miscompiled`` is False), and closed when that backward returns: no other code, in this process or later, sees the flag changed. Autograd runs one device's backward
-    nodes one at a time, so nothing else runs fla's check while it is open.
+    (``fla_backward_is_miscompiled`` is False), and closed when that backward returns: no other code, in this
+    process or later, sees the flag changed. Autograd runs one device's backward nodes one at a time, so nothing
+    else runs fla's check while it is open.
     """
     module = importlib.import_module("fla.ops.common.chunk_o")
     saved = module.TRITON_ABOVE_3_7_1
