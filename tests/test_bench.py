@@ -192,8 +192,9 @@ def test_data_bench_scale_mode_smoke(tmp_path, capsys):
     assert list((tmp_path / ".ivl-cache").glob("lengths-*.json"))
 
 
-def test_serve_bench_smoke(tmp_path, capsys):
+def test_serve_bench_smoke(tmp_path, capsys, monkeypatch):
     """Both servers started, loaded by concurrent clients, a live session measured (tiny models, CPU)."""
+    monkeypatch.chdir(tmp_path)  # away from a demo model trained in the repository (runs/demo/model)
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -208,12 +209,15 @@ def test_serve_bench_smoke(tmp_path, capsys):
     serve.add_arguments(parser)
     serve.run(parser.parse_args(["--baseline", str(tmp_path / "t"), "--device", "cpu", "--clients", "1", "2",
                                  "--requests", "2", "--max-tokens", "4", "--image-size", "56", "--frames", "4",
-                                 "--frame-size", "56", "--out", str(tmp_path / "rows.jsonl")]))
+                                 "--frame-size", "56", "--frames-per-push", "2", "4",
+                                 "--out", str(tmp_path / "rows.jsonl")]))
     out = capsys.readouterr().out
     rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert [(r["server"], r.get("clients")) for r in rows] == [
         ("InfiniteVL", 1), ("InfiniteVL", 2), ("Qwen2.5-VL (transformers)", 1), ("Qwen2.5-VL (transformers)", 2),
-        ("InfiniteVL", None)]
+        ("InfiniteVL", None), ("InfiniteVL", None)]
     assert all(r["requests"] == 2 * r["clients"] and r["ttft_p50_s"] <= r["latency_p50_s"] for r in rows[:4])
-    assert rows[4]["frames"] == 4 and rows[4]["cache_kib_first"] == rows[4]["cache_kib_last"]
+    assert all(r["tokens_per_request"] <= 4 for r in rows[:4])
+    assert [(r["frames"], r["frames_per_push"]) for r in rows[4:]] == [(4, 2), (4, 4)]
+    assert rows[4]["cache_kib_first"] == rows[4]["cache_kib_last"]
     assert "live session (InfiniteVL)" in out

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from ivl.data.processing import Processor
-from ivl.serve.engine import Engine, Prompt, Sampling
+from ivl.serve.engine import Engine, KeptDecoders, Prompt, Sampling
 from ivl.serve.loading import tiny_random_model
 from ivl.serve.sessions import SessionError, SessionStore, VideoSession
 from ivl.serve.launch import running_server
@@ -29,8 +29,10 @@ def server(tmp_path_factory):
     media = tmp_path_factory.mktemp("media")
     Image.new("RGB", (64, 64), (200, 10, 10)).save(media / "red.png")
     args = ["--max-context", "2048", "--max-batch-size", "16", "--media-root", str(media), "--max-sessions", "2"]
-    with running_server(*args, log_path=tmp_path_factory.mktemp("log") / "server.log",
-                        env={"IVL_API_KEY": KEY, "OMP_NUM_THREADS": "1"}) as (url, proc):
+    log = tmp_path_factory.mktemp("log")
+    # started away from the repository, so that a demo model trained there (runs/demo/model) is not served
+    with running_server(*args, log_path=log / "server.log", env={"IVL_API_KEY": KEY, "OMP_NUM_THREADS": "1"},
+                        cwd=log) as (url, proc):
         yield {"url": url, "media": media, "proc": proc}
 
 
@@ -230,6 +232,31 @@ def test_engine_batch_equals_one_by_one_and_drops_finished_rows(tiny):
         assert processor.decode(reference[0]) == got
 
 
+def test_kept_static_decoders_decode_what_the_dynamic_cache_does_batch_after_batch(tiny):
+    """The GPU's decoding scheme (fixed-shape decoders per power-of-two batch size, kept between batches, finished
+    rows left in as placeholders), run uncaptured on the CPU: each batch gets the dynamic path's text, and a batch
+    served by a decoder that served another batch before gets what a fresh engine gives it."""
+    model, processor = tiny
+
+    def run(engine, contents, budgets):
+        texts = [processor.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True)
+                 for c in contents]
+        out = [""] * len(texts)
+        for step in engine.generate([Prompt(t, sampling=Sampling(max_tokens=n)) for t, n in zip(texts, budgets)]):
+            for i, d in enumerate(step):
+                if d is not None:
+                    out[i] += d.text
+        return out
+
+    first = (["hi", "a much longer question that pads the other row", "third"], [3, 9, 6])
+    second = (["what is this?", "one more", "and a third one, longer than both"], [7, 2, 5])
+    kept = Engine(model, processor, decoder="static")
+    assert run(kept, *first) == run(Engine(model, processor, decoder="dynamic"), *first)
+    assert run(kept, *second) == run(Engine(model, processor, decoder="static"), *second)
+    assert run(kept, ["alone"], [4]) == run(Engine(model, processor, decoder="dynamic"), ["alone"], [4])
+    assert sorted(kept.decoders.by_size) == [1, 4]  # 3 rows ran on the decoder of 4, built once
+
+
 def test_cancelled_rows_leave_the_batch_at_once(tiny):
     model, processor = tiny
     engine = Engine(model, processor)
@@ -260,6 +287,31 @@ def test_video_session_memory_stays_flat_over_10000_frames(tiny):
     assert max(rss[1:]) - rss[1] < 8 * 2**20  # flat after warm-up
     answer = session.ask("What did you see?", Sampling(max_tokens=3))
     assert answer["frames"] == 10_000 and answer["completion_tokens"] <= 3
+
+
+def test_session_answers_on_a_kept_decoder_equal_the_dynamic_cache_and_the_stream_goes_on(tiny):
+    """The GPU's session answers (a kept fixed-shape decoder, shared by the sessions; uncaptured on the CPU) decode
+    the logits the dynamic cache gives, ask after ask, and asking leaves the stream where it was."""
+    model, processor = tiny
+    small = Processor(processor.tokenizer, video_min_pixels=56 * 56, video_max_pixels=56 * 56)
+    kept = KeptDecoders(model.lm, cuda_graph=False)
+    sessions = [VideoSession(model, small, fps=2.0, decoders=kept), VideoSession(model, small, fps=2.0)]
+
+    def logits_after(session, tokens):
+        stream, session.cache = session.cache, session.cache.clone()
+        step = session._decode_step(session.max_position + 1)
+        out = torch.stack([step(t) for t in tokens])
+        session.cache = stream
+        return out
+
+    for push in range(3):
+        frames = [np.full((56, 56, 3), 40 * push + i, np.uint8) for i in range(6)]
+        for session in sessions:
+            session.push(frames)
+        torch.testing.assert_close(*(logits_after(s, [5, 17, 99, 3]) for s in sessions), rtol=1e-5, atol=1e-5)
+        answers = [s.ask("What did you see?", Sampling(max_tokens=4)) for s in sessions]
+        assert answers[0] == answers[1]
+    assert list(kept.by_size) == [1]
 
 
 def test_session_store_limits_and_expiry(tiny):

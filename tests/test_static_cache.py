@@ -30,6 +30,47 @@ def test_static_decode_equals_dynamic_decode(prefill):
     assert static.nbytes() == before
 
 
+def test_a_used_static_cache_refilled_with_another_batch_decodes_like_a_fresh_one():
+    """copy_from leaves nothing of the batch a cache served before (ring positions, validity, states, tails):
+    refilled with 2 rows of another length, its first 2 rows decode exactly as a cache built for them."""
+    torch.manual_seed(0)
+    model = tiny_lm()
+
+    def prefill(ids, mask):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = model.new_cache()
+        model(ids, position_ids=positions, attention_mask=mask, cache=cache)
+        return cache, positions[:, -1] + 1
+
+    def decode(static, ids, next_pos, seen, rows):
+        out = []
+        for s in range(ids.shape[1]):
+            token = torch.zeros(static.batch, dtype=torch.long)
+            token[:rows] = ids[:, s]
+            pos = torch.zeros(static.batch, dtype=torch.long)
+            pos[:rows] = next_pos + s
+            out.append(decode_step(model, static, token, pos[None, :, None].expand(3, -1, 1),
+                                   torch.tensor(seen + s))[:rows])
+        return torch.stack(out)
+
+    with torch.no_grad():
+        first, first_pos = prefill(torch.randint(0, 256, (3, 30)), torch.ones(3, 30, dtype=torch.long))
+        used = StaticCache(model, 4)
+        used.copy_from(StaticCache.from_cache(model, first, 3))
+        decode(used, torch.randint(0, 256, (3, 12)), first_pos, 30, 3)  # the earlier batch, 42 tokens in all
+
+        mask = torch.ones(2, 9, dtype=torch.long)
+        mask[0, :4] = 0
+        second, second_pos = prefill(torch.randint(0, 256, (2, 9)), mask)
+        steps = torch.randint(0, 256, (2, 6))
+        used.copy_from(StaticCache.from_cache(model, second, 2))
+        fresh = StaticCache.from_cache(model, second, 2)
+        torch.testing.assert_close(decode(used, steps, second_pos, 9, 2), decode(fresh, steps, second_pos, 9, 2),
+                                   rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="does not fit"):
+            fresh.copy_from(used)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("linear_mixer", ["gated_deltanet", "mamba2", "gla", "linear_attention"])
 def test_decode_step_captures_in_a_cuda_graph(linear_mixer):

@@ -52,6 +52,22 @@ class StaticCache:
         copy.layers = [{name: t.clone() for name, t in layer.items()} for layer in self.layers]
         return copy
 
+    def copy_from(self, source: "StaticCache") -> None:
+        """Take ``source``'s contents in place (a batch of at most this one's rows), so that a captured decoder
+        can serve another batch. Rows beyond ``source``'s repeat its first row: placeholders whose outputs nobody
+        reads, which hold nothing of an earlier batch."""
+        if source.batch > self.batch or source.window != self.window:
+            raise ValueError(f"a cache of {source.batch} rows (window {source.window}) does not fit one of "
+                             f"{self.batch} rows (window {self.window})")
+        for mine, theirs in zip(self.layers, source.layers):
+            for name, dst in mine.items():
+                src = theirs[name]
+                if dst.shape == src.shape:  # shared across rows (ring positions), or as many rows
+                    dst.copy_(src)
+                else:
+                    dst[:source.batch].copy_(src)
+                    dst[source.batch:].copy_(src[:1].expand_as(dst[source.batch:]))
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values())
 

@@ -1,9 +1,9 @@
 """Batched chat generation for the server: left-padded prefill of several prompts through the constant-memory
 cache, then one token per step for every row that is still running, each with its own sampling settings.
 
-On a GPU, once a single row is left, its steps run on the CUDA-graph decoder (``ivl.model.generation``).
-Rows leave the batch as soon as they finish (a stop token or string, their token budget, or their client gone):
-their rows are dropped from the cache, so the others' steps get cheaper and nothing of theirs stays in memory.
+On a GPU the steps run on CUDA-graph decoders (``ivl.model.generation``), one per batch size, kept between
+batches. A row ends as soon as it finishes (a stop token or string, its token budget, or its client gone); on the
+dynamic (CPU) path its row is also dropped from the cache, so the others' steps get cheaper.
 A row never reads another row's tokens: padding is masked in attention and zeroed into Gated DeltaNet.
 """
 
@@ -96,14 +96,51 @@ class _Row:
         return out, False
 
 
-class Engine:
-    """The model, its processor and the generation loop the server's workers call."""
+class KeptDecoders:
+    """Fixed-shape decoders (``StaticDecoder``, captured in a CUDA graph when ``cuda_graph``), one per batch size
+    rounded up to a power of two, built on first use and kept: capturing costs a few decode steps, replaying saves
+    hundreds of kernel launches per token, so one capture serves every later batch of its size."""
 
-    def __init__(self, model: InfiniteVL, processor: Processor, max_context: int | None = None):
+    def __init__(self, lm, cuda_graph: bool):
+        self.lm, self.cuda_graph = lm, cuda_graph
+        self.by_size: dict[int, StaticDecoder] = {}
+
+    def load(self, cache, rows: int) -> StaticDecoder:
+        """The decoder for ``rows`` rows, holding the prefilled dynamic ``cache`` in its first rows."""
+        size = 1 << (rows - 1).bit_length()
+        if size not in self.by_size:
+            self.by_size[size] = StaticDecoder(self.lm, StaticCache(self.lm, size), cache.seen_tokens,
+                                               cuda_graph=self.cuda_graph)
+        decoder = self.by_size[size]
+        decoder.cache.copy_from(StaticCache.from_cache(self.lm, cache, rows))
+        return decoder
+
+
+class Engine:
+    """The model, its processor and the generation loop the server's workers call.
+
+    ``decoder``: "dynamic" decodes through the growing cache and drops finished rows; "static" and "cuda_graph"
+    (the default on a GPU) decode through fixed-shape buffers (``StaticDecoder``), one decoder per batch size
+    rounded up to a power of two, built on first use and kept: a captured graph replays one launch per token
+    instead of hundreds, and serves every later batch of its size. Finished rows stay in such a batch as
+    placeholders (decoding is bound by reading the weights, so they cost next to nothing) until the last row
+    ends. Models without a sliding window (a growing cache) always decode dynamically.
+    """
+
+    def __init__(self, model: InfiniteVL, processor: Processor, max_context: int | None = None,
+                 decoder: str | None = None):
         self.model, self.processor = model.eval(), processor
         self.device = next(model.parameters()).device
         self.stop_ids = set(model.config.eos_token_ids)
         self.max_context = max_context or 32768
+        if decoder is None:
+            decoder = "cuda_graph" if self.device.type == "cuda" else "dynamic"
+        if decoder not in ("dynamic", "static", "cuda_graph"):
+            raise ValueError(f"decoder must be 'dynamic', 'static' or 'cuda_graph'; got {decoder!r}")
+        if model.lm.config.window is None:
+            decoder = "dynamic"
+        self.decoder = decoder
+        self.decoders = KeptDecoders(model.lm, cuda_graph=decoder == "cuda_graph")
 
     def count_tokens(self, prompt: Prompt) -> int:
         """Tokens the prompt takes after its images and videos are expanded (checked before generating)."""
@@ -114,7 +151,7 @@ class Engine:
     def generate(self, prompts: list[Prompt], cancelled: Callable[[int], bool] = lambda i: False,
                  ) -> Iterator[list[Delta | None]]:
         """Yields one list per step with a ``Delta`` for each prompt (None for rows that finished earlier).
-        ``cancelled(i)`` is asked every step: True drops row i (its client left)."""
+        ``cancelled(i)`` is asked every step: True ends row i (its client left)."""
         model, lm = self.model, self.model.lm
         batch = self.processor([p.text for p in prompts], images=[im for p in prompts for im in p.images] or None,
                                videos=[v for p in prompts for v in p.videos] or None)
@@ -134,39 +171,63 @@ class Engine:
                                      batch.get("video_grid_thw"), batch.get("second_per_grid_ts"),
                                      position_ids=position_ids, cache=cache)
         logits = lm.lm_head(hidden[:, -1]).float()
-        live = list(range(len(prompts)))  # prompt index of each cache row
-        step, graph, index = 0, None, 0
+        if self.decoder == "dynamic":
+            yield from self._decode_dynamic(rows, logits, cache, next_position, cancelled)
+        else:
+            yield from self._decode_static(rows, logits, cache, next_position, cancelled)
+
+    def _advance(self, rows: list[_Row], live: list[int], logits: torch.Tensor, cancelled
+                 ) -> tuple[list[Delta | None], list[int], list[int]]:
+        """One step's deltas, and the logits rows (and their tokens) of the rows that go on."""
+        out: list[Delta | None] = [None] * len(rows)
+        greedy = logits.argmax(-1).tolist()  # one read-back for every greedy row
+        keep, tokens = [], []
+        for r, i in enumerate(live):
+            row = rows[i]
+            token = greedy[r] if row.sampling.temperature <= 0 else _sample(logits[r], row.sampling, row.generator)
+            out[i] = row.advance(token, cancelled(i), self.stop_ids, self.processor)
+            if out[i].finish_reason is None:
+                keep.append(r)
+                tokens.append(token)
+        return out, keep, tokens
+
+    def _decode_dynamic(self, rows, logits, cache, next_position, cancelled):
+        lm = self.model.lm
+        live = list(range(len(rows)))  # prompt index of each cache row
+        step = 0
         while live:
-            out: list[Delta | None] = [None] * len(prompts)
-            keep = []
-            tokens = []
-            for r, i in enumerate(live):
-                row = rows[i]
-                token = _sample(logits[r], row.sampling, row.generator)
-                out[i] = row.advance(token, cancelled(i), self.stop_ids, self.processor)
-                if out[i].finish_reason is None:
-                    keep.append(r)
-                    tokens.append(token)
+            out, keep, tokens = self._advance(rows, live, logits, cancelled)
             yield out
-            if len(keep) < len(live):
-                if not keep:
-                    return
-                assert graph is None  # the graph decodes a single row, which either continues or ends here
+            if not keep:
+                return
+            if len(keep) < len(live):  # finished rows leave the cache: nothing of theirs stays in memory
                 index = torch.tensor(keep, device=self.device)
                 cache = cache.select_rows(index)
                 next_position = next_position.index_select(0, index)
                 live = [live[r] for r in keep]
             token = torch.tensor(tokens, device=self.device)
             position = (next_position + step)[None, :, None].expand(3, -1, 1)
-            if graph is None and len(live) == 1 and self.device.type == "cuda":
-                # One row left on a GPU: the captured decode step (no per-kernel launches), as model.generate.
-                graph = StaticDecoder(lm, StaticCache.from_cache(lm, cache, 1), cache.seen_tokens, cuda_graph=True)
-                index = cache.seen_tokens
-            if graph is not None:
-                logits = graph(token, position, index).float()
-                index += 1
-            else:
-                logits = lm(token[:, None], position_ids=position, cache=cache)[:, -1].float()
+            logits = lm(token[:, None], position_ids=position, cache=cache)[:, -1].float()
+            step += 1
+
+    def _decode_static(self, rows, logits, cache, next_position, cancelled):
+        seen = cache.seen_tokens
+        decoder = self.decoders.load(cache, len(rows))
+        del cache  # its contents now live in the decoder's buffers
+        size = decoder.token.shape[0]
+        positions = torch.zeros(size, dtype=next_position.dtype, device=self.device)
+        positions[:len(rows)] = next_position.view(-1)
+        token = torch.zeros(size, dtype=torch.long, device=self.device)
+        live = list(range(len(rows)))  # the rows still running; a decoder row is its prompt's index
+        step = 0
+        while live:
+            out, keep, tokens = self._advance(rows, live, logits[live], cancelled)
+            yield out
+            if not keep:
+                return
+            live = [live[r] for r in keep]
+            token[live] = torch.tensor(tokens, device=self.device)
+            logits = decoder(token, (positions + step)[None, :, None].expand(3, -1, 1), seen + step).float()
             step += 1
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ivl.model.vision import vision_features
-from ivl.serve.engine import Sampling, _sample
+from ivl.serve.engine import KeptDecoders, Sampling, _sample
 
 PREFIX = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>"
 
@@ -31,8 +31,11 @@ class SessionError(Exception):
 
 
 class VideoSession:
-    def __init__(self, model, processor, fps: float):
-        self.model, self.processor, self.fps = model, processor, fps
+    """``decoders``: kept fixed-shape decoders (the server's, shared by its sessions) that answers decode on;
+    None decodes through the dynamic cache."""
+
+    def __init__(self, model, processor, fps: float, decoders: KeptDecoders | None = None):
+        self.model, self.processor, self.fps, self.decoders = model, processor, fps, decoders
         self.device = next(model.parameters()).device
         self.cache = model.new_cache()
         self.pending: list[np.ndarray] = []  # a frame waiting for its temporal-patch partner
@@ -92,30 +95,52 @@ class VideoSession:
             generator = torch.Generator(self.device).manual_seed(sampling.seed) if sampling.seed is not None else None
             tokens, finish = [], "length"
             position = start + ids.shape[1]
+            step = self._decode_step(position)
             for _ in range(sampling.max_tokens):
                 token = _sample(logits, sampling, generator)
                 if token in stops:
                     finish = "stop"
                     break
                 tokens.append(token)
-                step = torch.tensor([[token]], device=self.device)
-                pos = torch.full((3, 1, 1), position, device=self.device)
-                logits = self.model.lm(step, position_ids=pos, cache=self.cache)[0, -1].float()
-                position += 1
+                logits = step(token)
             return {"answer": self.processor.decode(tokens), "finish_reason": finish,
                     "frames": self.frames, "completion_tokens": len(tokens)}
         finally:
             self.cache = stream
+
+    def _decode_step(self, position: int):
+        """token -> next logits [vocab], advancing the (copied) cache: on a kept decoder where there is one."""
+        state = {"position": position, "index": self.cache.seen_tokens}
+        decoder = self.decoders.load(self.cache, 1) if self.decoders is not None else None
+
+        def step(token: int) -> torch.Tensor:
+            tok = torch.tensor([token], device=self.device)
+            pos = torch.full((3, 1, 1), state["position"], device=self.device)
+            if decoder is not None:
+                logits = decoder(tok, pos, state["index"])[0].float()
+            else:
+                logits = self.model.lm(tok[:, None], position_ids=pos, cache=self.cache)[0, -1].float()
+            state["position"] += 1
+            state["index"] += 1
+            return logits
+
+        return step
 
     def nbytes(self) -> int:
         return self.cache.nbytes()
 
 
 class SessionStore:
-    """Open sessions by id, with an idle timeout and a limit on how many are open at once."""
+    """Open sessions by id, with an idle timeout and a limit on how many are open at once. On a GPU their answers
+    decode on one kept CUDA-graph decoder (``decoder``: "cuda_graph", "static" or "dynamic"; None picks)."""
 
-    def __init__(self, model, processor, max_sessions: int = 8, idle_timeout: float = 600.0, fps: float = 2.0):
+    def __init__(self, model, processor, max_sessions: int = 8, idle_timeout: float = 600.0, fps: float = 2.0,
+                 decoder: str | None = None):
         self.model, self.processor = model, processor
+        if decoder is None:
+            decoder = "cuda_graph" if next(model.parameters()).is_cuda else "dynamic"
+        kept = decoder != "dynamic" and model.lm.config.window is not None
+        self.decoders = KeptDecoders(model.lm, cuda_graph=decoder == "cuda_graph") if kept else None
         self.max_sessions, self.idle_timeout, self.fps = max_sessions, idle_timeout, fps
         self.sessions: dict[str, VideoSession] = {}
         self.lock = threading.Lock()
@@ -132,7 +157,7 @@ class SessionStore:
                 raise SessionError(f"{self.max_sessions} sessions are open, the most this server allows; close one "
                                    f"or wait for an idle one to expire ({self.idle_timeout:.0f} s)", 429)
             sid = uuid.uuid4().hex
-            self.sessions[sid] = VideoSession(self.model, self.processor, self.fps)
+            self.sessions[sid] = VideoSession(self.model, self.processor, self.fps, self.decoders)
             return sid
 
     def get(self, sid) -> VideoSession:
