@@ -221,3 +221,25 @@ def test_serve_bench_smoke(tmp_path, capsys, monkeypatch):
     assert [(r["frames"], r["frames_per_push"]) for r in rows[4:]] == [(4, 2), (4, 4)]
     assert rows[4]["cache_kib_first"] == rows[4]["cache_kib_last"]
     assert "live session (InfiniteVL)" in out
+
+
+def test_serve_bench_in_process_times_each_decoder_on_random_weights(tmp_path):
+    """--random writes a converted student and its teacher once (tiny on the CPU); --in-process times
+    Engine.generate per decoder and batch size without a server."""
+    from ivl.bench import serve
+    from ivl.model import InfiniteVL
+
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    args = ["--random", str(tmp_path / "m"), "--device", "cpu", "--in-process", "--clients", "1", "3",
+            "--max-tokens", "4", "--image-size", "56", "--out", str(tmp_path / "rows.jsonl")]
+    serve.run(parser.parse_args(args))
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [(r["decoder"], r["batch"]) for r in rows] == [("static", 1), ("static", 3), ("dynamic", 1),
+                                                          ("dynamic", 3)]
+    assert all(r["first_token_s"] > 0 and r["ms_per_step"] > 0 for r in rows)
+    student = InfiniteVL.from_pretrained(tmp_path / "m" / "infinitevl")
+    assert student.config.vision is not None and (tmp_path / "m" / "qwen2.5-vl" / "tokenizer.json").exists()
+    written = (tmp_path / "m" / "infinitevl" / "config.json").stat().st_mtime
+    serve.run(parser.parse_args(args))  # the folders are reused, not written again
+    assert (tmp_path / "m" / "infinitevl" / "config.json").stat().st_mtime == written

@@ -43,6 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frame-size", type=int, default=448)
     parser.add_argument("--frames-per-push", type=int, nargs="+", default=[2],
                         help="frames per push call (one temporal patch is 2): a row per value")
+    parser.add_argument("--random", type=Path, default=None, metavar="DIR",
+                        help="serve random weights at the 4B shapes (tiny with --device cpu), written to DIR once: "
+                             "InfiniteVL converted from a Qwen2.5-VL-3B-shaped teacher, and that teacher as baseline")
+    parser.add_argument("--in-process", action="store_true",
+                        help="no server: time Engine.generate per decoder and batch size (first token, ms per step)")
     parser.add_argument("--out", type=Path, default=None, help="append one JSON line per measurement")
 
 
@@ -122,7 +127,82 @@ def session(url: str, frames: int, frame_size: int, per_push: int = 2) -> dict:
             "cache_kib_first": sizes[0] / 2**10, "cache_kib_last": sizes[-1] / 2**10}
 
 
+def random_models(folder: Path, device: str) -> tuple[Path, Path]:
+    """(InfiniteVL folder, Qwen2.5-VL folder) of random bf16 weights at the 4B shapes (tiny on the CPU), with the
+    bundled tokenizer; written once."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from ivl.data.processing import Processor
+    from ivl.model import convert_qwen2_5_vl
+    from ivl.model.teachers import QWEN2_5_VL_3B, TINY_TEACHER
+
+    student, teacher_dir = folder / "infinitevl", folder / "qwen2.5-vl"
+    if (student / "config.json").exists() and (teacher_dir / "config.json").exists():
+        return student, teacher_dir
+    config = Qwen2_5_VLConfig(**(TINY_TEACHER if device == "cpu" else QWEN2_5_VL_3B))
+    torch.manual_seed(0)
+    with torch.device(device):
+        teacher = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16,
+                                                                  attn_implementation="sdpa").eval()
+    converted, _ = convert_qwen2_5_vl(teacher, dtype=torch.bfloat16, device=device)
+    processor = Processor.from_pretrained()
+    for model, out in ((teacher, teacher_dir), (converted, student)):
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+    return student, teacher_dir
+
+
+def in_process(args: argparse.Namespace) -> list[dict]:
+    """Engine.generate without the server: seconds to the first token and ms per decode step, per decoder (the
+    kept fixed-shape decoders, captured on CUDA; the dynamic cache) and batch size."""
+    import torch
+
+    from ivl.serve.engine import Engine, Prompt, Sampling
+    from ivl.serve.loading import load as load_model
+
+    model, processor, _ = load_model(args.model, args.device, args.dtype if args.device != "cpu" else None)
+    image = Image.open(io.BytesIO(base64.b64decode(_png(args.image_size, 0).split(",", 1)[1]))).convert("RGB")
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                       {"type": "text", "text": QUESTION}]}],
+                                         add_generation_prompt=True)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+
+    def generate(engine, batch, tokens):
+        prompts = [Prompt(text, images=[image], sampling=Sampling(max_tokens=tokens)) for _ in range(batch)]
+        sync()
+        start, first, steps = time.perf_counter(), None, 0
+        for _ in engine.generate(prompts):
+            first = first if first is not None else time.perf_counter() - start
+            steps += 1
+        sync()
+        return first, (time.perf_counter() - start - first) / max(steps - 1, 1)
+
+    rows = []
+    for decoder in ("cuda_graph" if args.device == "cuda" else "static", "dynamic"):
+        engine = Engine(model, processor, decoder=decoder)
+        for batch in args.clients:
+            generate(engine, batch, 4)  # compilation, capture of this batch size
+            first, step = generate(engine, batch, args.max_tokens)
+            rows.append({"decoder": decoder, "batch": batch, "first_token_s": first, "ms_per_step": 1e3 * step})
+            print(json.dumps(rows[-1]), flush=True)
+    print("\n| decoder | batch | first token s | ms per decode step |\n| --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['decoder']} | {r['batch']} | {r['first_token_s']:.3f} | {r['ms_per_step']:.2f} |")
+    return rows
+
+
 def run(args: argparse.Namespace) -> None:
+    if args.random is not None:
+        student, teacher = random_models(args.random, args.device)
+        args.model, args.baseline = str(student), args.baseline or str(teacher)
+    if args.in_process:
+        rows = in_process(args)
+        if args.out:
+            with args.out.open("a") as f:
+                for r in rows:
+                    f.write(json.dumps({**r, "device": args.device, "date": str(datetime.date.today())}) + "\n")
+        return
     rows, sessions = [], []
     servers = [("InfiniteVL", ["--model", args.model] if args.model else [])]
     if args.baseline:

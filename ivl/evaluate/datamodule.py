@@ -42,6 +42,7 @@ class EvalDataModule(L.LightningDataModule):
                  processor: str | None = None, image_min_pixels: int | None = None,
                  image_max_pixels: int | None = None, video_max_pixels: int | None = None):
         super().__init__()
+        self._engine: Engine | None = None
         self.benchmarks = [Path(b) for b in benchmarks]
         missing = [str(b) for b in self.benchmarks if not b.is_file()]
         if missing:
@@ -94,8 +95,9 @@ class EvalDataModule(L.LightningDataModule):
     def evaluate_batch(self, model, batch: list) -> None:
         """Generate and score one batch; each record is also appended to this rank's partial file, so that a
         killed run resumes from it."""
-        engine = Engine(model, self.processor)
-        texts = _generate(engine, [(item, rotation) for _, item, rotation in batch], self.options)
+        if self._engine is None or self._engine.model is not model:
+            self._engine = Engine(model, self.processor)  # kept: its decoders serve every later batch
+        texts = _generate(self._engine, [(item, rotation) for _, item, rotation in batch], self.options)
         metrics = {name: metric for name, _, metric, _ in self.files}
         rank, _ = self._rank()
         for (name, item, rotation), text in zip(batch, texts):

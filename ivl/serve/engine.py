@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from ivl.data.processing import Processor
 from ivl.model.generation import StaticDecoder
@@ -124,7 +125,7 @@ class Engine:
     rounded up to a power of two, built on first use and kept: a captured graph replays one launch per token
     instead of hundreds, and serves every later batch of its size. Finished rows stay in such a batch as
     placeholders (decoding is bound by reading the weights, so they cost next to nothing) until the last row
-    ends. Models without a sliding window (a growing cache) always decode dynamically.
+    ends. Models without a sliding window (a growing cache), and models sharded by FSDP, decode dynamically.
     """
 
     def __init__(self, model: InfiniteVL, processor: Processor, max_context: int | None = None,
@@ -137,7 +138,9 @@ class Engine:
             decoder = "cuda_graph" if self.device.type == "cuda" else "dynamic"
         if decoder not in ("dynamic", "static", "cuda_graph"):
             raise ValueError(f"decoder must be 'dynamic', 'static' or 'cuda_graph'; got {decoder!r}")
-        if model.lm.config.window is None:
+        if model.lm.config.window is None or any(isinstance(p, DTensor) for p in model.parameters()):
+            # a growing cache has no fixed shape; FSDP keeps weights sharded outside the model's forward, where
+            # the fixed-shape step reads them
             decoder = "dynamic"
         self.decoder = decoder
         self.decoders = KeptDecoders(model.lm, cuda_graph=decoder == "cuda_graph")
