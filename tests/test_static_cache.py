@@ -129,3 +129,37 @@ def test_compiled_decode_step_at_4b_layer_shapes_in_bf16():
             got = decode_step(model, static, ids[:, s], pos, torch.tensor(s, device="cuda")).float()
             err, module_err = ((t - exact).norm() / exact.norm() for t in (got, modules))
             assert err < max(1.5 * module_err, 1e-2), (s, err.item(), module_err.item())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_kept_captured_decoder_serves_batch_after_batch_as_the_dynamic_cache_decodes():
+    """The server's scheme on the GPU: one captured decoder per power-of-two batch size, refilled for each batch
+    (3 rows in a decoder of 4, then 2 other rows of another length, placeholders included), replaying the
+    logits of the dynamic cache's cached forward."""
+    from ivl.serve.engine import KeptDecoders
+
+    torch.manual_seed(0)
+    model = tiny_lm().cuda()
+    kept = KeptDecoders(model, cuda_graph=True)
+    with torch.no_grad():
+        for rows, length, pad in ((3, 30, 0), (3, 9, 4), (2, 17, 5)):
+            ids = torch.randint(0, 256, (rows, length + 8), device="cuda")
+            mask = torch.ones(rows, length, dtype=torch.long, device="cuda")
+            mask[0, :pad] = 0
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            cache, reference = model.new_cache(), model.new_cache()
+            model(ids[:, :length], position_ids=positions, attention_mask=mask, cache=cache)
+            model(ids[:, :length], position_ids=positions, attention_mask=mask, cache=reference)
+            decoder = kept.load(cache, rows)
+            size = decoder.token.shape[0]
+            for s in range(8):
+                token = torch.zeros(size, dtype=torch.long, device="cuda")
+                token[:rows] = ids[:, length + s]
+                pos = torch.zeros(size, dtype=torch.long, device="cuda")
+                pos[:rows] = positions[:, -1] + 1 + s
+                got = decoder(token, pos[None, :, None].expand(3, -1, 1), length + s)[:rows]
+                expected = model(ids[:, length + s:length + s + 1], cache=reference,
+                                 position_ids=pos[None, :rows, None].expand(3, -1, 1))[:, 0]
+                torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+    assert sorted(kept.by_size) == [2, 4]

@@ -229,7 +229,8 @@ def run(args: argparse.Namespace) -> None:
           "| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['server']} | {r['clients']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
-              f"{r['tokens_per_request']:.1f} | {r['ttft_p50_s']:.3f} | {r['ttft_p90_s']:.3f} | {r['latency_p50_s']:.3f} |")
+              f"{r['tokens_per_request']:.1f} | {r['ttft_p50_s']:.3f} | {r['ttft_p90_s']:.3f} | "
+              f"{r['latency_p50_s']:.3f} |")
     for s in sessions:
         print(f"\nlive session ({s['server']}): {s['frames']} frames of {args.frame_size}x{args.frame_size}, "
               f"{s['frames_per_push']} per push, {s['per_frame_p50_ms']:.1f} ms per frame (p90 "

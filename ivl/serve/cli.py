@@ -62,7 +62,11 @@ def main(argv=None) -> None:
     print(f"serving {served} on {args.device}\n  page: {url}/\n  OpenAI API: {url}/v1 (chat/completions, models)"
           f"{sessions}", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)
-    server.run(host=args.host, port=args.port, generate_client_file=False, api_server_worker_type="thread")
+    # One HTTP server thread: LitServe 0.2.19 starts one per model worker by default (two here, chat and sessions),
+    # and with two, a session response was sometimes never delivered (about one call in a few hundred; found by a
+    # loop of open/ask/close calls).
+    server.run(host=args.host, port=args.port, generate_client_file=False, api_server_worker_type="thread",
+               num_api_servers=1)
     # run() returns once it has ended the model workers, but LitServe 0.2.19 cannot stop its uvicorn threads (it
     # calls terminate() on them), which would keep this process alive: leave without waiting for them.
     sys.stdout.flush()
