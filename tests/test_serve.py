@@ -236,7 +236,15 @@ def test_kept_static_decoders_decode_what_the_dynamic_cache_does_batch_after_bat
     """The GPU's decoding scheme (fixed-shape decoders per power-of-two batch size, kept between batches, finished
     rows left in as placeholders), run uncaptured on the CPU: each batch gets the dynamic path's text, and a batch
     served by a decoder that served another batch before gets what a fresh engine gives it."""
-    model, processor = tiny
+    import copy
+
+    _, processor = tiny
+    # The mixers' outputs scaled up so that the context, not the current token, picks each greedy token: a wrong
+    # position, token index or cache row then changes the text.
+    model = copy.deepcopy(tiny[0])
+    with torch.no_grad():
+        for block in model.lm.layers:
+            block.mixer.o_proj.weight.mul_(30)
 
     def run(engine, contents, budgets):
         texts = [processor.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True)
