@@ -41,6 +41,15 @@ def test_vision_tokens_are_appended_and_text_tokenizes_as_before(smollm2):
     assert tokenizer("a <|image_pad|> b").input_ids.count(ids[2]) == 1  # one token, not split into pieces
 
 
+def test_the_tokenizer_pads_with_the_configs_pad_token_even_where_the_gguf_names_none():
+    llama, tokenizer = load_llama(smollm2_gguf())
+    tokenizer.pad_token = None  # what transformers 5.17 reads from this GGUF
+    teacher, tokenizer = llama_as_qwen2_5_vl(llama, tokenizer)
+    assert tokenizer.pad_token_id == teacher.config.text_config.pad_token_id == llama.config.eos_token_id
+    batch = tokenizer(["a", "a b c d"], padding=True, return_tensors="pt")
+    assert batch.input_ids.shape[0] == 2 and batch.attention_mask[0].sum() < batch.attention_mask[1].sum()
+
+
 def test_written_folder_converts_to_a_student(smollm2, tmp_path, monkeypatch):
     from ivl.data.processing import Processor
     from ivl.model import convert_qwen2_5_vl

@@ -167,7 +167,33 @@ def test_shipped_sweep_files_give_children_that_their_subcommand_accepts(tmp_pat
 def test_parallel_children_need_that_many_gpus(workdir, capfd):
     file = write_sweep(workdir, "base: base.yaml\ngrid:\n  model.init_args.window: [32, 64]\n")
     assert sweep(["--config", file, "--parallel", "2"]) == 2
-    assert "--parallel 2 runs one child per GPU, but 0 CUDA GPUs are visible" in capfd.readouterr().err
+    assert "--parallel 2 with 1 child(ren) per GPU needs 2 GPUs, but 0 CUDA GPUs are visible" in capfd.readouterr().err
+    assert sweep(["--config", file, "--parallel", "3", "--per-gpu", "2"]) == 2
+    assert "needs 2 GPUs" in capfd.readouterr().err
+
+
+def test_a_seeded_child_runs_beside_the_modules_own_seed_hyperparameter(workdir):
+    # InstructModule logs its conversion `seed` (0) as a hyperparameter; the sweep's seed must not collide with it
+    file = write_sweep(workdir, "base: base.yaml\ngrid:\n  model.init_args.window: [32]\nseeds: [1]\n")
+    assert sweep(["--config", file, "--trainer.max_steps=1"]) == 0
+    _, all_runs = runs(workdir)
+    child, = [r for r in all_runs if "mlflow.parentRunId" in r.data.tags]
+    assert child.info.status == "FINISHED"
+    assert child.data.params["seed_everything"] == "1" and child.data.tags["seed"] == "1"
+
+
+def test_children_sharing_one_gpu_run_at_the_same_time(workdir, capfd, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # the children themselves train on the CPU
+    file = write_sweep(workdir, "base: base.yaml\ngrid:\n  model.init_args.window: [32, 64]\n")
+    assert sweep(["--config", file, "--parallel", "2", "--per-gpu", "2", "--trainer.max_steps=1"]) == 0
+    events = [line.split(": ")[1] for line in capfd.readouterr().out.splitlines()
+              if line.startswith("[sweep] window=")]
+    assert [event[:8] for event in events] == ["starting", "starting", "finished", "finished"]  # both at once
+    assert events[0].startswith("starting on GPU 0") and events[1].startswith("starting on GPU 0")
+    _, all_runs = runs(workdir)
+    assert [r.info.status for r in all_runs if "mlflow.parentRunId" in r.data.tags] == ["FINISHED", "FINISHED"]
 
 
 def test_children_cover_the_grid_for_one_seed_before_the_next():

@@ -261,8 +261,8 @@ class Tracking:
         self.client.update_run(run_id, status="SCHEDULED")  # RUNNING once its fit starts
         for key, value in child.values.items():
             self.client.log_param(run_id, key, json.dumps(value))
-        if child.seed is not None:
-            self.client.log_param(run_id, "seed", child.seed)
+        if child.seed is not None:  # named as the config key it sets: a module may log its own `seed` hparam
+            self.client.log_param(run_id, "seed_everything", child.seed)
         return run_id
 
     def status(self, run_id: str) -> str:
@@ -279,12 +279,12 @@ class Running:
     folder: Path
     process: subprocess.Popen
     log: Any
-    gpu: int | None
+    slot: int | None
     started: float
 
 
 def _start(tracking: Tracking, child: Child, run_id: str, folder: Path, extra: list[str], gpu: int | None,
-           echo: bool, subcommand: str = "fit") -> Running:
+           echo: bool, subcommand: str = "fit", slot: int | None = None) -> Running:
     command = [sys.executable, "-m", "ivl.experiments", subcommand, "--config", str(folder / "config.yaml"), *extra]
     last = folder / "checkpoints" / "last.ckpt"
     if subcommand == "fit" and last.exists():
@@ -297,7 +297,7 @@ def _start(tracking: Tracking, child: Child, run_id: str, folder: Path, extra: l
         env["CUDA_VISIBLE_DEVICES"] = visible[gpu] if gpu < len(visible) else str(gpu)
     log = (folder / "fit.log").open("ab")
     process = subprocess.Popen(command, stdout=subprocess.PIPE if echo else log, stderr=subprocess.STDOUT, env=env)
-    return Running(child, run_id, folder, process, log, gpu, time.time())
+    return Running(child, run_id, folder, process, log, slot, time.time())
 
 
 def _echo(running: Running) -> None:
@@ -332,21 +332,25 @@ def _finish(running: Running, tracking: Tracking) -> bool:
     return False
 
 
-def run(sweep_file: str, extra: list[str], parallel: int = 1) -> int:
-    """Runs (or continues) a sweep; returns the number of failed children."""
+def run(sweep_file: str, extra: list[str], parallel: int = 1, per_gpu: int = 1) -> int:
+    """Runs (or continues) a sweep; returns the number of failed children.
+
+    ``parallel`` children run at once, ``per_gpu`` of them on each GPU: a model too small to fill a GPU (the science
+    sweeps' 135M students are host-bound) trains about as fast beside another one as alone."""
     sweep = Sweep.load(sweep_file)
     base = OmegaConf.load(sweep.base)
     for key, value in sweep.overrides.items():
         OmegaConf.update(base, key, value, force_add=True)
     logger = mlflow_logger(base)
-    if parallel < 1:
-        raise UsageError(f"--parallel must be >= 1; got {parallel}")
+    if parallel < 1 or per_gpu < 1:
+        raise UsageError(f"--parallel and --per-gpu must be >= 1; got {parallel} and {per_gpu}")
     if parallel > 1:
         import torch
 
-        if torch.cuda.device_count() < parallel:
-            raise UsageError(f"--parallel {parallel} runs one child per GPU, but {torch.cuda.device_count()} "
-                             "CUDA GPUs are visible")
+        gpus = -(-parallel // per_gpu)
+        if torch.cuda.device_count() < gpus:
+            raise UsageError(f"--parallel {parallel} with {per_gpu} child(ren) per GPU needs {gpus} GPUs, but "
+                             f"{torch.cuda.device_count()} CUDA GPUs are visible")
     root = Path(str(OmegaConf.select(base, "trainer.default_root_dir") or "runs")) / "sweeps" / sweep.name
     root.mkdir(parents=True, exist_ok=True)
     state_path = root / STATE
@@ -385,18 +389,19 @@ def run(sweep_file: str, extra: list[str], parallel: int = 1) -> int:
             _echo(running)
             failed += not _finish(running, tracking)
     else:
-        free, active = list(range(parallel)), []
+        free, active = list(range(parallel)), []  # slots; slot s runs on GPU s // per_gpu
         while todo or active:
             while todo and free:
                 child, run_id, folder = todo.pop(0)
-                gpu = free.pop(0)
+                slot = free.pop(0)
+                gpu = slot // per_gpu
                 print(f"[sweep] {child.name}: starting on GPU {gpu} (log: {folder / 'fit.log'})", flush=True)
                 active.append(_start(tracking, child, run_id, folder, extra, gpu, echo=False,
-                                     subcommand=sweep.subcommand))
+                                     subcommand=sweep.subcommand, slot=slot))
             time.sleep(1.0)
             for running in [r for r in active if r.process.poll() is not None]:
                 active.remove(running)
-                free.append(running.gpu)
+                free.append(running.slot)
                 failed += not _finish(running, tracking)
 
     summarise(tracking, sweep, base, children, state["children"], parent, root)
@@ -548,9 +553,12 @@ def main(args: list[str]) -> int:
         epilog="Arguments after the sweep file (e.g. --trainer.max_steps=2) apply to every child as in fit.")
     parser.add_argument("--config", required=True, help="the sweep file (YAML: base, grid, seeds, overrides, name)")
     parser.add_argument("--parallel", type=int, default=1, help="children at once, one per GPU (default 1)")
+    parser.add_argument("--per-gpu", type=int, default=1,
+                        help="children sharing one GPU when --parallel runs several (default 1): for models too "
+                             "small to fill a GPU")
     known, extra = parser.parse_known_args(args)
     try:
-        failed = run(known.config, extra, known.parallel)
+        failed = run(known.config, extra, known.parallel, known.per_gpu)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
