@@ -335,8 +335,8 @@ def _finish(running: Running, tracking: Tracking) -> bool:
 def run(sweep_file: str, extra: list[str], parallel: int = 1, per_gpu: int = 1) -> int:
     """Runs (or continues) a sweep; returns the number of failed children.
 
-    ``parallel`` children run at once, ``per_gpu`` of them on each GPU: a model too small to fill a GPU (the science
-    sweeps' 135M students are host-bound) trains about as fast beside another one as alone."""
+    ``parallel`` children run at once, ``per_gpu`` of them on each GPU (for models too small to fill one: the GPU's
+    idle time between one child's kernels goes to the others)."""
     sweep = Sweep.load(sweep_file)
     base = OmegaConf.load(sweep.base)
     for key, value in sweep.overrides.items():

@@ -111,7 +111,7 @@ def llama_as_qwen2_5_vl(llama, tokenizer, seed: int = 0):
         raise UsageError(f"a {llama.config.model_type!r} model; only Llama-architecture models are supported")
     if getattr(llama.config, "attention_bias", False) or getattr(llama.config, "mlp_bias", False):
         raise UsageError("a Llama model with biases on its projections: Qwen2 has biases on q/k/v only")
-    if tokenizer.pad_token is None:  # transformers before 5.2x reads no pad token from the GGUF; batches need one
+    if tokenizer.pad_token is None:  # transformers 5.17 reads no pad token from SmolLM2's GGUF (5.24 does)
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(llama.config.eos_token_id)  # as the config's pad id
     tokenizer.add_tokens(VISION_TOKENS, special_tokens=True)
     token_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS}
