@@ -169,6 +169,56 @@ def test_resume_mid_epoch_gives_the_remaining_batches(tmp_path, workers):
     assert [b["sources"] for b in resumed.train_dataloader()] == rest
 
 
+def test_every_epoch_of_a_fit_is_a_new_shuffle_of_the_whole_corpus(tmp_path):
+    """Lightning's fit loop stops after an epoch's last batch without running the loader's generator to its end;
+    each epoch must still draw its own order (it once replayed the first epoch's order every epoch)."""
+    import lightning as L
+
+    class Record(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+            self.seen = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append((self.current_epoch, batch["sources"]))
+            return self.w * 0
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dm = ImageDataModule(train=[{"path": str(color_corpus(tmp_path, n=12))}], pack_tokens=None, batch_size=3,
+                         seed=5, image_max_pixels=56 * 56)
+    module = Record()
+    L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, use_distributed_sampler=False).fit(module, dm)
+    epochs = [[s for e, batch in module.seen if e == epoch for s in batch] for epoch in range(3)]
+    assert all(sorted(order) == sorted(epochs[0]) and len(order) == 12 for order in epochs)
+    assert len({tuple(order) for order in epochs}) == 3
+
+
+def test_the_shuffle_follows_seed_everything_unless_a_seed_is_given(tmp_path, monkeypatch):
+    """A sweep's seeds set ``seed_everything``; they must change the data order too, not only the initialisation."""
+    from lightning.fabric.utilities.seed import seed_everything
+
+    path = color_corpus(tmp_path, n=12)
+
+    def plan(**kwargs):
+        dm = ImageDataModule(train=[{"path": str(path)}], pack_tokens=None, batch_size=3, image_max_pixels=56 * 56,
+                             **kwargs)
+        return dm.train_dataloader().plan(0)
+
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    unseeded = plan()
+    seed_everything(0)
+    assert plan() == unseeded  # no seed anywhere: seed 0
+    seed_everything(1)
+    first = plan()
+    seed_everything(2)
+    assert plan() != first
+    assert plan(seed=1) == first  # an explicit seed wins
+
+
 def test_mixture_follows_weights(tmp_path):
     a = color_corpus(tmp_path / "a", n=10)
     b = color_corpus(tmp_path / "b", n=10)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import random
 from dataclasses import asdict
 
@@ -102,8 +103,20 @@ class ResumableLoader(DataLoader):
 
 
 class _PlanSampler:
+    """The loader's batch sampler: this rank's batches of the loader's epoch, from the resume point on.
+
+    Lightning's fit loop never runs the loader's generator past the epoch's last batch, so the loader cannot count
+    epochs itself; instead, at the start of every epoch Lightning calls ``set_epoch`` on ``batch_sampler.sampler``
+    (as for a DistributedSampler), which is this object.
+    """
+
     def __init__(self, loader: ResumableLoader):
         self.loader = loader
+        self.sampler = self
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.loader._resume is None:  # a restored position names its own epoch
+            self.loader.epoch = epoch
 
     def __iter__(self):
         yield from self.loader.plan(self.loader.epoch)[self.loader._skip:]
@@ -121,6 +134,8 @@ class VLDataModule(L.LightningDataModule):
         max_tokens: per-sample token budget; ``truncation`` "error" or "truncate" beyond it.
         pack_tokens: pack samples into rows of at most this many tokens (varlen); None: ``batch_size`` padded rows.
         samples_per_epoch: size of the weighted mixture per epoch (default: every sample once).
+        seed: the shuffle's seed; None: the run's ``seed_everything`` (Lightning's ``PL_GLOBAL_SEED``), else 0, so
+            that the seeds of a sweep also change the data order.
         skip_bad_samples: skip (and count, and log) unusable samples instead of stopping with their error.
         image_min_pixels / image_max_pixels, video_max_pixels, video_fps, video_max_frames: vision budgets.
         missing_hint: how to get the corpus files, appended to the error when one is missing.
@@ -137,7 +152,7 @@ class VLDataModule(L.LightningDataModule):
         batch_size: int = 1,
         samples_per_epoch: int | None = None,
         num_workers: int = 0,
-        seed: int = 0,
+        seed: int | None = None,
         skip_bad_samples: bool = False,
         image_min_pixels: int = 56 * 56,
         image_max_pixels: int = 28 * 28 * 1280,
@@ -206,7 +221,8 @@ class VLDataModule(L.LightningDataModule):
               shuffle) -> list[list[int]]:
         """This rank's batches of the epoch: the whole epoch's plan (the same on every rank), then every
         world-th batch."""
-        rng = random.Random(self.seed * 1_000_003 + epoch)
+        seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        rng = random.Random(seed * 1_000_003 + epoch)
         total = self.samples_per_epoch if shuffle and self.samples_per_epoch else sum(corpora)
         order = []
         for n, offset, w in zip(corpora, offsets, weights):
