@@ -58,3 +58,18 @@ def test_run_duration_prints_the_expected_time_from_measured_batches(tmp_path, c
     [estimate] = [r.getMessage() for r in caplog.records if "min of training left" in r.getMessage()]
     assert "(5 batches in all" in estimate
     assert any("training took" in r.getMessage() for r in caplog.records)
+
+
+def test_a_stage_fit_stops_at_its_first_logged_non_finite_loss(tmp_path):
+    """Every stage carries FiniteLoss: a learning rate that makes the weights infinite stops the fit with an error
+    naming the step (instead of 600 more steps logged as zeros), checked at the logging steps."""
+    import pytest
+
+    module = InstructModule(teacher="tiny", window=64, trainable=[".*"], lr=1e30, warmup_ratio=0.0)
+    batch = fixed_batch(corpus(tmp_path))
+    fit = L.Trainer(max_steps=20, accelerator="cpu", logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=4)
+    with pytest.raises(FloatingPointError, match=r"training loss is (nan|inf) at step (4|8|12|16)\b"):
+        fit.fit(module, DataLoader([batch] * 20, batch_size=None))
+    assert fit.global_step < 20
+    assert not all(torch.isfinite(p).all() for p in module.model.parameters())

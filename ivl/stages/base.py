@@ -178,6 +178,12 @@ class StageModule(L.LightningModule):
         self.log(f"{prefix}/loss", loss, prog_bar=True, batch_size=1)
         self.log(f"{prefix}/tokens", float(tokens), reduce_fx="sum", batch_size=1)
 
+    def configure_callbacks(self) -> list:
+        """Every stage stops at a non-finite training loss rather than training on (``FiniteLoss``)."""
+        from ivl.callbacks import FiniteLoss  # here: ivl.callbacks imports the stages
+
+        return [FiniteLoss()]
+
     def configure_optimizers(self):
         """AdamW; weight decay on matrices only (norm weights, biases and Gated DeltaNet's per-head A_log and
         dt_bias are vectors and are not decayed, as in the public recipe's trainer)."""
