@@ -68,6 +68,45 @@ def sliding_window_attention_after_prefix(
     return attention_at_positions(q, k, v, positions[P:], positions, window, scale)
 
 
+def padded_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attention_mask: torch.Tensor,
+    window: int | None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Sliding-window attention of a padded batch, run as the packed sequences of its real tokens.
+
+    q: [B, T, Hq, D]; k, v: [B, T, Hkv, D]; attention_mask [B, T] is 0 at padding, and each row's real tokens are
+    consecutive (left or right padding). Padding outputs are zero. Why not SDPA with a padding mask on GPUs: its
+    memory-efficient backward is known to return NaN for some padding patterns (pytorch#109517, #178251), the
+    suspected cause of Stage I hybrids on padded batches turning NaN (docs/experiments.md); and the varlen kernels
+    skip the padding instead of computing it.
+    """
+    B, T, Hq, D = q.shape
+    index, cu_seqlens = _unpadding(attention_mask)
+    packed = [t.reshape(B * T, t.shape[2], D).index_select(0, index)[None] for t in (q, k, v)]
+    out = sliding_window_attention(*packed, window, cu_seqlens=cu_seqlens, scale=scale)
+    return q.new_zeros(B * T, Hq, D).index_copy(0, index, out[0].to(q.dtype)).view(B, T, Hq, D)
+
+
+_last_unpadding: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
+def _unpadding(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat indices of the real tokens, int32 cu_seqlens of the rows), remembered for the last mask by identity:
+    every attention layer of one forward (and the recomputation of checkpointed blocks) reads the same mask, so
+    the host waits for the GPU once per batch (as ``host_bounds``)."""
+    global _last_unpadding
+    if _last_unpadding is None or _last_unpadding[0] is not attention_mask:
+        valid = attention_mask.bool()
+        index = valid.reshape(-1).nonzero().squeeze(1)
+        cu_seqlens = torch.nn.functional.pad(valid.sum(1).cumsum(0), (1, 0)).to(torch.int32)
+        _last_unpadding = (attention_mask, index, cu_seqlens)
+    return _last_unpadding[1], _last_unpadding[2]
+
+
 def attention_at_positions(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -93,30 +93,59 @@ def test_tied_embeddings():
     assert untied.lm_head.weight is not untied.embed_tokens.weight
 
 
+def left_padded(model, rows: list[torch.Tensor], chunk: int | None) -> torch.Tensor:
+    """The rows' logits as one left-padded batch (positions restarting at each prompt), in one call or in chunks
+    through a cache."""
+    T = max(row.shape[1] for row in rows)
+    ids, mask = torch.zeros(len(rows), T, dtype=torch.long), torch.zeros(len(rows), T, dtype=torch.long)
+    positions = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, T - row.shape[1]:], mask[b, T - row.shape[1]:] = row, 1
+        positions[b, T - row.shape[1]:] = torch.arange(row.shape[1])
+    if chunk is None:
+        return model(ids, position_ids=positions, attention_mask=mask)
+    cache = model.new_cache()
+    return torch.cat([model(ids[:, a:a + chunk], position_ids=positions[:, a:a + chunk],
+                            attention_mask=mask[:, a:a + chunk], cache=cache) for a in range(0, T, chunk)], dim=1)
+
+
 @pytest.mark.parametrize("chunk", [None, 5])
 def test_left_padded_batch_equals_unpadded_rows(chunk):
     """Padding tokens are invisible: each row of a left-padded batch gives the logits of its prompt alone."""
     model = tiny_lm()
     window = model.config.window
-    lengths = [2 * window + 3, window - 4]
-    T = max(lengths)
-    rows = [torch.randint(0, 256, (1, n)) for n in lengths]
-    ids = torch.zeros(len(rows), T, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
-    positions = torch.zeros(len(rows), T, dtype=torch.long)
-    for b, row in enumerate(rows):
-        ids[b, T - row.shape[1]:] = row
-        mask[b, T - row.shape[1]:] = 1
-        positions[b, T - row.shape[1]:] = torch.arange(row.shape[1])
+    rows = [torch.randint(0, 256, (1, n)) for n in (2 * window + 3, window - 4)]
+    T = max(row.shape[1] for row in rows)
     with torch.no_grad():
-        if chunk is None:
-            batched = model(ids, position_ids=positions, attention_mask=mask)
-        else:
-            cache = model.new_cache()
-            batched = torch.cat([model(ids[:, a:a + chunk], position_ids=positions[:, a:a + chunk],
-                                       attention_mask=mask[:, a:a + chunk], cache=cache)
-                                 for a in range(0, T, chunk)], dim=1)
+        batched = left_padded(model, rows, chunk)
         exact_model = float64(model)
         for b, row in enumerate(rows):
             alone = model(row)
             assert_as_accurate(batched[b, T - row.shape[1]:], alone[0], exact_model(row)[0])
+
+
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_undefined_attention_at_padding_never_reaches_the_prompt(monkeypatch, chunk):
+    """Where a padding query's window holds only padding, CUDA's masked attention may return NaN (uninitialised
+    output; pytorch#110213). Simulated here: every padding query of the masked path gets NaN. The real tokens must
+    still give what each prompt gives alone (NaN * 0 is NaN, so masking by multiplication would not do)."""
+    import ivl.model.attention as attention
+
+    exact = attention.attention_at_positions
+
+    def nan_at_padding(q, k, v, q_pos, k_pos, window, scale=None, k_valid=None):
+        out = exact(q, k, v, q_pos, k_pos, window, scale, k_valid)
+        dist = q_pos[:, None] - k_pos[None, :]
+        seen = (dist >= 0) & (dist < window) & k_valid[:, None, :]  # [B, Tq, Tk]
+        return out.masked_fill(~seen.any(-1)[:, :, None, None], float("nan"))
+
+    monkeypatch.setattr(attention, "attention_at_positions", nan_at_padding)
+    # two attention layers in a row: the second reads the first's padding outputs as (masked) keys and values
+    model = tiny_lm(layer_types=["attention", "attention", "gated_deltanet", "gated_deltanet"])
+    window = model.config.window
+    rows = [torch.randint(0, 256, (1, n)) for n in (2 * window + 3, 4)]  # row 2: padding far beyond the window
+    T = max(row.shape[1] for row in rows)
+    with torch.no_grad():
+        batched = left_padded(model, rows, chunk)
+        for b, row in enumerate(rows):
+            torch.testing.assert_close(batched[b, T - row.shape[1]:], model(row)[0], rtol=1e-4, atol=1e-4)

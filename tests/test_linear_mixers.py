@@ -231,3 +231,17 @@ def test_linear_mixer_picks_the_non_attention_layers():
         HybridConfig.tiny(linear_mixer="mamba3")
     with pytest.raises(ValueError, match="linear_mixer must be one of"):
         HybridConfig.tiny(linear_mixer="attention")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_nan_at_padding_never_enters_the_state(kind):
+    """Whatever an earlier layer leaves at padding (CUDA's masked attention can leave NaN there), a left-padded
+    row's real tokens give what they give alone: padding enters as zeros, not as input x 0 (NaN x 0 is NaN)."""
+    layer = random_layer(kind)
+    x = torch.randn(2, 30, 64, dtype=torch.float64)
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[1, :7] = 0
+    x[1, :7] = float("nan")
+    with torch.no_grad():
+        batch = layer(x, attention_mask=mask)
+        assert_close(batch[1:, 7:], layer(x[1:, 7:]))

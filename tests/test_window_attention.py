@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from ivl.kernels import sliding_window_attention
-from ivl.kernels.window_attention import attention_at_positions, sliding_window_attention_after_prefix
+from ivl.kernels.window_attention import (attention_at_positions, padded_window_attention,
+                                          sliding_window_attention_after_prefix)
 from references import dense_window_attention
 
 
@@ -57,6 +58,36 @@ def test_chunk_after_cached_prefix_equals_rows_of_the_whole(window):
     ref = dense_window_attention(q, k, v, window)[:, -7:]
     out = sliding_window_attention_after_prefix(q[:, -7:], k, v, window)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [3, 8, None])
+def test_a_padded_batch_as_packed_sequences_equals_each_row_alone(window):
+    """Left- and right-padded rows (padding runs longer than the window included: queries whose whole window is
+    padding), against each row's real tokens alone through the dense band: outputs, zeros at padding, and
+    gradients, all finite."""
+    B, T = 4, 20
+    q, k, v = (t.requires_grad_() for t in qkv(B=B, T=T))
+    lengths, left = [20, 7, 12, 1], [True, True, False, True]
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for b, (n, is_left) in enumerate(zip(lengths, left)):
+        mask[b, T - n:] = 1 if is_left else 0
+        mask[b, :n] = 0 if is_left else 1
+    out = padded_window_attention(q, k, v, mask, window)
+    w = torch.randn_like(out)
+    (out * w).sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+
+    for b in range(B):
+        real = mask[b].bool()
+        alone = [t.detach()[b:b + 1, real].double().requires_grad_() for t in (q, k, v)]
+        ref = dense_window_attention(*alone, window)
+        (ref * w[b:b + 1, real].double()).sum().backward()
+        torch.testing.assert_close(out[b:b + 1, real].double(), ref, rtol=1e-5, atol=1e-5)
+        assert not out[b, ~real].any()
+        for g, a in zip(grads, alone):
+            torch.testing.assert_close(g[b:b + 1, real].double(), a.grad, rtol=1e-5, atol=1e-5)
+            assert not g[b, ~real].any()
+    assert all(torch.isfinite(g).all() for g in grads)
 
 
 def test_bad_input_is_named():

@@ -9,7 +9,8 @@ import torch.nn as nn
 
 from ivl.kernels import sliding_window_attention
 from ivl.kernels.gemv import linear
-from ivl.kernels.window_attention import attention_at_positions, sliding_window_attention_after_prefix
+from ivl.kernels.window_attention import (attention_at_positions, padded_window_attention,
+                                          sliding_window_attention_after_prefix)
 from ivl.model.cache import WindowKVCache
 from ivl.model.layers import apply_rotary
 from ivl.model.mixers import TokenMixer
@@ -77,11 +78,20 @@ class SlidingWindowAttention(TokenMixer):
                 valid = torch.cat([cache.valid, new_valid], dim=1)
             out = attention_at_positions(q, keys, values, token_index, positions, self.window, k_valid=valid)
         elif attention_mask is not None and not bool(attention_mask.all()):
-            # Padding inside the batch (left-padded prompts): the explicit-mask path.
-            out = attention_at_positions(q, k, v, token_index, token_index, self.window,
-                                         k_valid=attention_mask.bool())
+            # Padding inside the batch (left-padded prompts). On GPUs: the real tokens as packed sequences (SDPA's
+            # masked backward can return NaN there; ``padded_window_attention``). On CPUs, the explicit mask: one
+            # [T, T] band per row, where packing would build a [B T, B T] one.
+            if q.is_cuda:
+                out = padded_window_attention(q, k, v, attention_mask, self.window)
+            else:
+                out = attention_at_positions(q, k, v, token_index, token_index, self.window,
+                                             k_valid=attention_mask.bool())
         else:
             out = sliding_window_attention(q, k, v, self.window, cu_seqlens=cu_seqlens)
+        if attention_mask is not None:
+            # A padding query whose window holds only padding has no defined output, and CUDA's memory-efficient
+            # kernel can leave it uninitialised (NaN): zero it, since a NaN value is NaN even under weight 0.
+            out = out.masked_fill(~attention_mask.bool()[:, :, None, None], 0)
         if cache is not None:
             cache.update(k, v, token_index, attention_mask)
         return self.o_proj(out.reshape(B, T, -1))

@@ -88,7 +88,7 @@ class GatedDeltaNet(RecurrentMixer):
         reach the convolution of later tokens, so a left-padded row ends in the state its unpadded prompt gives.
         """
         if attention_mask is not None:
-            x = x * attention_mask[..., None].to(x.dtype)
+            x = x.masked_fill(~attention_mask[..., None].bool(), 0)  # not x * mask: NaN * 0 is NaN
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
         if cache is not None and cu_seqlens is not None:

@@ -81,7 +81,7 @@ class GatedLinearAttention(RecurrentMixer):
         if cache is not None and cu_seqlens is not None:
             raise ValueError("a cache holds one stream per batch row; pass padded batches, not cu_seqlens")
         if attention_mask is not None:
-            x = x * attention_mask[..., None].to(x.dtype)
+            x = x.masked_fill(~attention_mask[..., None].bool(), 0)  # not x * mask: NaN * 0 is NaN
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
         q, k = self.q_proj(x).view(B, T, H, K), self.k_proj(x).view(B, T, H, K)

@@ -82,7 +82,7 @@ class Mamba2(RecurrentMixer):
         if cache is not None and cu_seqlens is not None:
             raise ValueError("a cache holds one stream per batch row; pass padded batches, not cu_seqlens")
         if attention_mask is not None:
-            x = x * attention_mask[..., None].to(x.dtype)
+            x = x.masked_fill(~attention_mask[..., None].bool(), 0)  # not x * mask: NaN * 0 is NaN
         B, T, _ = x.shape
         z, xBC, dt = self.in_proj(x).split([self.inner, self.inner + 2 * self.num_groups * self.state_dim,
                                             self.num_heads], -1)
