@@ -127,7 +127,13 @@ def _fla_may_run(q, k, v, g, initial_state) -> bool:
     """fla 0.6 refuses the backward of a per-head decay on Hopper with Triton 3.4 to 3.7.0 (#640). Training steps
     take the PyTorch path only where fla would run its miscompiled BK = 64 tile (K <= 64); at K = 128 (Mamba2's
     state width at 4B) fla's own backward runs with the refusal lifted (``_SimpleGlaRefusalLifted``). Inference,
-    and GLA's per-channel kernels (no gated ``chunk_bwd_dqkwg``), always run fla."""
+    and GLA's per-channel kernels (no gated ``chunk_bwd_dqkwg``), always run fla, except below fla's smallest tiles.
+
+    ``chunk_gla`` tiles keys by 32 or 64 and values by 64 or 128. On the tiny test shapes (K 16, V 32, float32) its
+    output kernel stopped with "CUDA error: misaligned address" on H100s, twice (2026-11); K 64 and 128 ran. Below
+    those tiles the PyTorch path runs (small models only, where it costs little)."""
+    if g is not None and g.dim() == 4 and (q.shape[-1] < 32 or v.shape[-1] < 64):
+        return False
     if g is None or g.dim() == 4 or not _needs_grad(q, k, v, g, initial_state):
         return True
     return not fla_backward_is_miscompiled(q.shape[-1])

@@ -98,3 +98,17 @@ def test_only_a_trained_per_head_decay_at_the_miscompiled_tile_avoids_fla(monkey
     head, channel = (lambda K: (1, 4, 2)), (lambda K: (1, 4, 2, K))
     assert may_run(128, head, grad=True) and not may_run(64, head, grad=True)
     assert may_run(64, head, grad=False) and may_run(64, channel, grad=True)
+
+
+@pytest.mark.parametrize("K, V, runs_fla", [(16, 32, False), (16, 256, False), (64, 32, False), (64, 64, True),
+                                           (128, 256, True)])
+def test_per_channel_decay_below_fla_s_smallest_tiles_takes_the_pytorch_path(K, V, runs_fla):
+    """fla's chunk_gla crashed on H100s at K 16, V 32 (its tiles: keys 32 or 64, values 64 or 128); smaller
+    shapes than its tiles run the PyTorch path, training or not; the 4B and SmolLM2 shapes keep fla."""
+    from ivl.kernels import gated_linear
+
+    for grad in (False, True):
+        q, k = (torch.zeros(1, 4, 2, K, requires_grad=grad) for _ in range(2))
+        v = torch.zeros(1, 4, 2, V, requires_grad=grad)
+        g = torch.zeros(1, 4, 2, K, requires_grad=grad)
+        assert gated_linear._fla_may_run(q, k, v, g, None) == runs_fla
