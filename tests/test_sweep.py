@@ -126,6 +126,9 @@ def test_sweep_nests_children_under_one_parent_survives_a_kill_and_skips_finishe
     ("base: base.yaml\ngrid:\n  model.init_args.hybrid_ratoi: [0.5]\n", "key 'model.init_args.hybrid_ratoi'"),
     ("base: base.yaml\ngrid:\n  model.init_args.window: [32, abc]\n", "key 'model.init_args.window'"),
     ("base: missing.yaml\ngrid:\n  model.init_args.window: [32]\n", "base config 'missing.yaml' not found"),
+    # a missing student whose path names another swept key: the message is about the student
+    ("base: base.yaml\ngrid:\n  model.init_args.student: [runs/02-window=32/model]\noverrides:\n"
+     "  model.init_args.window: 32\n", "key 'model.init_args.student' = 'runs/02-window=32/model'"),
 ])
 def test_bad_sweep_files_fail_before_any_run_naming_the_key(workdir, capfd, body, named):
     assert sweep(["--config", write_sweep(workdir, body)]) == 2
@@ -160,6 +163,10 @@ def test_shipped_sweep_files_give_children_that_their_subcommand_accepts(tmp_pat
     for child in spec.children():
         config = child_config(base, spec, child, tmp_path / child.folder_name, "run-id")
         OmegaConf.save(config, tmp_path / "child.yaml")
+        student = OmegaConf.select(config, "model.init_args.student")
+        if student:  # another sweep's export (passkey_sweep.yaml's Stage I students): only its presence is checked
+            (tmp_path / student).mkdir(parents=True, exist_ok=True)
+            (tmp_path / student / "config.json").write_text("{}")
         check_child(tmp_path / "child.yaml", [], spec, child)  # raises UsageError naming what fit would reject
         assert OmegaConf.select(config, "trainer.default_root_dir") == str(tmp_path / child.folder_name)
 

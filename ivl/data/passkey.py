@@ -5,7 +5,7 @@ tokens cannot see a key more than W tokens back, so a window-attention-only mode
 5 digits) beyond W, while a recurrent state may still hold it. Validation records carry ``task: passkey/<d/W>x``, so
 InstructModule's per-task exact match (``val/accuracy/passkey/<r>x``) is the accuracy at each distance.
 
-    python -m ivl.data.passkey --out data/passkey --tokenizer teachers/smollm2 --window 256
+    python -m ivl.data.passkey --out data/passkey --tokenizer teachers/smollm2 --window 128
 
 Distances are measured with the given tokenizer (the tokens between the end of the key's sentence and the
 question) and stored in each record (``distance``).

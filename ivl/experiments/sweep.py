@@ -200,7 +200,9 @@ def check_child(config_path: Path, extra: list[str], sweep: Sweep, child: Child)
     except UsageError as err:
         message = str(err)
         values = {**sweep.overrides, **child.values}
-        named = [k for k in values if re.search(rf"\b{re.escape(short(k))}\b", message)]
+        # the key the message names first (a value may quote another key's name, as a path of a sweep's folder)
+        found = {k: m.start() for k in values if (m := re.search(rf"\b{re.escape(short(k))}\b", message))}
+        named = sorted(found, key=found.get)
         where = f"key {named[0]!r} = {values[named[0]]!r}" if named else f"child {child.name!r}"
         raise UsageError(f"{sweep.file}: {where}: {message}") from None
 
