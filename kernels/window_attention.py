@@ -97,7 +97,8 @@ _last_unpadding: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 def _unpadding(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(flat indices of the real tokens, int32 cu_seqlens of the rows), remembered for the last mask by identity:
     every attention layer of one forward (and the recomputation of checkpointed blocks) reads the same mask, so
-    the host waits for the GPU once per batch (as ``host_bounds``)."""
+    the host waits for the GPU once per batch (as ``host_bounds``). A mask must not be modified in place after it
+    has been read."""
     global _last_unpadding
     if _last_unpadding is None or _last_unpadding[0] is not attention_mask:
         valid = attention_mask.bool()

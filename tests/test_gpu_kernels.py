@@ -142,6 +142,35 @@ def test_window_attention_gpu_matches_sdpa_band(dtype, tol, window, varlen):
         assert rel_err(a, b) < 2 * tol
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-3), (torch.bfloat16, 1e-2)])
+def test_padded_batch_window_attention_on_gpu_matches_each_row_on_the_cpu(dtype, tol):
+    """The padded-batch path of the GPU (real tokens as packed sequences, the varlen kernels) against each row's
+    real tokens alone through the CPU's dense band, float32: outputs and gradients, finite everywhere, zero at
+    padding. Rows padded on the left far beyond the window, as Stage I's batches are."""
+    from ivl.kernels.window_attention import padded_window_attention
+
+    B, T, Hq, Hkv, D, window = 4, 768, 9, 3, 64, 128
+    lengths = [768, 86, 300, 2]
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, T - n:] = 1
+    q, k, v = torch.randn(B, T, Hq, D), torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)
+    w = torch.randn(B, T, Hq, D)
+    leaves = [t.to("cuda", dtype).requires_grad_() for t in (q, k, v)]
+    out = padded_window_attention(*leaves, mask.cuda(), window)
+    grads = torch.autograd.grad((out.float() * w.cuda()).sum(), leaves)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    for b, n in enumerate(lengths):
+        real = slice(T - n, T)
+        alone = [t[b:b + 1, real].clone().requires_grad_() for t in (q, k, v)]
+        ref = _sdpa(*alone, band_mask(n, window, None, "cpu"), D**-0.5)
+        ref_grads = torch.autograd.grad((ref * w[b:b + 1, real]).sum(), alone)
+        assert rel_err(out[b:b + 1, real].cpu(), ref) < tol
+        assert not out[b, :T - n].any()
+        for g, r in zip(grads, ref_grads):
+            assert rel_err(g[b:b + 1, real].cpu(), r) < 2 * tol
+
+
 @pytest.mark.parametrize("window", [1024, None])
 def test_prefix_window_attention_gpu_matches_sdpa_band(window):
     """FlexAttention over a cached prefix (the chunked-prefill path) against SDPA with the explicit band."""
