@@ -20,7 +20,7 @@ class FiniteLoss(Callback):
         if trainer.strategy.reduce_boolean_decision(bad, all=False):
             shape = tuple(batch["input_ids"].shape) if isinstance(batch, dict) and "input_ids" in batch else None
             raise FloatingPointError(
-                f"the training loss is {loss.item() if loss is not None else 'finite here but not on another rank'} "
+                f"the training loss is {loss.item() if bad else 'finite on this rank but not on another'} "
                 f"at step {trainer.global_step} (epoch {trainer.current_epoch}, batch {batch_idx}, input_ids "
                 f"{shape}): the fit stops, its weights are no longer finite. Resume from a checkpoint saved before "
                 f"this step (lower the learning rate, or check precision), or rerun with "

@@ -197,6 +197,63 @@ def test_every_epoch_of_a_fit_is_a_new_shuffle_of_the_whole_corpus(tmp_path):
     assert len({tuple(order) for order in epochs}) == 3
 
 
+def test_a_fit_saved_at_an_epoch_end_resumes_with_the_whole_next_epoch(tmp_path):
+    """Lightning saves the loader after the epoch's last batch as (epoch, every batch consumed); resuming from that
+    must train the next epoch whole, in the order the uninterrupted fit trains it."""
+    import lightning as L
+
+    class Record(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+            self.seen = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append((self.current_epoch, batch["sources"]))
+            return self.w * 0
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    path = color_corpus(tmp_path, n=12)
+
+    def fit(module, ckpt=None, **limits):
+        dm = ImageDataModule(train=[{"path": str(path)}], pack_tokens=None, batch_size=3, seed=5,
+                             image_max_pixels=56 * 56)
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, use_distributed_sampler=False, **limits)
+        trainer.fit(module, dm, ckpt_path=ckpt)
+        return trainer
+
+    whole = Record()
+    fit(whole, max_epochs=2)
+    first = Record()
+    fit(first, max_steps=4).save_checkpoint(tmp_path / "epoch0.ckpt")  # 4 batches: epoch 0 exactly
+    resumed = Record()
+    fit(resumed, str(tmp_path / "epoch0.ckpt"), max_epochs=2)
+    assert first.seen == whole.seen[:4]
+    assert resumed.seen == whole.seen[4:] and len(resumed.seen) == 4
+
+
+def test_validation_starts_from_its_first_batch_after_a_resume(tmp_path):
+    """Only the training position is saved: a checkpoint taken after some validation batches (Lightning's sanity
+    check runs two) must not make the resumed run's first validation skip them."""
+    path = color_corpus(tmp_path, n=12)
+
+    def module():
+        return ImageDataModule(train=[{"path": str(path)}], val=[{"path": str(path)}], pack_tokens=None,
+                               batch_size=3, image_max_pixels=56 * 56)
+
+    dm = module()
+    batches = iter(dm.val_dataloader())
+    next(batches), next(batches)
+    state = dm.state_dict()
+    assert set(state) == {"train"}
+    resumed = module()
+    resumed.load_state_dict({**state, "val": {"epoch": 0, "consumed": 2}})  # as older checkpoints hold it
+    assert len(list(resumed.val_dataloader())) == 4
+
+
 def test_the_shuffle_follows_seed_everything_unless_a_seed_is_given(tmp_path, monkeypatch):
     """A sweep's seeds set ``seed_everything``; they must change the data order too, not only the initialisation."""
     from lightning.fabric.utilities.seed import seed_everything

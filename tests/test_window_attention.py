@@ -70,8 +70,11 @@ def test_a_padded_batch_as_packed_sequences_equals_each_row_alone(window):
     lengths, left = [20, 7, 12, 1], [True, True, False, True]
     mask = torch.zeros(B, T, dtype=torch.long)
     for b, (n, is_left) in enumerate(zip(lengths, left)):
-        mask[b, T - n:] = 1 if is_left else 0
-        mask[b, :n] = 0 if is_left else 1
+        if is_left:
+            mask[b, T - n:] = 1
+        else:
+            mask[b, :n] = 1
+    assert mask.sum(1).tolist() == lengths
     out = padded_window_attention(q, k, v, mask, window)
     w = torch.randn_like(out)
     (out * w).sum().backward()

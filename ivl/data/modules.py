@@ -71,6 +71,8 @@ class ResumableLoader(DataLoader):
         if self._resume is not None:
             self.epoch, skip = self._resume
             self._resume = None
+            if skip >= len(self.plan(self.epoch)):  # saved after the epoch's last batch: the next epoch, whole
+                self.epoch, skip = self.epoch + 1, 0
         else:
             skip = 0
         self.consumed = skip
@@ -258,13 +260,13 @@ class VLDataModule(L.LightningDataModule):
         return self._loaders.get("val", [])
 
     def state_dict(self) -> dict:
-        return {split: loader.state_dict() for split, loader in self._loaders.items()}
+        # the training position only: every validation starts from its first batch
+        return {"train": self._loaders["train"].state_dict()} if "train" in self._loaders else {}
 
     def load_state_dict(self, state: dict) -> None:
         self.setup()
-        for split, loader_state in state.items():
-            if split in self._loaders:
-                self._loaders[split].load_state_dict(loader_state)
+        if "train" in state and "train" in self._loaders:  # older checkpoints also hold "val": not restored
+            self._loaders["train"].load_state_dict(state["train"])
 
 
 def check_corpora(train: list, val: list, hint: str | None = None, prefix: str = "") -> None:
