@@ -3,6 +3,7 @@
 import json
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 
@@ -169,24 +170,25 @@ def test_resume_mid_epoch_gives_the_remaining_batches(tmp_path, workers):
     assert [b["sources"] for b in resumed.train_dataloader()] == rest
 
 
+class Record(L.LightningModule):
+    """Trains nothing; records (epoch, the batch's sources) of every training batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append((self.current_epoch, batch["sources"]))
+        return self.w * 0
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
 def test_every_epoch_of_a_fit_is_a_new_shuffle_of_the_whole_corpus(tmp_path):
     """Lightning's fit loop stops after an epoch's last batch without running the loader's generator to its end;
     each epoch must still draw its own order (it once replayed the first epoch's order every epoch)."""
-    import lightning as L
-
-    class Record(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(()))
-            self.seen = []
-
-        def training_step(self, batch, batch_idx):
-            self.seen.append((self.current_epoch, batch["sources"]))
-            return self.w * 0
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
     dm = ImageDataModule(train=[{"path": str(color_corpus(tmp_path, n=12))}], pack_tokens=None, batch_size=3,
                          seed=5, image_max_pixels=56 * 56)
     module = Record()
@@ -200,21 +202,6 @@ def test_every_epoch_of_a_fit_is_a_new_shuffle_of_the_whole_corpus(tmp_path):
 def test_a_fit_saved_at_an_epoch_end_resumes_with_the_whole_next_epoch(tmp_path):
     """Lightning saves the loader after the epoch's last batch as (epoch, every batch consumed); resuming from that
     must train the next epoch whole, in the order the uninterrupted fit trains it."""
-    import lightning as L
-
-    class Record(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(()))
-            self.seen = []
-
-        def training_step(self, batch, batch_idx):
-            self.seen.append((self.current_epoch, batch["sources"]))
-            return self.w * 0
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
     path = color_corpus(tmp_path, n=12)
 
     def fit(module, ckpt=None, **limits):
