@@ -186,6 +186,32 @@ class Record(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+class Killed(Exception):
+    pass
+
+
+def fit_killed_and_resumed(datamodule, folder, step: int, epochs: int) -> tuple[Record, Record, Record]:
+    """(uninterrupted, killed, resumed) fits of ``epochs`` epochs: killed as step ``step`` starts, resumed from the
+    checkpoint ModelCheckpoint wrote after the step before, each with a new ``datamodule()``."""
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    class KillAt(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == step:
+                raise Killed
+
+    def fit(module, callbacks=(), ckpt=None):
+        L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, use_distributed_sampler=False, callbacks=list(callbacks),
+                  enable_checkpointing=bool(callbacks)).fit(module, datamodule(), ckpt_path=ckpt)
+        return module
+
+    whole, killed = fit(Record()), Record()
+    with pytest.raises(Killed):
+        fit(killed, [ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0, every_n_train_steps=1), KillAt()])
+    return whole, killed, fit(Record(), [ModelCheckpoint(dirpath=folder / "resumed")], str(folder / "last.ckpt"))
+
+
 def test_every_epoch_of_a_fit_is_a_new_shuffle_of_the_whole_corpus(tmp_path):
     """Lightning's fit loop stops after an epoch's last batch without running the loader's generator to its end;
     each epoch must still draw its own order (it once replayed the first epoch's order every epoch)."""
@@ -199,26 +225,39 @@ def test_every_epoch_of_a_fit_is_a_new_shuffle_of_the_whole_corpus(tmp_path):
     assert len({tuple(order) for order in epochs}) == 3
 
 
+def test_packed_epochs_of_different_lengths_each_train_every_sample(tmp_path):
+    """Each epoch packs a new shuffle, so epochs differ in their number of packs; Lightning sizes an epoch when it
+    loads the loader, so an epoch longer than the first once lost its last packs. Killed in the longest epoch, a
+    fit resumes with exactly the packs it had not trained."""
+    from ivl.data import VLDataModule
+
+    records = [{"conversations": [{"from": "human", "value": f"Question {i}?"},
+                                  {"from": "gpt", "value": " ".join(["word"] * (3 + (i * 7) % 40))}]} for i in range(24)]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+
+    def datamodule():
+        return VLDataModule(train=[{"path": str(tmp_path / "c.jsonl")}], pack_tokens=100, seed=1)
+
+    lengths = [len(datamodule().train_dataloader().plan(epoch)) for epoch in range(4)]
+    assert lengths[0] < lengths[3] == max(lengths)  # a later epoch has more packs than the first (15, 16, 16, 17)
+    whole, killed, resumed = fit_killed_and_resumed(datamodule, tmp_path / "ckpt", sum(lengths[:3]) + 5, epochs=4)
+    for epoch in range(4):
+        sources = [s for e, batch in whole.seen if e == epoch for s in batch]
+        assert sorted(sources) == sorted(set(sources)) and len(sources) == 24, epoch
+    assert killed.seen + resumed.seen == whole.seen
+
+
 def test_a_fit_saved_at_an_epoch_end_resumes_with_the_whole_next_epoch(tmp_path):
-    """Lightning saves the loader after the epoch's last batch as (epoch, every batch consumed); resuming from that
+    """A checkpoint written after an epoch's last batch holds (that epoch, every batch consumed); resuming from it
     must train the next epoch whole, in the order the uninterrupted fit trains it."""
     path = color_corpus(tmp_path, n=12)
 
-    def fit(module, ckpt=None, **limits):
-        dm = ImageDataModule(train=[{"path": str(path)}], pack_tokens=None, batch_size=3, seed=5,
-                             image_max_pixels=56 * 56)
-        trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, use_distributed_sampler=False, **limits)
-        trainer.fit(module, dm, ckpt_path=ckpt)
-        return trainer
+    def datamodule():
+        return ImageDataModule(train=[{"path": str(path)}], pack_tokens=None, batch_size=3, seed=5,
+                               image_max_pixels=56 * 56)
 
-    whole = Record()
-    fit(whole, max_epochs=2)
-    first = Record()
-    fit(first, max_steps=4).save_checkpoint(tmp_path / "epoch0.ckpt")  # 4 batches: epoch 0 exactly
-    resumed = Record()
-    fit(resumed, str(tmp_path / "epoch0.ckpt"), max_epochs=2)
-    assert first.seen == whole.seen[:4]
+    whole, killed, resumed = fit_killed_and_resumed(datamodule, tmp_path / "ckpt", 4, epochs=2)  # 4 batches an epoch
+    assert killed.seen == whole.seen[:4]
     assert resumed.seen == whole.seen[4:] and len(resumed.seen) == 4
 
 
@@ -294,7 +333,7 @@ def test_ranks_split_the_epoch_and_resume_on_another_number_of_processes(tmp_pat
 
     def loader(rank, world):
         dm = ImageDataModule(train=[{"path": str(path)}], image_max_pixels=56 * 56, pack_tokens=None, batch_size=1)
-        dm.trainer = SimpleNamespace(global_rank=rank, world_size=world)  # what Lightning attaches
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=world, current_epoch=0)  # what Lightning attaches
         return dm, dm.train_dataloader()
 
     def key(batch):

@@ -67,14 +67,18 @@ class ResumableLoader(DataLoader):
         super().__init__(dataset, batch_sampler=_PlanSampler(self), collate_fn=collate_fn, num_workers=num_workers,
                          persistent_workers=False)
 
+    def _start(self) -> tuple[int, int]:
+        """(epoch, batches to skip) of the next iteration: the restored position, else this epoch from its start."""
+        if self._resume is None:
+            return self.epoch, 0
+        epoch, skip = self._resume
+        if skip >= len(self.plan(epoch)):  # saved after the epoch's last batch: the next epoch, whole
+            return epoch + 1, 0
+        return epoch, skip
+
     def __iter__(self):
-        if self._resume is not None:
-            self.epoch, skip = self._resume
-            self._resume = None
-            if skip >= len(self.plan(self.epoch)):  # saved after the epoch's last batch: the next epoch, whole
-                self.epoch, skip = self.epoch + 1, 0
-        else:
-            skip = 0
+        self.epoch, skip = self._start()
+        self._resume = None
         self.consumed = skip
         self._skip = skip
         self.skipped = []
@@ -91,7 +95,7 @@ class ResumableLoader(DataLoader):
         self.consumed = 0
 
     def __len__(self) -> int:
-        return len(self.plan(self.epoch))
+        return len(self.plan(self._start()[0]))
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": self.consumed * self.world()}
@@ -253,7 +257,15 @@ class VLDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> ResumableLoader:
         self.setup("fit")
-        return self._loaders["train"]
+        loader = self._loaders["train"]
+        if self.trainer is not None:
+            loader.batch_sampler.set_epoch(self.trainer.current_epoch)
+            if self.pack_tokens is not None and not self.trainer.reload_dataloaders_every_n_epochs:
+                # Each epoch packs a new shuffle, so epochs differ in length by a batch or two, and Lightning sizes
+                # an epoch by len() when it loads the loader: it must load it again every epoch (the same object,
+                # now at that epoch), or a longer epoch loses its last batches.
+                self.trainer.reload_dataloaders_every_n_epochs = 1
+        return loader
 
     def val_dataloader(self) -> ResumableLoader | list:
         self.setup("validate")
