@@ -259,6 +259,8 @@ class VLDataModule(L.LightningDataModule):
         self.setup("fit")
         loader = self._loaders["train"]
         if self.trainer is not None:
+            # Lightning reads len() when it loads the loader, before its own set_epoch: the loader must be at the
+            # epoch about to run already.
             loader.batch_sampler.set_epoch(self.trainer.current_epoch)
             if self.pack_tokens is not None and not self.trainer.reload_dataloaders_every_n_epochs:
                 # Each epoch packs a new shuffle, so epochs differ in length by a batch or two, and Lightning sizes
