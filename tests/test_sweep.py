@@ -211,3 +211,13 @@ def test_children_cover_the_grid_for_one_seed_before_the_next():
     assert [(c.values["a.x"], c.values["a.y"], c.seed) for c in spec.children()] == [
         (1, "p", 0), (1, "q", 0), (2, "p", 0), (2, "q", 0), (1, "p", 1), (1, "q", 1), (2, "p", 1), (2, "q", 1)]
     assert [c.folder_name for c in spec.children()][:2] == ["00-x=1,y=p,seed=0", "01-x=1,y=q,seed=0"]
+
+
+def test_plot_labels_cut_swept_paths_to_the_parts_that_tell_them_apart():
+    from ivl.experiments.sweep import tick_labels
+
+    students = ["runs/sweeps/ratios/02-ratio=0.25/model", "runs/sweeps/ratios/00-ratio=0.0/model", None]
+    assert tick_labels(students) == ["…/02-ratio=0.25/model", "…/00-ratio=0.0/model", "None"]
+    assert tick_labels(["a/x", "b/y"]) == ["…/x", "…/y"]
+    assert tick_labels(["a/model", "b/model"]) == ["a/model", "b/model"]  # the whole path is the shortest unique
+    assert tick_labels([0.0, 0.25]) == ["0.0", "0.25"]

@@ -475,6 +475,19 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def tick_labels(values: list) -> list[str]:
+    """Readable names for a swept key's values. A path (a student folder, say) is cut to the fewest trailing parts
+    that still tell the values apart: a whole path does not fit under a plot's axis."""
+    texts = [str(v) for v in values]
+    paths = [t.split("/") for t in texts if "/" in t]
+    for n in range(1, max((len(p) for p in paths), default=0) + 1):
+        if len({"/".join(p[-n:]) for p in paths}) == len(set(map(tuple, paths))):
+            break
+    else:
+        return texts
+    return [("…/" + "/".join(t.split("/")[-n:]) if t.count("/") >= n else t) if "/" in t else t for t in texts]
+
+
 def plot(rows: list[dict], keys: list[str], metric: str, path: Path) -> None:
     """One panel per swept key: the metric against the key's values, one line per combination of the other keys,
     mean over seeds with their standard deviation as error bars."""
@@ -484,6 +497,10 @@ def plot(rows: list[dict], keys: list[str], metric: str, path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    name = {}
+    for key in keys:
+        values = list(dict.fromkeys(row[key] for row in rows))
+        name[key] = dict(zip(values, tick_labels(values)))
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys):
         others = [k for k in keys if k != key]
@@ -497,10 +514,10 @@ def plot(rows: list[dict], keys: list[str], metric: str, path: Path) -> None:
                        and row.get(metric) is not None]
                 if got:
                     xs.append(x_of[v]), means.append(float(np.mean(got))), stds.append(float(np.std(got)))
-            label = ", ".join(f"{k}={g}" for k, g in zip(others, group)) or None
+            label = ", ".join(f"{k}={name[k][g]}" for k, g in zip(others, group)) or None
             ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label)
         if not numeric:
-            ax.set_xticks(range(len(values)), [str(v) for v in values])
+            ax.set_xticks(range(len(values)), [name[key][v] for v in values], rotation=20, ha="right", fontsize=7)
         ax.set_xlabel(key)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
@@ -528,6 +545,10 @@ def plot_tasks(rows: list[dict], keys: list[str], tasks: list[str], path: Path) 
     import matplotlib.pyplot as plt
     import numpy as np
 
+    name = {}
+    for key in keys:
+        values = list(dict.fromkeys(row[key] for row in rows))
+        name[key] = dict(zip(values, tick_labels(values)))
     fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(tasks) + 2), 3.8))
     for point in dict.fromkeys(tuple(row[k] for k in keys) for row in rows):
         group = [row for row in rows if tuple(row[k] for k in keys) == point]
@@ -537,7 +558,7 @@ def plot_tasks(rows: list[dict], keys: list[str], tasks: list[str], path: Path) 
             means.append(float(np.mean(got)) if got else float("nan"))
             stds.append(float(np.std(got)) if got else 0.0)
         ax.errorbar(range(len(tasks)), means, yerr=stds, marker="o", capsize=3,
-                    label=", ".join(f"{k}={v}" for k, v in zip(keys, point)))
+                    label=", ".join(f"{k}={name[k][v]}" for k, v in zip(keys, point)))
     ax.set_xticks(range(len(tasks)), [t.removeprefix(TASK_PREFIX) for t in tasks], rotation=30, ha="right")
     ax.set_ylabel("accuracy (final)")
     ax.set_ylim(-0.02, 1.02)
