@@ -218,6 +218,9 @@ def test_plot_labels_cut_swept_paths_to_the_parts_that_tell_them_apart():
 
     students = ["runs/sweeps/ratios/02-ratio=0.25/model", "runs/sweeps/ratios/00-ratio=0.0/model", None]
     assert tick_labels(students) == ["…/02-ratio=0.25/model", "…/00-ratio=0.0/model", "None"]
-    assert tick_labels(["a/x", "b/y"]) == ["…/x", "…/y"]
-    assert tick_labels(["a/model", "b/model"]) == ["a/model", "b/model"]  # the whole path is the shortest unique
+    folders = ["runs/science/one/student_x", "runs/science/two/student_y"]
+    assert tick_labels(folders) == ["…/student_x", "…/student_y"]
+    same_end = ["runs/science/sweeps/first/model", "runs/science/sweeps/other/model"]
+    assert tick_labels(same_end) == ["…/first/model", "…/other/model"]
+    assert tick_labels(["1/4", "1/2"]) == ["1/4", "1/2"]  # short: not a path to cut
     assert tick_labels([0.0, 0.25]) == ["0.0", "0.25"]

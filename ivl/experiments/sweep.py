@@ -475,17 +475,22 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+LONG_LABEL = 24  # characters that fit under a plot's axis
+
+
 def tick_labels(values: list) -> list[str]:
-    """Readable names for a swept key's values. A path (a student folder, say) is cut to the fewest trailing parts
-    that still tell the values apart: a whole path does not fit under a plot's axis."""
+    """Readable names for a swept key's values. A long path (a student folder, say) is cut to the fewest trailing
+    parts that still tell the values apart: a whole path does not fit under a plot's axis. Short values with a
+    slash ("1/4") stay whole."""
     texts = [str(v) for v in values]
-    paths = [t.split("/") for t in texts if "/" in t]
+    long = [t for t in texts if "/" in t and len(t) > LONG_LABEL]
+    paths = [t.split("/") for t in long]
     for n in range(1, max((len(p) for p in paths), default=0) + 1):
         if len({"/".join(p[-n:]) for p in paths}) == len(set(map(tuple, paths))):
             break
     else:
         return texts
-    return [("…/" + "/".join(t.split("/")[-n:]) if t.count("/") >= n else t) if "/" in t else t for t in texts]
+    return [("…/" + "/".join(t.split("/")[-n:]) if t.count("/") >= n else t) if t in long else t for t in texts]
 
 
 def plot(rows: list[dict], keys: list[str], metric: str, path: Path) -> None:
