@@ -130,7 +130,7 @@ def test_train_bench_smoke(capsys):
     train.run(args)
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| stage")]
     # 4 cases x 2 models, less the layer-wise phase's (it has no Transformer analogue)
-    assert len(rows) == 7 and all("OOM" not in r and r.count("|") == 10 for r in rows)
+    assert len(rows) == 7 and all("OOM" not in r and r.count("|") == 11 for r in rows)
 
 
 def test_train_bench_profiles_a_step_and_runs_each_checkpointing_mode(tmp_path, capsys):
@@ -243,3 +243,44 @@ def test_serve_bench_in_process_times_each_decoder_on_random_weights(tmp_path):
     written = (tmp_path / "m" / "infinitevl" / "config.json").stat().st_mtime
     serve.run(parser.parse_args(args))  # the folders are reused, not written again
     assert (tmp_path / "m" / "infinitevl" / "config.json").stat().st_mtime == written
+
+
+def test_train_bench_packs_several_sequences_per_step_as_the_stages_do():
+    """--sequences N: InfiniteVL's stages II and III get one packed row with N sequences' boundaries; the
+    distillation stage and the Transformer a batch of N rows; in both, each sequence's first half is prompt."""
+    from ivl.bench.train import synthetic_batches
+
+    packed = synthetic_batches("stage2", "infinitevl", 6, 100, count=1, sequences=3)[0]
+    rows = synthetic_batches("stage2", "transformer", 6, 100, count=1, sequences=3)[0]
+    distill = synthetic_batches("stage1-kl", "infinitevl", 6, 100, count=1, sequences=3)[0]
+    assert packed["input_ids"].shape == (1, 18) and packed["cu_seqlens"].tolist() == [0, 6, 12, 18]
+    assert len(packed["sources"]) == len(packed["tasks"]) == 3
+    assert rows["input_ids"].shape == distill["input_ids"].shape == distill["attention_mask"].shape == (3, 6)
+    assert "cu_seqlens" not in rows and "cu_seqlens" not in distill
+    assert packed["input_ids"].flatten().tolist() == rows["input_ids"].flatten().tolist()
+    for labels in (packed["labels"].reshape(3, 6), rows["labels"]):
+        assert (labels[:, :3] == -100).all() and (labels[:, 3:] >= 0).all()
+
+
+def test_train_bench_counts_every_packed_sequence(capsys):
+    from ivl.bench import train
+
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    args = parser.parse_args(["--shapes", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1",
+                              "--cases", "stage2", "--models", "infinitevl", "--lengths", "32", "--sequences", "2"])
+    train.run(args)
+    row = json.loads(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("{")))
+    assert row["sequences"] == 2 and row["tokens_per_s_per_gpu"] == 64 / row["step_s"]
+
+
+def test_adamw_is_fused_only_where_every_parameter_is_on_a_gpu():
+    import torch
+
+    from ivl.stages.base import adamw
+
+    cpu = [torch.nn.Parameter(torch.zeros(2))]
+    assert not adamw(cpu).defaults["fused"]
+    assert not adamw([{"params": cpu, "weight_decay": 0.0}], lr=1e-3).defaults["fused"]
+    if torch.cuda.is_available():
+        assert adamw([torch.nn.Parameter(torch.zeros(2, device="cuda"))]).defaults["fused"]

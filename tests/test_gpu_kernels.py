@@ -320,7 +320,8 @@ def test_gated_deltanet_projecting_at_once_on_gpu_matches_one_by_one(monkeypatch
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("decay", ["channel", "head", "none"])
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 5e-3), (torch.bfloat16, 2e-2)])
+# bf16 (what trains) first: compiling fla's float32 GLA kernels takes minutes per case on a fresh machine
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float32, 5e-3)])
 @pytest.mark.parametrize("varlen", [False, True])
 def test_gated_linear_attention_on_gpu_matches_the_pytorch_path(decay, dtype, tol, varlen):
     """fla's chunk_gla / chunk_simple_gla (or, where fla refuses a per-head decay's backward, the PyTorch path)

@@ -48,6 +48,7 @@ from ivl.bench import trace
 from ivl.model.losses import head_losses
 from ivl.model.teachers import QWEN2_5_VL_3B, TINY_TEACHER
 from ivl.stages import DistillModule, FSDP2Strategy, InstructModule, LongContextModule, distributed, lora
+from ivl.stages.base import adamw
 from ivl.model.convert import student_config
 
 PEAK_FLOPS = 989e12
@@ -70,6 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "several values run one after another")
     parser.add_argument("--keep-gathered", action="store_true",
                         help="FSDP2 reshard_after_forward=False: blocks stay gathered from forward to backward")
+    parser.add_argument("--sequences", type=int, default=1,
+                        help="sequences of --lengths tokens per step and GPU (InfiniteVL: packed, as the stages "
+                             "train; the Transformer: a batch)")
+    parser.add_argument("--adamw", default="fused", choices=["fused", "foreach"],
+                        help="torch's AdamW implementation (the stages use fused on GPUs)")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--lora-r", type=int, default=64)
@@ -155,9 +161,9 @@ class TransformerStage(L.LightningModule):
     do. ``case`` picks what trains and the loss (the same as InfiniteVL's for that case)."""
 
     def __init__(self, case: str, shapes: str, checkpointing, lora_r: int, teacher: nn.Module | None = None,
-                 lr: float = 2e-4, keep_gathered: bool = False):
+                 lr: float = 2e-4, keep_gathered: bool = False, adamw_fused: bool | None = None):
         super().__init__()
-        self.keep_gathered = keep_gathered
+        self.keep_gathered, self.adamw_fused = keep_gathered, adamw_fused
         self.case, self.shapes, self.checkpointing, self.lora_r, self.lr = case, shapes, checkpointing, lora_r, lr
         self.__dict__["teacher"] = teacher
         self.model = None
@@ -213,8 +219,8 @@ class TransformerStage(L.LightningModule):
         return self.model(batch["input_ids"], labels=batch["labels"]).ce
 
     def configure_optimizers(self):
-        return torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=self.lr,
-                                 betas=(0.9, 0.95))
+        return adamw([p for p in self.model.parameters() if p.requires_grad], fused=self.adamw_fused, lr=self.lr,
+                     betas=(0.9, 0.95))
 
 
 # ---- FLOPs -----------------------------------------------------------------------------------------------------
@@ -355,20 +361,25 @@ class StepProfiler(Callback):
         self._prof = None
 
 
-def synthetic_batches(case: str, model: str, length: int, vocab: int, count: int) -> list[dict]:
-    """One text sequence per step; the second half are answer tokens (the loss of stages II and III)."""
+def synthetic_batches(case: str, model: str, length: int, vocab: int, count: int, sequences: int = 1) -> list[dict]:
+    """``sequences`` text sequences of ``length`` tokens per step; the second half of each are answer tokens (the
+    loss of stages II and III). InfiniteVL's stages II and III train on packed rows (one row, ``cu_seqlens``), the
+    distillation stage and the Transformer on a batch of rows."""
     g = torch.Generator().manual_seed(0)
+    packed = model == "infinitevl" and not case.startswith("stage1")
     batches = []
     for _ in range(count):
-        ids = torch.randint(0, min(vocab, 150000), (1, length), generator=g)
+        ids = torch.randint(0, min(vocab, 150000), (sequences, length), generator=g)
         labels = ids.clone()
         labels[:, : length // 2] = -100
+        if packed:
+            ids, labels = ids.reshape(1, -1), labels.reshape(1, -1)
         batch = {"input_ids": ids, "labels": labels}
         if model == "infinitevl" and case.startswith("stage1"):
             batch["attention_mask"] = torch.ones_like(ids)  # the distillation stage's padded batches
-        elif model == "infinitevl":
-            batch.update(cu_seqlens=torch.tensor([0, length], dtype=torch.int32), sources=["synthetic"],
-                         tasks=[None])
+        elif packed:
+            batch.update(cu_seqlens=torch.arange(0, sequences + 1, dtype=torch.int32) * length,
+                         sources=["synthetic"] * sequences, tasks=[None] * sequences)
         batches.append(batch)
     return batches
 
@@ -378,9 +389,11 @@ def build_module(case: str, model: str, args, teacher):
     common = dict(window=window, warmup_ratio=0.0, activation_checkpointing=args.checkpointing,
                   reshard_after_forward=not args.keep_gathered,
                   param_dtype="bfloat16" if args.device == "cuda" else "float32")
+    fused = args.adamw == "fused" and args.device == "cuda"
     if model == "transformer":
         return TransformerStage(case, args.shapes, args.checkpointing, args.lora_r,
-                                teacher if case == "stage1-kl" else None, keep_gathered=args.keep_gathered)
+                                teacher if case == "stage1-kl" else None, keep_gathered=args.keep_gathered,
+                                adamw_fused=fused)
     if case.startswith("stage1"):
         module = BenchDistill(teacher="bench", layerwise_steps=-1 if case == "stage1-layerwise" else 0, **common)
         module.__dict__["teacher"] = teacher
@@ -388,7 +401,7 @@ def build_module(case: str, model: str, args, teacher):
         module = BenchInstruct(teacher="bench", **common)
     else:
         module = BenchLongContext(teacher="bench", lora_r=args.lora_r, lora_alpha=2 * args.lora_r, **common)
-    module.bench_shapes = args.shapes
+    module.bench_shapes, module.adamw_fused = args.shapes, fused
     return module
 
 
@@ -421,9 +434,10 @@ def measure(case: str, model: str, length: int, args, teacher) -> dict:
                         use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0,
                         callbacks=callbacks)
     vocab = teacher_config(args.shapes).text_config.vocab_size
-    data = DataLoader(synthetic_batches(case, model, length, vocab, steps), batch_size=None)
-    row = dict(case=case, model=model, devices=args.devices, length=length, checkpointing=args.checkpointing,
-               shapes=args.shapes, keep_gathered=args.keep_gathered)
+    data = DataLoader(synthetic_batches(case, model, length, vocab, steps, args.sequences), batch_size=None)
+    row = dict(case=case, model=model, devices=args.devices, length=length, sequences=args.sequences,
+               checkpointing=args.checkpointing, shapes=args.shapes, keep_gathered=args.keep_gathered,
+               adamw=args.adamw)
     try:
         trainer.fit(module, data)
     except torch.OutOfMemoryError:
@@ -432,8 +446,9 @@ def measure(case: str, model: str, length: int, args, teacher) -> dict:
         traceback.print_exc()
         return {**row, "status": f"failed: {type(error).__name__}"}
     step = statistics.median(timer.times)
-    flops = step_flops(case, model, module, teacher, length)
-    return {**row, "status": "ok", "step_s": step, "tokens_per_s_per_gpu": length / step,
+    tokens = length * args.sequences
+    flops = step_flops(case, model, module, teacher, length) * args.sequences
+    return {**row, "status": "ok", "step_s": step, "tokens_per_s_per_gpu": tokens / step,
             "mfu": flops / step / PEAK_FLOPS, "peak_gib": timer.peak_gib,
             "trainable": sum(p.numel() for p in module.model.parameters() if p.requires_grad)}
 
@@ -479,15 +494,15 @@ def _device_name(args) -> str:
 
 def table(rows: list[dict], device: str) -> str:
     lines = [f"\n# {device} | torch {torch.__version__} | {datetime.date.today()}\n",
-             "| case | model | GPUs | tokens | checkpointing | s/step | tokens/s/GPU | MFU | peak GiB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| case | model | GPUs | tokens | checkpointing | AdamW | s/step | tokens/s/GPU | MFU | peak GiB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        r = {**r, "checkpointing": f"{r['checkpointing']}{', kept gathered' if r.get('keep_gathered') else ''}"}
+        tokens = f"{r['length']}" + (f" x {r['sequences']}" if r.get("sequences", 1) > 1 else "")
+        head = (f"| {r['case']} | {r['model']} | {r['devices']} | {tokens} | {r['checkpointing']}"
+                f"{', kept gathered' if r.get('keep_gathered') else ''} | {r.get('adamw', '')} |")
         if r["status"] != "ok":
-            lines.append(f"| {r['case']} | {r['model']} | {r['devices']} | {r['length']} | {r['checkpointing']} "
-                         f"| {r['status']} | | | |")
+            lines.append(f"{head} {r['status']} | | | |")
             continue
-        lines.append(f"| {r['case']} | {r['model']} | {r['devices']} | {r['length']} | {r['checkpointing']} | "
-                     f"{r['step_s']:.3f} | {r['tokens_per_s_per_gpu']:,.0f} | {r['mfu']:.1%} | "
+        lines.append(f"{head} {r['step_s']:.3f} | {r['tokens_per_s_per_gpu']:,.0f} | {r['mfu']:.1%} | "
                      f"{r['peak_gib']:.1f} |")
     return "\n".join(lines)
