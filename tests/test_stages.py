@@ -265,6 +265,20 @@ def test_weight_decay_spares_norms_biases_and_gates(tmp_path):
         assert shrunk == (p.dim() >= 2), name
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_fused_adamw_is_used_unless_lightnings_amp_would_refuse_to_clip_its_gradients(tmp_path, precision):
+    """The stages' AdamW is fused on GPUs; under AMP (the science configs' bf16-mixed) with gradient clipping,
+    Lightning raises for a fused optimizer, so the stage falls back to foreach there (CPU fused AdamW stands in
+    for the GPU's)."""
+    module = InstructModule(teacher="tiny", window=64, warmup_ratio=0.0)
+    module.adamw_fused = True
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", precision=precision, gradient_clip_val=1.0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=DataLoader([fixed_batch(corpus(tmp_path))], batch_size=None))
+    assert trainer.global_step == 1
+    assert trainer.optimizers[0].defaults["fused"] == (precision == "32-true")
+
+
 def test_distillation_validation_compares_student_and_teacher_on_held_out_answers(tmp_path):
     """val/ppl, val/teacher_ppl, val/top1_agreement (answer tokens) and val/kl_to_teacher (all real tokens),
     token-weighted over two batches, against the full logits of both models' ordinary forwards."""

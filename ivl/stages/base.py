@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from ivl.data.processing import Processor
@@ -188,11 +189,16 @@ class StageModule(L.LightningModule):
     def configure_optimizers(self):
         """AdamW; weight decay on matrices only (norm weights, biases and Gated DeltaNet's per-head A_log and
         dt_bias are vectors and are not decayed, as in the public recipe's trainer). On GPUs, torch's fused AdamW:
-        one pass over the float32 weights and moments instead of the foreach path's several (``adamw``)."""
+        one pass over the float32 weights and moments instead of the foreach path's several (``adamw``), except
+        under Lightning's AMP precisions with gradient clipping, which refuse fused optimizers."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.hparams.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        optimizer = adamw([g for g in groups if g["params"]], fused=self.adamw_fused, lr=self.hparams.lr,
+        fused = self.adamw_fused
+        if self._trainer is not None and self.trainer.gradient_clip_val and isinstance(
+                self.trainer.precision_plugin, MixedPrecision):
+            fused = False  # Lightning's AMP refuses to clip the gradients of an optimizer that unscales them itself
+        optimizer = adamw([g for g in groups if g["params"]], fused=fused, lr=self.hparams.lr,
                           betas=tuple(self.hparams.betas))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = max(1, int(total * self.hparams.warmup_ratio))
