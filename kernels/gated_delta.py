@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ivl.kernels._fla import (fla_backward_is_miscompiled, fla_chunk_function, fla_gated_backward_is_refused,
                               fla_gated_delta, fla_refusal_lifted)
-from ivl.kernels.packed_bounds import host_bounds
+from ivl.kernels.packed_bounds import FLA_CHUNK, chunk_indices, host_bounds
 
 CHUNK_SIZE = 64
 
@@ -74,7 +74,7 @@ def gated_delta_rule(
         fn = recurrent if q.shape[1] == 1 and cu_seqlens is None else chunk
         o, state = fn(
             q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state,
-            output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+            output_final_state=output_final_state, cu_seqlens=cu_seqlens, **_fla_chunks(cu_seqlens),
         )
         return o, (state.float() if state is not None else None)
     if cu_seqlens is not None:
@@ -94,7 +94,7 @@ class _FlaRefusalLifted(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, initial_state, scale, cu_seqlens):
         return fla_chunk_function().forward(ctx, q, k, v, g, beta, scale, initial_state, True, state_v_first=False,
-                                            cu_seqlens=cu_seqlens)
+                                            cu_seqlens=cu_seqlens, **_fla_chunks(cu_seqlens))
 
     @staticmethod
     def backward(ctx, d_o, d_state):
@@ -114,7 +114,7 @@ class _FlaForwardTorchBackward(torch.autograd.Function):
     def forward(ctx, q, k, v, g, beta, initial_state, scale, cu_seqlens):
         chunk, _ = fla_gated_delta()
         o, state = chunk(q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state,
-                         output_final_state=True, cu_seqlens=cu_seqlens)
+                         output_final_state=True, cu_seqlens=cu_seqlens, **_fla_chunks(cu_seqlens))
         ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens)
         ctx.scale = scale
         return o, state.float()
@@ -134,6 +134,11 @@ class _FlaForwardTorchBackward(torch.autograd.Function):
         grads = [gr.to(t.dtype) for gr, t in zip(grads, (q, k, v, g, beta))] + [
             grads[5].to(initial_state.dtype) if initial_state is not None else None]
         return (*grads, None, None)
+
+
+def _fla_chunks(cu_seqlens) -> dict:
+    """fla's chunk indices for a packed batch, built from the host bounds (fla's own would wait for the GPU)."""
+    return {} if cu_seqlens is None else {"chunk_indices": chunk_indices(cu_seqlens, FLA_CHUNK)}
 
 
 def _check_inputs(q, k, v, g, beta, initial_state, cu_seqlens) -> None:

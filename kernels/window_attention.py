@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ivl.kernels._fla import flash_attn_varlen
-from ivl.kernels.packed_bounds import host_bounds
+from ivl.kernels.packed_bounds import host_bounds, to_device
 
 
 def sliding_window_attention(
@@ -238,7 +238,7 @@ def _block_mask(T: int, window: int | None, cu_seqlens: tuple[int, ...] | None, 
     """FlexAttention's block-sparse mask, built once per (length, window, packing): every layer reuses it."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    doc = _document_ids(torch.tensor(cu_seqlens), T, device) if cu_seqlens is not None else None
+    doc = _document_ids(to_device(torch.tensor(cu_seqlens), device), T, device) if cu_seqlens is not None else None
 
     def mask_mod(b, h, q_idx, kv_idx):
         keep = q_idx >= kv_idx

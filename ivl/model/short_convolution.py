@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ivl.kernels._fla import fla_causal_conv1d
+from ivl.kernels.packed_bounds import FLA_CHUNK, chunk_indices
 from ivl.kernels.fused import fused
 
 
@@ -53,7 +54,9 @@ def _fla_conv(x, w, cu_seqlens, tail):
     W = w.shape[1]
     conv = fla_causal_conv1d()
     if tail is None:
-        y, _ = conv(x, weight=w, activation="silu", cu_seqlens=cu_seqlens)
+        packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens,
+                                                "chunk_indices": chunk_indices(cu_seqlens, FLA_CHUNK)}
+        y, _ = conv(x, weight=w, activation="silu", **packed)
         xp = x if x.shape[1] >= W - 1 else torch.cat([x.new_zeros(x.shape[0], W - 1, x.shape[2]), x], dim=1)
         return y, xp[:, -(W - 1):]
     xp = torch.cat([tail.to(x.dtype), x], dim=1)
