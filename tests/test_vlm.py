@@ -213,6 +213,14 @@ def test_placeholders_without_pixels_are_an_error(teacher):
         student(**inputs)
 
 
+def test_placeholders_without_pixels_or_grid_are_an_error_naming_the_row(teacher):
+    student = convert_qwen2_5_vl(teacher)[0]
+    inputs = student_inputs(image_video_prompt())
+    inputs["pixel_values"] = inputs["image_grid_thw"] = None
+    with pytest.raises(ValueError, match="row 0: more image placeholder tokens than images in image_grid_thw"):
+        student(**inputs)
+
+
 def test_convert_command_writes_a_loadable_checkpoint(teacher, tmp_path):
     from ivl.convert import main
 

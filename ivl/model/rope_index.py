@@ -50,9 +50,12 @@ def multimodal_position_ids(
     """
     B, T = input_ids.shape
     device = input_ids.device
-    kind = torch.full_like(input_ids, TEXT)
-    kind[input_ids == image_token_id] = IMAGE
-    kind[input_ids == video_token_id] = VIDEO
+    # Computed on the host (the stages call this on the CPU batch, before it reaches the GPU): the loop below is
+    # over runs of text and vision tokens, and reading device tensors in it would stall the GPU queue.
+    ids = input_ids.cpu()
+    kind = torch.full_like(ids, TEXT)
+    kind[ids == image_token_id] = IMAGE
+    kind[ids == video_token_id] = VIDEO
     grids = {
         IMAGE: [tuple(g) for g in image_grid_thw.tolist()] if image_grid_thw is not None else [],
         VIDEO: [tuple(g) for g in video_grid_thw.tolist()] if video_grid_thw is not None else [],
@@ -64,55 +67,51 @@ def multimodal_position_ids(
                                       else second_per_grid_ts)]
     intervals = {IMAGE: [1.0] * len(grids[IMAGE]), VIDEO: [tokens_per_second * s for s in seconds]}
     used = {IMAGE: 0, VIDEO: 0}
+    if cu_seqlens is not None and B != 1:
+        raise ValueError(f"with cu_seqlens the batch must be packed along T (B == 1); got B = {B}")
+    bounds = cu_seqlens.tolist() if cu_seqlens is not None else [0, T]
+    mask = attention_mask.cpu().bool() if attention_mask is not None else None
 
-    position_ids = torch.zeros(3, B, T, dtype=torch.long, device=device)
-    next_position = torch.zeros(B, dtype=torch.long, device=device)
-    kinds = kind.tolist()
+    position_ids = torch.zeros(3, B, T, dtype=torch.long)
+    next_position = torch.zeros(B, dtype=torch.long)
     for b in range(B):
-        keep = list(range(T)) if attention_mask is None else attention_mask[b].nonzero().flatten().tolist()
-        if cu_seqlens is not None:
-            if B != 1:
-                raise ValueError(f"with cu_seqlens the batch must be packed along T (B == 1); got B = {B}")
-            bounds = cu_seqlens.tolist()
-            segments = [[i for i in keep if a <= i < z] for a, z in zip(bounds[:-1], bounds[1:])]
-        else:
-            segments = [keep]
-        for segment in segments:
-            pos = _segment_positions([kinds[b][i] for i in segment], grids, intervals, used, spatial_merge_size, b)
-            if segment:
-                position_ids[:, b, segment] = pos.to(device)
-                next_position[b] = int(pos[0, -1]) + 1
+        keep = torch.arange(T) if mask is None else mask[b].nonzero().flatten()
+        cuts = torch.searchsorted(keep, torch.tensor(bounds)).tolist()  # each sample's slice of the kept tokens
+        for a, z in zip(cuts[:-1], cuts[1:]):
+            if a == z:
+                continue
+            segment = keep[a:z]
+            pos = _segment_positions(kind[b, segment], grids, intervals, used, spatial_merge_size, b)
+            position_ids[:, b, segment] = pos
+            next_position[b] = pos[0, -1] + 1
     for k, name in ((IMAGE, "image"), (VIDEO, "video")):
         if used[k] != len(grids[k]):
             raise ValueError(f"{len(grids[k])} {name}(s) given in {name}_grid_thw but input_ids hold placeholder "
                              f"tokens for {used[k]}")
-    return position_ids, next_position
+    return position_ids.to(device), next_position.to(device)
 
 
-def _segment_positions(kinds, grids, intervals, used, merge, row) -> torch.Tensor:
-    """Positions [3, n] of one sample's tokens (kinds: per token TEXT/IMAGE/VIDEO)."""
-    pieces, current, i, n = [], 0, 0, len(kinds)
-    while i < n:
-        k = kinds[i]
-        run_end = i
-        while run_end < n and kinds[run_end] == k:
-            run_end += 1
+def _segment_positions(kinds: torch.Tensor, grids, intervals, used, merge, row) -> torch.Tensor:
+    """Positions [3, n] of one sample's tokens (kinds [n]: per token TEXT/IMAGE/VIDEO)."""
+    run_kinds, run_lengths = torch.unique_consecutive(kinds, return_counts=True)
+    pieces, current = [], 0
+    for k, n in zip(run_kinds.tolist(), run_lengths.tolist()):
         if k == TEXT:
-            pieces.append(torch.arange(current, current + run_end - i).expand(3, -1))
-            current += run_end - i
-            i = run_end
+            pieces.append(torch.arange(current, current + n).expand(3, -1))
+            current += n
             continue
-        while i < run_end:  # one or more vision items back to back
+        i = 0
+        while i < n:  # one or more vision items back to back
             name = "image" if k == IMAGE else "video"
             if used[k] >= len(grids[k]):
                 raise ValueError(f"row {row}: more {name} placeholder tokens than {name}s in {name}_grid_thw "
-                                 f"({len(grids[k])})")
+                                 f"({len(grids[k])}); a {name} needs its pixels and {name}_grid_thw")
             t, h, w = grids[k][used[k]]
             interval = intervals[k][used[k]]
             h, w = h // merge, w // merge
-            if run_end - i < t * h * w:
+            if n - i < t * h * w:
                 raise ValueError(f"row {row}: {name} {used[k]} needs {t * h * w} placeholder tokens (grid "
-                                 f"{grids[k][used[k]]}) but its run has {run_end - i}")
+                                 f"{grids[k][used[k]]}) but its run has {n - i}")
             used[k] += 1
             tt = (torch.arange(t) * interval).long() + current
             hh = torch.arange(h) + current

@@ -53,12 +53,14 @@ class InfiniteVL(nn.Module):
             ("video", pixel_values_videos, video_grid_thw, self.config.video_token_id),
         ):
             slots = input_ids == token
-            n_slots = int(slots.sum())
             if pixels is None:
-                if n_slots:
-                    raise ValueError(f"input_ids hold {n_slots} {name} placeholder tokens but no {name} pixels "
-                                     f"were given")
+                # Counting placeholders would wait for the GPU in every text-only training step; placeholders
+                # without a grid are refused where their positions are computed (``multimodal_position_ids``).
+                if grid is not None and grid.numel():
+                    raise ValueError(f"input_ids hold {int(slots.sum())} {name} placeholder tokens but no {name} "
+                                     f"pixels were given ({name}_grid_thw was)")
                 continue
+            n_slots = int(slots.sum())
             if grid is None:
                 raise ValueError(f"{name} pixels need {name}_grid_thw")
             features = vision_features(self.visual, pixels, grid)
@@ -120,7 +122,8 @@ class InfiniteVL(nn.Module):
 
     def head_losses(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                     teacher_hidden: torch.Tensor | None = None, teacher_head: torch.Tensor | None = None,
-                    temperature: float = 1.0, compare_teacher: bool = False, **inputs) -> HeadLosses:
+                    temperature: float = 1.0, compare_teacher: bool = False,
+                    label_positions: tuple[torch.Tensor, torch.Tensor] | None = None, **inputs) -> HeadLosses:
         """The training forward: hidden states once, then the LM head's losses in chunks (``ivl.model.losses``),
         so that no [tokens, vocab] float32 logits are ever kept.
 
@@ -130,13 +133,16 @@ class InfiniteVL(nn.Module):
             teacher_hidden, teacher_head: the teacher's final hidden states [B, T, D'] and LM head [vocab, D']:
                 KL to the teacher at ``temperature`` over positions where attention_mask is 1 (all without one).
             compare_teacher: also the teacher's cross-entropy and the top-1 agreement on the labels (evaluation).
+            label_positions: ``ivl.model.losses.label_positions(labels, cu_seqlens)`` if the host has them (the
+                stages compute them with the batch): then the step never waits for the GPU to find them.
 
         Under FSDP2 this method is registered as a forward (``register_fsdp_forward_method``), so the head
         weight (tied to the embeddings) is read while gathered.
         """
         hidden = self.hidden_states(input_ids, **inputs)
         return head_losses(hidden, self.lm.lm_head.weight, labels, inputs.get("cu_seqlens"),
-                           inputs.get("attention_mask"), teacher_hidden, teacher_head, temperature, compare_teacher)
+                           inputs.get("attention_mask"), teacher_hidden, teacher_head, temperature, compare_teacher,
+                           label_positions)
 
     def block_outputs(self, layer_inputs: dict[int, torch.Tensor],
                       attention_mask: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
