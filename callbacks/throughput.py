@@ -10,6 +10,8 @@ def _samples(batch) -> int:
 
 
 def _tokens(batch) -> int:
+    if "tokens" in batch:  # counted on the host before the batch went to the GPU (ivl.stages.host_batch)
+        return batch["tokens"]
     return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
 
 

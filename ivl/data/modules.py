@@ -15,6 +15,7 @@ import random
 from dataclasses import asdict
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ivl.data.corpus import BadSample, CorpusSpec, Sample, check_corpus, corpus_files, read_corpus
@@ -64,8 +65,9 @@ class ResumableLoader(DataLoader):
         self.plan, self.name, self.world = plan, name, world  # plan(epoch) -> this rank's index lists
         self.epoch, self.consumed, self._resume, self._skip = 0, 0, None, 0
         self.skipped: list[str] = []
+        # Pinned batches reach the GPU by queued copies; from pageable memory the host would wait for the GPU.
         super().__init__(dataset, batch_sampler=_PlanSampler(self), collate_fn=collate_fn, num_workers=num_workers,
-                         persistent_workers=False)
+                         persistent_workers=False, pin_memory=torch.cuda.is_available())
 
     def _start(self) -> tuple[int, int]:
         """(epoch, batches to skip) of the next iteration: the restored position, else this epoch from its start."""

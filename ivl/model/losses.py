@@ -142,25 +142,30 @@ class HeadLosses:
 def head_losses(hidden: torch.Tensor, head: torch.Tensor, labels: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 teacher_hidden: torch.Tensor | None = None, teacher_head: torch.Tensor | None = None,
-                temperature: float = 1.0, compare_teacher: bool = False) -> HeadLosses:
+                temperature: float = 1.0, compare_teacher: bool = False,
+                label_positions: tuple[torch.Tensor, torch.Tensor] | None = None) -> HeadLosses:
     """The LM head's losses from final hidden states [B, T, D] and the head weight [vocab, D]: next-token
     cross-entropy and exact match over ``labels`` != -100 (never across a packed ``cu_seqlens`` boundary), and with
     the teacher's hidden states and head, the KL to it at ``temperature`` over ``attention_mask`` positions.
     ``compare_teacher`` (with labels and the teacher) adds the teacher's cross-entropy and the top-1 agreement over
-    the labelled positions, without gradients (for evaluation)."""
+    the labelled positions, without gradients (for evaluation). ``label_positions`` (``label_positions(labels,
+    cu_seqlens)`` computed on the host with the batch) spares the step from reading them back from the GPU."""
     out = HeadLosses()
     if labels is not None:
         targets = next_token_targets(labels, cu_seqlens)
-        positions = (targets != -100).nonzero(as_tuple=True)
+        positions = label_positions if label_positions is not None else (targets != -100).nonzero(as_tuple=True)
         out.ce, hits = linear_cross_entropy(hidden[:, :-1][positions], head, targets[positions])
         out.correct = _exact_match_per_sample(hits, positions, cu_seqlens, len(targets))
         if compare_teacher and teacher_hidden is not None:
             out.teacher_ce, out.agreement = _compare_with_teacher(
                 hidden[:, :-1][positions], head, teacher_hidden[:, :-1][positions], teacher_head, targets[positions])
     if teacher_hidden is not None:
-        valid = (attention_mask.bool() if attention_mask is not None else
-                 torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device))
-        out.kl = linear_kl_divergence(hidden[valid], head, teacher_hidden[valid], teacher_head, temperature)
+        if attention_mask is None:  # every position: no boolean indexing, which would wait for the GPU
+            hidden, teacher_hidden = hidden.flatten(0, 1), teacher_hidden.flatten(0, 1)
+        else:
+            valid = attention_mask.bool()
+            hidden, teacher_hidden = hidden[valid], teacher_hidden[valid]
+        out.kl = linear_kl_divergence(hidden, head, teacher_hidden, teacher_head, temperature)
     return out
 
 
@@ -179,12 +184,18 @@ def _compare_with_teacher(hidden, weight, teacher_hidden, teacher_weight, target
     return ce / max(n, 1), agree / max(n, 1)
 
 
+def label_positions(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns) of the positions whose next token is labelled: where ``head_losses`` scores the answers."""
+    return (next_token_targets(labels, cu_seqlens) != -100).nonzero(as_tuple=True)
+
+
 def next_token_targets(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """[B, T - 1]: the label each position t < T - 1 predicts (t + 1's), -100 where nothing is predicted."""
     targets = labels[:, 1:].clone()
     if cu_seqlens is not None:
         # The last token of a sample must not be asked to predict the first token of the next one.
-        targets[:, cu_seqlens[1:-1].long() - 1] = -100
+        # (index_fill_: assigning a number through an index tensor copies it to the GPU, which waits)
+        targets.index_fill_(1, cu_seqlens[1:-1].long() - 1, -100)
     return targets
 
 

@@ -16,11 +16,11 @@ from ivl.data.processing import Processor
 from ivl.errors import UsageError
 from ivl.model import InfiniteVL, checkpoint
 from ivl.model.losses import HeadLosses
-from ivl.stages import distributed, lora
+from ivl.stages import distributed, host_batch, lora
 from ivl.stages.models import check_student, check_teacher, load_student, student_config, student_state
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
-                "video_grid_thw", "second_per_grid_ts", "cu_seqlens")
+                "video_grid_thw", "second_per_grid_ts", "cu_seqlens", "position_ids")
 
 
 class StageModule(L.LightningModule):
@@ -167,18 +167,36 @@ class StageModule(L.LightningModule):
         return pattern
 
     # ---- steps -----------------------------------------------------------------------------------------------
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Positions, labelled positions, token count and packed bounds computed on the host (``host_batch``)."""
+        if not isinstance(batch, dict):
+            return batch
+        return host_batch.prepare(batch, self.model.position_ids, pin=self.device.type == "cuda")
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        return host_batch.arrived(batch) if isinstance(batch, dict) else batch
+
     @staticmethod
     def model_inputs(batch: dict) -> dict:
         return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
     def answer_losses(self, batch: dict) -> HeadLosses:
         """Cross-entropy over answer tokens and per-sample exact match (``InfiniteVL.head_losses``)."""
-        return self.model.head_losses(labels=batch["labels"], **self.model_inputs(batch))
+        return self.model.head_losses(labels=batch["labels"], label_positions=batch.get("label_positions"),
+                                      **self.model_inputs(batch))
 
     def log_tokens(self, batch: dict, loss: torch.Tensor, prefix: str = "train") -> None:
-        tokens = batch["input_ids"].numel() if "attention_mask" not in batch else int(batch["attention_mask"].sum())
         self.log(f"{prefix}/loss", loss, prog_bar=True, batch_size=1)
-        self.log(f"{prefix}/tokens", float(tokens), reduce_fx="sum", batch_size=1)
+        # A number would be copied to the GPU from pageable memory, which waits; a fill is queued like a kernel.
+        tokens = torch.full((), float(self.batch_tokens(batch)), device=loss.device)
+        self.log(f"{prefix}/tokens", tokens, reduce_fx="sum", batch_size=1)
+
+    @staticmethod
+    def batch_tokens(batch: dict) -> int:
+        """Real (unpadded) tokens in the batch: counted on the host (``host_batch``) unless the batch skipped it."""
+        if "tokens" in batch:
+            return batch["tokens"]
+        return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
 
     def configure_callbacks(self) -> list:
         """Every stage stops at a non-finite training loss rather than training on (``FiniteLoss``)."""

@@ -104,9 +104,9 @@ class DistillModule(StageModule):
         teacher_hidden, _ = self.teacher_forward(batch)
         out = self.model.head_losses(labels=batch["labels"], teacher_hidden=teacher_hidden,
                                      teacher_head=self.teacher.lm_head.weight, temperature=1.0, compare_teacher=True,
-                                     **self.model_inputs(batch))
+                                     label_positions=batch.get("label_positions"), **self.model_inputs(batch))
         answers = int((batch["labels"][:, 1:] != -100).sum())
-        tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        tokens = self.batch_tokens(batch)
         self.log("val/loss", out.ce, prog_bar=True, batch_size=max(1, len(out.correct)))
         zero = out.kl.detach().new_zeros(())  # every process updates every metric, so their reductions match
         self.val_nll.update(out.ce if answers else zero, answers)
@@ -178,7 +178,9 @@ class DistillModule(StageModule):
         with_ce = self.hparams.ce_weight > 0 and "labels" in batch
         out = self.model.head_losses(labels=batch["labels"] if with_ce else None, teacher_hidden=teacher_hidden,
                                      teacher_head=self.teacher.lm_head.weight,
-                                     temperature=self.hparams.temperature, **self.model_inputs(batch))
+                                     temperature=self.hparams.temperature,
+                                     label_positions=batch.get("label_positions") if with_ce else None,
+                                     **self.model_inputs(batch))
         self.log("train/kl", out.kl, batch_size=1)
         if with_ce:
             self.log("train/ce", out.ce, batch_size=1)
