@@ -130,7 +130,7 @@ def test_train_bench_smoke(capsys):
     train.run(args)
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| stage")]
     # 4 cases x 2 models, less the layer-wise phase's (it has no Transformer analogue)
-    assert len(rows) == 7 and all("OOM" not in r and r.count("|") == 11 for r in rows)
+    assert len(rows) == 7 and all("OOM" not in r and r.count("|") == 12 for r in rows)
 
 
 def test_train_bench_profiles_a_step_and_runs_each_checkpointing_mode(tmp_path, capsys):

@@ -34,6 +34,7 @@ import shutil
 import statistics
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +48,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Q
 from ivl.bench import trace
 from ivl.model.losses import head_losses
 from ivl.model.teachers import QWEN2_5_VL_3B, TINY_TEACHER
-from ivl.stages import DistillModule, FSDP2Strategy, InstructModule, LongContextModule, distributed, lora
+from ivl.stages import DistillModule, FSDP2Strategy, InstructModule, LongContextModule, distributed, host_batch, lora
 from ivl.stages.base import adamw
 from ivl.model.convert import student_config
 
@@ -150,10 +151,11 @@ class CausalLMLosses(nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, labels=None, teacher_hidden=None, teacher_head=None, temperature=1.0, **_):
+    def forward(self, input_ids, labels=None, teacher_hidden=None, teacher_head=None, temperature=1.0,
+                label_positions=None, **_):
         hidden = self.lm.model(input_ids=input_ids).last_hidden_state
         return head_losses(hidden, self.lm.lm_head.weight, labels, None, None, teacher_hidden, teacher_head,
-                           temperature)
+                           temperature, label_positions=label_positions)
 
 
 class TransformerStage(L.LightningModule):
@@ -210,13 +212,17 @@ class TransformerStage(L.LightningModule):
         if self.teacher is not None:
             self.teacher.to(self.device)
 
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        """As the stages do: what the step would read back from the GPU is computed on the host (``host_batch``)."""
+        return host_batch.prepare(batch, pin=self.device.type == "cuda")
+
     def training_step(self, batch, batch_idx):
         if self.case == "stage1-kl":
             with torch.no_grad():
                 teacher_hidden = self.teacher.model(input_ids=batch["input_ids"]).last_hidden_state
             return self.model(batch["input_ids"], teacher_hidden=teacher_hidden,
                               teacher_head=self.teacher.lm_head.weight, temperature=2.0).kl
-        return self.model(batch["input_ids"], labels=batch["labels"]).ce
+        return self.model(batch["input_ids"], labels=batch["labels"], label_positions=batch["label_positions"]).ce
 
     def configure_optimizers(self):
         return adamw([p for p in self.model.parameters() if p.requires_grad], fused=self.adamw_fused, lr=self.lr,
@@ -318,6 +324,42 @@ class StepTimer(Callback):
         if pl_module.device.type == "cuda":
             peak = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device=pl_module.device)
             self.peak_gib = float(trainer.strategy.reduce(peak, reduce_op="max"))
+
+
+class SyncCounter(Callback):
+    """Counts the times the host waits for the GPU in step ``at`` (after the timed ones), with where each wait
+    comes from: a step that waits cannot run ahead of the GPU, and where the host is the slower side the GPU then
+    idles. Uses torch's sync debug mode (``.item()``, ``nonzero``, copies from pageable memory, ...)."""
+
+    def __init__(self, at: int):
+        self.at, self.origins, self._saved = at, None, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step != self.at or pl_module.device.type != "cuda":
+            return
+        torch.cuda.synchronize()
+        self.origins, self._saved = [], warnings.catch_warnings()
+        shown = warnings.showwarning
+
+        def record(message, *args, **kwargs):
+            if "synchroniz" not in str(message):
+                return shown(message, *args, **kwargs)
+            ours = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename
+                    and "/lightning/" not in f.filename and "/warnings.py" not in f.filename]
+            frame = ours[-1] if ours else traceback.extract_stack()[-2]
+            self.origins.append(f"{'/'.join(frame.filename.split('/')[-2:])}:{frame.lineno}")
+
+        self._saved.__enter__()  # restores the filters and showwarning on exit
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._saved is None:
+            return
+        torch.cuda.set_sync_debug_mode("default")
+        self._saved.__exit__(None, None, None)
+        self._saved = None
 
 
 class StepProfiler(Callback):
@@ -423,7 +465,9 @@ def measure(case: str, model: str, length: int, args, teacher) -> dict:
     module = build_module(case, model, args, teacher)
     steps = args.warmup + args.steps
     timer = StepTimer(args.warmup, last=steps)
-    callbacks = [timer]
+    syncs = SyncCounter(steps)
+    callbacks = [timer, syncs]
+    steps += args.device == "cuda"
     if args.profile is not None:
         tag = f"{case}-{model}-{length}-{args.devices}gpu-ckpt{args.checkpointing}" + "-kept" * args.keep_gathered
         callbacks.append(StepProfiler(steps, args.profile, tag))
@@ -449,7 +493,7 @@ def measure(case: str, model: str, length: int, args, teacher) -> dict:
     tokens = length * args.sequences
     flops = step_flops(case, model, module, teacher, length) * args.sequences
     return {**row, "status": "ok", "step_s": step, "tokens_per_s_per_gpu": tokens / step,
-            "mfu": flops / step / PEAK_FLOPS, "peak_gib": timer.peak_gib,
+            "mfu": flops / step / PEAK_FLOPS, "peak_gib": timer.peak_gib, "host_syncs": syncs.origins,
             "trainable": sum(p.numel() for p in module.model.parameters() if p.requires_grad)}
 
 
@@ -494,15 +538,17 @@ def _device_name(args) -> str:
 
 def table(rows: list[dict], device: str) -> str:
     lines = [f"\n# {device} | torch {torch.__version__} | {datetime.date.today()}\n",
-             "| case | model | GPUs | tokens | checkpointing | AdamW | s/step | tokens/s/GPU | MFU | peak GiB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| case | model | GPUs | tokens | checkpointing | AdamW | s/step | tokens/s/GPU | MFU | peak GiB | "
+             "host waits/step |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         tokens = f"{r['length']}" + (f" x {r['sequences']}" if r.get("sequences", 1) > 1 else "")
         head = (f"| {r['case']} | {r['model']} | {r['devices']} | {tokens} | {r['checkpointing']}"
                 f"{', kept gathered' if r.get('keep_gathered') else ''} | {r.get('adamw', '')} |")
         if r["status"] != "ok":
-            lines.append(f"{head} {r['status']} | | | |")
+            lines.append(f"{head} {r['status']} | | | | |")
             continue
+        waits = r.get("host_syncs")
         lines.append(f"{head} {r['step_s']:.3f} | {r['tokens_per_s_per_gpu']:,.0f} | {r['mfu']:.1%} | "
-                     f"{r['peak_gib']:.1f} |")
+                     f"{r['peak_gib']:.1f} | {'-' if waits is None else len(waits)} |")
     return "\n".join(lines)
