@@ -26,7 +26,7 @@ def prepare(batch: dict, position_ids: Callable | None = None, pin: bool = False
     """The batch with ``position_ids`` (from ``position_ids(input_ids, image_grid_thw, video_grid_thw,
     second_per_grid_ts, attention_mask, cu_seqlens)``, e.g. ``InfiniteVL.position_ids``, unless given),
     ``label_positions`` (with labels), ``tokens`` (an int) and the host copy of ``cu_seqlens``; pinned if ``pin``."""
-    if "input_ids" not in batch:  # a batch whose every sample was skipped
+    if not isinstance(batch.get("input_ids"), torch.Tensor):  # every sample skipped, or not a token batch
         return batch
     ids, mask = batch["input_ids"], batch.get("attention_mask")
     if mask is not None and bool(mask.all()):
