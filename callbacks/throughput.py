@@ -4,22 +4,18 @@ from __future__ import annotations
 
 from lightning.pytorch.callbacks import ThroughputMonitor
 
+from ivl.stages.host_batch import count_tokens
+
 
 def _samples(batch) -> int:
     return len(batch["sources"]) if "sources" in batch else batch["input_ids"].shape[0]
-
-
-def _tokens(batch) -> int:
-    if "tokens" in batch:  # counted on the host before the batch went to the GPU (ivl.stages.host_batch)
-        return batch["tokens"]
-    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
 
 
 class TokenThroughput(ThroughputMonitor):
     """Logs samples/s and tokens/s (``throughput/*``) of training batches, packed or padded."""
 
     def __init__(self, window_size: int = 20):
-        super().__init__(batch_size_fn=_samples, length_fn=_tokens, window_size=window_size)
+        super().__init__(batch_size_fn=_samples, length_fn=count_tokens, window_size=window_size)
 
     def on_test_start(self, *args, **kwargs) -> None:
         pass  # `test` runs benchmarks (ivl.evaluate.EvalDataModule): batches of questions, generated, not fed

@@ -105,7 +105,7 @@ def _segment_positions(kinds: torch.Tensor, grids, intervals, used, merge, row) 
             name = "image" if k == IMAGE else "video"
             if used[k] >= len(grids[k]):
                 raise ValueError(f"row {row}: more {name} placeholder tokens than {name}s in {name}_grid_thw "
-                                 f"({len(grids[k])}); a {name} needs its pixels and {name}_grid_thw")
+                                 f"({len(grids[k])}); each {name} needs its pixels and its {name}_grid_thw row")
             t, h, w = grids[k][used[k]]
             interval = intervals[k][used[k]]
             h, w = h // merge, w // merge

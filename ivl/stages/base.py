@@ -188,15 +188,8 @@ class StageModule(L.LightningModule):
     def log_tokens(self, batch: dict, loss: torch.Tensor, prefix: str = "train") -> None:
         self.log(f"{prefix}/loss", loss, prog_bar=True, batch_size=1)
         # A number would be copied to the GPU from pageable memory, which waits; a fill is queued like a kernel.
-        tokens = torch.full((), float(self.batch_tokens(batch)), device=loss.device)
+        tokens = torch.full((), float(host_batch.count_tokens(batch)), device=loss.device)
         self.log(f"{prefix}/tokens", tokens, reduce_fx="sum", batch_size=1)
-
-    @staticmethod
-    def batch_tokens(batch: dict) -> int:
-        """Real (unpadded) tokens in the batch: counted on the host (``host_batch``) unless the batch skipped it."""
-        if "tokens" in batch:
-            return batch["tokens"]
-        return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
 
     def configure_callbacks(self) -> list:
         """Every stage stops at a non-finite training loss rather than training on (``FiniteLoss``)."""

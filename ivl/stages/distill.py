@@ -15,6 +15,7 @@ import re
 import torch
 from torchmetrics.aggregation import MeanMetric
 
+from ivl.stages import host_batch
 from ivl.stages.base import StageModule
 from ivl.stages.models import load_teacher
 
@@ -106,7 +107,7 @@ class DistillModule(StageModule):
                                      teacher_head=self.teacher.lm_head.weight, temperature=1.0, compare_teacher=True,
                                      label_positions=batch.get("label_positions"), **self.model_inputs(batch))
         answers = int((batch["labels"][:, 1:] != -100).sum())
-        tokens = self.batch_tokens(batch)
+        tokens = host_batch.count_tokens(batch)
         self.log("val/loss", out.ce, prog_bar=True, batch_size=max(1, len(out.correct)))
         zero = out.kl.detach().new_zeros(())  # every process updates every metric, so their reductions match
         self.val_nll.update(out.ce if answers else zero, answers)

@@ -37,12 +37,20 @@ def prepare(batch: dict, position_ids: Callable | None = None, pin: bool = False
                                                 batch.get("second_per_grid_ts"), mask, batch.get("cu_seqlens"))
     if batch.get("labels") is not None:
         batch["label_positions"] = label_positions(batch["labels"], batch.get("cu_seqlens"))
-    batch["tokens"] = int(mask.sum()) if mask is not None else ids.numel()
+    batch["tokens"] = count_tokens(batch)
     if batch.get("cu_seqlens") is not None:
         batch[HOST_BOUNDS] = tuple(batch["cu_seqlens"].tolist())
     if pin:
         batch = {k: _pinned(v) for k, v in batch.items()}
     return batch
+
+
+def count_tokens(batch: dict) -> int:
+    """Real (unpadded) tokens in a batch: the host's count where ``prepare`` made one, else from the mask."""
+    if "tokens" in batch:
+        return batch["tokens"]
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
 def arrived(batch: dict) -> dict:
