@@ -140,12 +140,12 @@ def test_train_bench_profiles_a_step_and_runs_each_checkpointing_mode(tmp_path, 
     train.add_arguments(parser)
     args = parser.parse_args(["--shapes", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1",
                               "--cases", "stage2", "--models", "infinitevl", "--lengths", "48",
-                              "--checkpointing", "off", "2", "--keep-gathered", "--profile", str(tmp_path)])
+                              "--checkpointing", "off", "0.75", "--keep-gathered", "--profile", str(tmp_path)])
     train.run(args)
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| stage")]
-    assert [r.split("|")[5].strip() for r in rows] == ["off, kept gathered", "2, kept gathered"]
+    assert [r.split("|")[5].strip() for r in rows] == ["off, kept gathered", "0.75, kept gathered"]
     traces = sorted(p.name for p in tmp_path.glob("*.json.gz"))
-    assert traces == ["stage2-infinitevl-48-1gpu-ckpt2-kept-rank0.json.gz",
+    assert traces == ["stage2-infinitevl-48-1gpu-ckpt0.75-kept-rank0.json.gz",
                       "stage2-infinitevl-48-1gpu-ckptoff-kept-rank0.json.gz"]
 
 

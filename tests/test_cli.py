@@ -75,3 +75,13 @@ def test_convert_without_a_teacher_folder_is_a_usage_error(tmp_path, capsys):
         convert(["--teacher", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
     assert exit.value.code == 2
     assert "--teacher" in _one_error_line(capsys) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value, printed", [("0.75", "0.75"), ("4", "4"), ("mixers", "mixers")])
+def test_checkpointing_mode_keeps_its_type_through_the_cli(value, printed, capsys):
+    """A share of the blocks stays a float and a stride an int (a string "4" would be refused as a mode)."""
+    with pytest.raises(SystemExit) as exit:
+        main(["fit", "--config", str(EXPERIMENTS / "stage2_instruct.yaml"), "--print_config",
+              "--model.init_args.activation_checkpointing", value])
+    assert exit.value.code == 0
+    assert f"activation_checkpointing: {printed}\n" in capsys.readouterr().out

@@ -35,7 +35,7 @@ def loss_of(model, batch):
     return model.head_losses(**batch).ce
 
 
-@pytest.mark.parametrize("mode", ["blocks", "mixers", 3])
+@pytest.mark.parametrize("mode", ["blocks", "mixers", 3, 0.75])
 def test_activation_checkpointing_gives_identical_gradients_with_packing_and_lora(mode):
     plain = tiny_student()
     lora.inject(plain.lm, lora.lora_config(r=4))
@@ -45,7 +45,7 @@ def test_activation_checkpointing_gives_identical_gradients_with_packing_and_lor
                 p.normal_()
     checkpointed = copy.deepcopy(plain)
     chosen = distributed.checkpoint_blocks(checkpointed.lm, mode)
-    assert chosen == ([0, 3] if mode == 3 else [0, 1, 2, 3])
+    assert chosen == {3: [0, 3], 0.75: [1, 2, 3]}.get(mode, [0, 1, 2, 3])
 
     calls = []
     for i in chosen:
@@ -61,9 +61,20 @@ def test_activation_checkpointing_gives_identical_gradients_with_packing_and_lor
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_unknown_checkpointing_mode_is_refused():
+@pytest.mark.parametrize("mode", ["everything", 0, -2, 0.0, 1.5, True])
+def test_unknown_checkpointing_mode_is_refused(mode):
     with pytest.raises(ValueError, match="activation_checkpointing must be one of"):
-        distributed.checkpoint_blocks(tiny_student().lm, "everything")
+        distributed.checkpoint_blocks(tiny_student().lm, mode)
+
+
+@pytest.mark.parametrize("share", [0.1, 0.25, 0.5, 0.7, 0.75, 0.9, 0.99])
+def test_a_share_of_the_blocks_is_that_many_blocks_spread_evenly(share):
+    chosen = distributed.checkpointed_blocks(36, share)
+    assert len(chosen) == int(36 * share)
+    for start in range(36):  # evenly: every run of w blocks recomputes w * share of them, give or take under one
+        for end in range(start + 1, 37):
+            inside = sum(start <= i < end for i in chosen)
+            assert abs(inside - (end - start) * share) < 1, (start, end)
 
 
 # ---- two processes ----------------------------------------------------------------------------------------------

@@ -59,6 +59,16 @@ TINY_LENGTHS = {"stage1-layerwise": 128, "stage1-kl": 128, "stage2": 128, "stage
 GDN_CHUNK = 64
 
 
+def checkpointing_mode(text: str) -> str | int | float:
+    """--checkpointing's values: a name, an integer stride or a fraction of the blocks."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     parser.add_argument("--models", nargs="+", default=["infinitevl", "transformer"],
@@ -67,9 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         + ", ".join(f"{c} {n}" for c, n in LENGTHS.items()) + ")")
     parser.add_argument("--devices", type=int, default=1, help="GPUs (FSDP2 processes)")
     parser.add_argument("--checkpointing", nargs="+", default=["blocks"],
-                        type=lambda s: int(s) if s.isdigit() else s,
-                        help="activation checkpointing: off, blocks, mixers or every n-th block (a number); "
-                             "several values run one after another")
+                        type=checkpointing_mode,
+                        help="activation checkpointing: off, blocks, mixers, every n-th block (an integer) or a "
+                             "share of the blocks (a fraction, 0.75); several values run one after another")
     parser.add_argument("--keep-gathered", action="store_true",
                         help="FSDP2 reshard_after_forward=False: blocks stay gathered from forward to backward")
     parser.add_argument("--sequences", type=int, default=1,
@@ -192,10 +202,8 @@ class TransformerStage(L.LightningModule):
             patterns = [r"lm\..*"]
         for name, p in self.model.named_parameters():
             p.requires_grad_(any(re.fullmatch(r, name) for r in patterns))
-        stride = self.checkpointing if isinstance(self.checkpointing, int) else 1
-        if self.checkpointing not in (None, "off"):
-            for i in range(0, len(layers), stride):
-                distributed.checkpoint(layers[i].self_attn if self.checkpointing == "mixers" else layers[i])
+        for i in distributed.checkpointed_blocks(len(layers), self.checkpointing):
+            distributed.checkpoint(layers[i].self_attn if self.checkpointing == "mixers" else layers[i])
         policy = distributed.MixedPrecisionPolicy(param_dtype=torch.bfloat16 if self.shapes == "4b" else
                                                   torch.float32, reduce_dtype=torch.float32)
         mesh = self.trainer.strategy.device_mesh["data_parallel"]
@@ -385,8 +393,8 @@ class StepProfiler(Callback):
             torch.cuda.synchronize()
         self._prof.__exit__(None, None, None)
         self.folder.mkdir(parents=True, exist_ok=True)
-        stem = self.folder / f"{self.tag}-rank{trainer.global_rank}"
-        raw = stem.with_suffix(".json")
+        stem = f"{self.tag}-rank{trainer.global_rank}"  # not Path.with_suffix: a tag may hold a dot ("ckpt0.75")
+        raw = self.folder / f"{stem}.json"
         self._prof.export_chrome_trace(str(raw))
         with raw.open("rb") as f, gzip.open(f"{raw}.gz", "wb") as g:
             shutil.copyfileobj(f, g)
@@ -398,7 +406,7 @@ class StepProfiler(Callback):
         text += "\n\n" + self._prof.key_averages().table(sort_by="self_device_time_total" if pl_module.device.type
                                                          == "cuda" else "self_cpu_time_total", row_limit=30,
                                                          max_name_column_width=80)
-        stem.with_suffix(".txt").write_text(text + "\n")
+        (self.folder / f"{stem}.txt").write_text(text + "\n")
         print(f"# profile of {self.tag}, rank {trainer.global_rank}\n{text.split(chr(10) * 2)[0]}", flush=True)
         self._prof = None
 

@@ -44,7 +44,8 @@ class StageModule(L.LightningModule):
         save_dir: where the end of training writes the trained student (a plain ``save_pretrained`` folder, LoRA
             merged in, ``adapter/`` beside it); None: not written.
         seed: seeds the conversion's fresh layers.
-        activation_checkpointing: "off", "blocks", "mixers" or every n-th block (see ``checkpoint_blocks``).
+        activation_checkpointing: "off", "blocks", "mixers", every n-th block (an int) or a share of the
+            blocks (a float in (0, 1)); see ``checkpoint_blocks``.
         param_dtype: under FSDP2, the dtype each unit is gathered and computed in (float32 master weights and
             float32 gradient reduction either way).
         reshard_after_forward: under FSDP2, free each block's gathered parameters after its forward and gather them
@@ -59,11 +60,12 @@ class StageModule(L.LightningModule):
                  window: int | None = 8192, gdn_init: str = "mimic", trainable: list[str] | None = None,
                  lr: float = 2e-4, weight_decay: float = 0.0, warmup_ratio: float = 0.01,
                  betas: tuple[float, float] = (0.9, 0.95), save_dir: str | None = None, seed: int = 0,
-                 activation_checkpointing: str | int | None = "off", param_dtype: str = "bfloat16",
+                 activation_checkpointing: int | float | str | None = "off", param_dtype: str = "bfloat16",
                  reshard_after_forward: bool = True, linear_mixer: str = "gated_deltanet"):
         super().__init__()
         self.save_hyperparameters()
         self.check_sources()
+        distributed.checkpointed_blocks(1, activation_checkpointing)  # a bad mode fails here, not after building
         self.model: InfiniteVL | None = None
         self.lora_config = None  # a peft LoraConfig: adapters injected into the language model when building
         self.trainable = list(trainable) if trainable is not None else None

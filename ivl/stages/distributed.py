@@ -8,6 +8,8 @@ LM head, which must share a unit). ``ivl/model`` never imports torch.distributed
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -32,24 +34,36 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().setup_environment()
 
 
-def checkpoint_blocks(lm: nn.Module, mode: str | int | None) -> list[int]:
+def checkpoint_blocks(lm: nn.Module, mode: str | int | float | None) -> list[int]:
     """Activation checkpointing (recompute in backward instead of keeping activations), per block of ``lm``.
 
     ``mode``: "off" (or None), "blocks" (every block), "mixers" (only each block's token mixer: attention's and
-    Gated DeltaNet's activations are recomputed, the MLPs' kept), or an int n (every n-th block: 0, n, 2n, ...).
+    Gated DeltaNet's activations are recomputed, the MLPs' kept), an int n (every n-th block: 0, n, 2n, ...) or
+    a float f in (0, 1) (that share of the blocks, spread evenly: 0.75 recomputes three blocks in four and keeps
+    the fourth's activations, for memory left over when every block is checkpointed).
     Applied with PyTorch's composable ``checkpoint``, so parameter names, checkpoints and LoRA are unchanged.
     Returns the indices of the blocks it applied to.
     """
-    if mode is None or mode == "off":
-        return []
-    if isinstance(mode, bool) or not (mode in CHECKPOINTING or (isinstance(mode, int) and mode >= 1)):
-        raise ValueError(f"activation_checkpointing must be one of {CHECKPOINTING} or a block stride >= 1; "
-                         f"got {mode!r}")
-    stride = mode if isinstance(mode, int) else 1
-    chosen = list(range(0, len(lm.layers), stride))
+    chosen = checkpointed_blocks(len(lm.layers), mode)
     for i in chosen:
         checkpoint(lm.layers[i].mixer if mode == "mixers" else lm.layers[i])
     return chosen
+
+
+def checkpointed_blocks(count: int, mode: str | int | float | None) -> list[int]:
+    """The indices of the blocks, out of ``count``, that ``mode`` (see ``checkpoint_blocks``) recomputes."""
+    if mode is None or mode == "off":
+        return []
+    if mode in CHECKPOINTING:
+        return list(range(count))
+    if isinstance(mode, int) and not isinstance(mode, bool) and mode >= 1:
+        return list(range(0, count, mode))
+    if isinstance(mode, float) and 0 < mode < 1:
+        # block i is chosen where the running count i * mode passes a whole number: floor(count * mode) blocks,
+        # evenly spaced
+        return [i for i in range(count) if math.floor((i + 1) * mode) > math.floor(i * mode)]
+    raise ValueError(f"activation_checkpointing must be one of {CHECKPOINTING}, a block stride n >= 1 (every n-th "
+                     f"block) or a share of the blocks in (0, 1); got {mode!r}")
 
 
 def shard(model: nn.Module, mesh, param_dtype: torch.dtype = torch.bfloat16,
