@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ivl.kernels._fla import (fla_backward_is_miscompiled, fla_chunk_function, fla_gated_backward_is_refused,
                               fla_gated_delta, fla_refusal_lifted)
 from ivl.kernels.packed_bounds import FLA_CHUNK, chunk_indices, host_bounds
+from ivl.kernels.precision import at_least_float32
 
 CHUNK_SIZE = 64
 
@@ -53,7 +54,7 @@ def gated_delta_rule(
         cu_seqlens: int32 [N + 1] boundaries of sequences packed along T (then B must be 1).
 
     Returns:
-        (o [B, T, H, V] in q's dtype, final_state [N, H, K, V] float32 or None)
+        (o [B, T, H, V] in q's dtype, final_state [N, H, K, V] float32 (float64 for float64 inputs) or None)
     """
     _check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
     if scale is None:
@@ -200,11 +201,11 @@ def _(q, k, v, g, beta, state, scale):
 def _recurrent_step(q, k, v, g, beta, scale, state):
     """One token per sequence ([B, 1, H, *]): the decoding path, no chunk bookkeeping."""
     out_dtype = q.dtype
-    q, k, v, g, beta = (t[:, 0].float() for t in (q, k, v, g, beta))
+    q, k, v, g, beta = (at_least_float32(t[:, 0]) for t in (q, k, v, g, beta))
     B, H, K = k.shape
     if state is None:
         state = k.new_zeros(B, H, K, v.shape[-1])
-    state = state.float() * g.exp()[..., None, None]
+    state = at_least_float32(state) * g.exp()[..., None, None]
     u = beta[..., None] * (v - torch.einsum("bhkv,bhk->bhv", state, k))
     state = state + k[..., :, None] * u[..., None, :]
     o = torch.einsum("bhkv,bhk->bhv", state, q * scale)
@@ -218,8 +219,8 @@ def _chunked(q, k, v, g, beta, scale, initial_state, chunk_size: int = CHUNK_SIZ
     C = chunk_size
     pad = (-T) % C
     # Padding at the end with beta = 0 and g = 0 leaves the state untouched, so the final state is exact.
-    q, k, v = (F.pad(t.float(), (0, 0, 0, 0, 0, pad)) for t in (q, k, v))
-    g, beta = (F.pad(t.float(), (0, 0, 0, pad)) for t in (g, beta))
+    q, k, v = (F.pad(at_least_float32(t), (0, 0, 0, 0, 0, pad)) for t in (q, k, v))
+    g, beta = (F.pad(at_least_float32(t), (0, 0, 0, pad)) for t in (g, beta))
     n = (T + pad) // C
     # [B, H, n, C, *]
     q, k, v = (t.reshape(B, n, C, H, -1).permute(0, 3, 1, 2, 4) for t in (q, k, v))
@@ -242,7 +243,7 @@ def _chunked(q, k, v, g, beta, scale, initial_state, chunk_size: int = CHUNK_SIZ
     k_to_end = k * (G[..., -1:] - G).exp()[..., None]
     chunk_decay = G[..., -1].exp()  # [B, H, n]
 
-    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
+    S = q.new_zeros(B, H, K, V) if initial_state is None else at_least_float32(initial_state)
     outs = []
     # unbind once: indexing chunk i inside the loop would make autograd allocate a full-size gradient per chunk,
     # which turns the backward quadratic in the length.

@@ -22,6 +22,7 @@ import torch
 from ivl.kernels._fla import (fla_backward_is_miscompiled, fla_gated_backward_is_refused, fla_linear_kernels,
                               fla_refusal_lifted, fla_simple_gla_function)
 from ivl.kernels.packed_bounds import host_bounds
+from ivl.kernels.precision import at_least_float32
 
 CHUNK_SIZE = 32
 
@@ -48,7 +49,7 @@ def gated_linear_attention(
         cu_seqlens: int32 [N + 1] boundaries of sequences packed along T (then B must be 1).
 
     Returns:
-        (o [B, T, H, V] in q's dtype, final_state [N, H, K, V] float32 or None)
+        (o [B, T, H, V] in q's dtype, final_state [N, H, K, V] float32 (float64 for float64 inputs) or None)
     """
     B, T, H, K = q.shape
     if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
@@ -81,9 +82,9 @@ def gated_linear_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torc
     """One token per row, updating ``state`` [B, H, K, V] (float32) in place: q, k [B, 1, H, K], v [B, 1, H, V],
     g [B, 1, H], [B, 1, H, K] or None. Returns o [B, 1, H, V] in q's dtype. Fixed shapes, no host sync: the decode
     step of the static cache and the CUDA graph."""
-    qf, kf, vf = q[:, 0].float(), k[:, 0].float(), v[:, 0].float()
+    qf, kf, vf = (at_least_float32(t[:, 0]) for t in (q, k, v))
     if g is not None:
-        decay = g[:, 0].float().exp()
+        decay = at_least_float32(g[:, 0]).exp()
         state.mul_(decay[..., None, None] if decay.dim() == 2 else decay[..., None])
     state.add_(kf[..., None] * vf[..., None, :])
     o = ((qf * scale)[..., None] * state).sum(-2)
@@ -93,11 +94,11 @@ def gated_linear_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torc
 def _chunked(q, k, v, g, scale, initial_state):
     B, T, H, K = q.shape
     V, dtype = v.shape[-1], q.dtype
-    q, k, v = (t.float().transpose(1, 2) for t in (q, k, v))  # [B, H, T, *]
+    q, k, v = (at_least_float32(t).transpose(1, 2) for t in (q, k, v))  # [B, H, T, *]
     if g is not None:
-        g = g.float()
+        g = at_least_float32(g)
         g = (g[..., None] if g.dim() == 3 else g).transpose(1, 2)  # [B, H, T, 1 or K]
-    S = (initial_state.float().clone() if initial_state is not None
+    S = (at_least_float32(initial_state).clone() if initial_state is not None
          else q.new_zeros(B, H, K, V))
     out = q.new_empty(B, H, T, V)
     causal = torch.ones(CHUNK_SIZE, CHUNK_SIZE, dtype=torch.bool, device=q.device).tril()

@@ -182,6 +182,28 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(teacher):
         assert_as_accurate(logits[row], alone_logits[0], exact[0])
 
 
+def test_a_float64_model_is_exact_so_a_padded_row_equals_it_alone(teacher):
+    """The float64 copy that the tests hold float32 paths to must compute in float64 all through (norms, gates and
+    recurrences included): then left padding, which moves a row's tokens across the recurrence's chunks, changes
+    nothing beyond float64 rounding. A float32 step inside it left 1.5e-6 here."""
+    from references import relative_error
+
+    student = float64(randomise_gdn(convert_qwen2_5_vl(teacher, window=12)[0]))
+    a, b = student_inputs(image_video_prompt(text_len=3)), student_inputs(image_video_prompt(text_len=10))
+    pad = b["input_ids"].shape[1] - a["input_ids"].shape[1]
+    batch = {
+        "input_ids": torch.cat([torch.cat([torch.zeros(1, pad, dtype=torch.long), a["input_ids"]], 1), b["input_ids"]]),
+        "attention_mask": torch.cat([torch.cat([torch.zeros(1, pad, dtype=torch.long), a["attention_mask"]], 1),
+                                     b["attention_mask"]]),
+        **{k: torch.cat([a[k], b[k]]) for k in MODEL_INPUTS[2:]},
+    }
+    with torch.no_grad():
+        padded = student(**doubled(batch)).logits
+        alone = student(**doubled(a)).logits
+    assert padded.dtype == torch.float64
+    assert relative_error(padded[0, pad:], alone[0]) < 1e-12
+
+
 def test_stop_tokens_end_rows_and_pad_them(teacher):
     student = randomise_gdn(convert_qwen2_5_vl(teacher)[0])
     inputs = student_inputs(image_video_prompt(batch=2))

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from ivl.kernels import sliding_window_attention
 from ivl.kernels.gemv import linear
+from ivl.kernels.precision import at_least_float32
 from ivl.kernels.window_attention import (attention_at_positions, padded_window_attention,
                                           sliding_window_attention_after_prefix)
 from ivl.model.cache import WindowKVCache
@@ -161,7 +162,7 @@ def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     B, _, Hq, D = q.shape
     Hkv = keys.shape[1]
     grouped = q.view(B, Hkv, Hq // Hkv, D)  # query head h reads key/value head h // (Hq / Hkv)
-    scores = (grouped @ keys.transpose(-1, -2)).float() * D**-0.5  # [B, Hkv, G, S]
+    scores = at_least_float32(grouped @ keys.transpose(-1, -2)) * D**-0.5  # [B, Hkv, G, S]
     scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
     out = scores.softmax(-1).to(values.dtype) @ values  # [B, Hkv, G, D]
     return out.reshape(B, 1, Hq * D)

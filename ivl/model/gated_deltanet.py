@@ -17,6 +17,7 @@ from ivl.kernels import gated_delta_rule
 from ivl.kernels.fused import fused
 from ivl.kernels.gated_delta import gated_delta_step
 from ivl.kernels.gemv import linear
+from ivl.kernels.precision import at_least_float32
 from ivl.model.cache import RecurrentCache
 from ivl.model.layers import GatedRMSNorm, gated_rms_norm
 from ivl.model.mixers import RecurrentMixer
@@ -170,12 +171,12 @@ class GatedDeltaNet(RecurrentMixer):
 @fused
 def _gates(a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor):
     """(log decay g in float32, write strength beta) per token and head."""
-    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+    g = -at_least_float32(A_log).exp() * F.softplus(at_least_float32(a) + at_least_float32(dt_bias))
     return g, b.sigmoid()
 
 
 @fused
 def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     # fla's l2norm (x / sqrt(sum x^2 + eps)) rather than F.normalize's clamp, to match fla-trained checkpoints.
-    x32 = x.float()
+    x32 = at_least_float32(x)
     return (x32 * torch.rsqrt(x32.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ivl.kernels.gated_linear import gated_linear_attention, gated_linear_step
 from ivl.kernels.gemv import linear
+from ivl.kernels.precision import at_least_float32
 from ivl.model.cache import RecurrentCache
 from ivl.model.layers import GatedRMSNorm, gated_rms_norm
 from ivl.model.mixers import RecurrentMixer
@@ -86,7 +87,9 @@ class GatedLinearAttention(RecurrentMixer):
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
         q, k = self.q_proj(x).view(B, T, H, K), self.k_proj(x).view(B, T, H, K)
         v, gate = self.v_proj(x).view(B, T, H, V), self.g_proj(x).view(B, T, H, V)
-        g = F.logsigmoid(self.gk_proj(x).view(B, T, H, K).float()) / GATE_LOGIT_NORMALIZER if self.forgets else None
+        g = None
+        if self.forgets:
+            g = F.logsigmoid(at_least_float32(self.gk_proj(x).view(B, T, H, K))) / GATE_LOGIT_NORMALIZER
         o, state = gated_linear_attention(q, k, v, g, initial_state=cache.state if cache is not None else None,
                                           output_final_state=cache is not None, cu_seqlens=cu_seqlens)
         if cache is not None:
@@ -120,7 +123,7 @@ class GatedLinearAttention(RecurrentMixer):
         g = None
         if "w_gk" in weights:  # GLA's forget gate (plain linear attention has none)
             logits = linear(projected[..., sum(widths):], weights["w_gk"], weights["b_gk"])
-            g = F.logsigmoid(logits.float()).view(B, 1, H, K) / GATE_LOGIT_NORMALIZER
+            g = F.logsigmoid(at_least_float32(logits)).view(B, 1, H, K) / GATE_LOGIT_NORMALIZER
         o = gated_linear_step(q.view(B, 1, H, K), k.view(B, 1, H, K), v.view(B, 1, H, V), g, K**-0.5,
                               buffers["state"])
         o = gated_rms_norm(o, gate.view(B, 1, H, V), weights["o_norm"], eps)

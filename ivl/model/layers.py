@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ivl.kernels.fused import fused
+from ivl.kernels.precision import at_least_float32
 
 
 class RMSNorm(nn.Module):
@@ -32,16 +33,16 @@ class GatedRMSNorm(RMSNorm):
 @fused
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Normalise in float32 (as Qwen2 does) so bf16 activations do not lose the small-variance rows.
-    x32 = x.float()
+    x32 = at_least_float32(x)
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
 
 
 @fused
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
+    x32 = at_least_float32(x)
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (weight.float() * x32 * F.silu(gate.float())).to(x.dtype)
+    return (at_least_float32(weight) * x32 * F.silu(at_least_float32(gate))).to(x.dtype)
 
 
 @fused

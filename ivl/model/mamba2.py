@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ivl.kernels.gated_linear import gated_linear_attention, gated_linear_step
 from ivl.kernels.gemv import linear
+from ivl.kernels.precision import at_least_float32
 from ivl.model.cache import RecurrentCache
 from ivl.model.layers import rms_norm
 from ivl.model.mixers import RecurrentMixer
@@ -104,14 +105,14 @@ class Mamba2(RecurrentMixer):
         G, N, nH, P, _ = sizes
         Bsz, T, _ = xBC.shape
         xs, Bs, Cs = xBC.split([nH * P, G * N, G * N], -1)
-        dt = F.softplus(dt.float() + dt_bias.float())  # [B, T, nH]
+        dt = F.softplus(at_least_float32(dt) + at_least_float32(dt_bias))  # [B, T, nH]
         heads_per_group = nH // G
         k = Bs.view(Bsz, T, G, N).repeat_interleave(heads_per_group, dim=2)
         q = Cs.view(Bsz, T, G, N).repeat_interleave(heads_per_group, dim=2)
         xs = xs.view(Bsz, T, nH, P)
-        v = (xs.float() * dt[..., None]).to(xs.dtype)
-        g = -A_log.float().exp() * dt
-        skip = (xs.float() * D.float()[:, None]).to(xs.dtype)
+        v = (at_least_float32(xs) * dt[..., None]).to(xs.dtype)
+        g = -at_least_float32(A_log).exp() * dt
+        skip = (at_least_float32(xs) * at_least_float32(D)[:, None]).to(xs.dtype)
         return q, k, v, g, skip
 
     @staticmethod
@@ -119,7 +120,7 @@ class Mamba2(RecurrentMixer):
         """RMSNorm(y * SiLU(z)) per group of channels (mamba_ssm's RMSNormGated, norm after the gate)."""
         G, _, _, _, eps = sizes
         Bsz, T = y.shape[:2]
-        gated = (y.reshape(Bsz, T, -1).float() * F.silu(z.float())).view(Bsz, T, G, -1)
+        gated = (at_least_float32(y.reshape(Bsz, T, -1)) * F.silu(at_least_float32(z))).view(Bsz, T, G, -1)
         return rms_norm(gated, weight.view(G, -1), eps).reshape(Bsz, T, -1).to(z.dtype)
 
     # ---- the mixer contract: cache and fixed-shape decoding ------------------------------------------------------
