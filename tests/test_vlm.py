@@ -162,16 +162,21 @@ def test_cached_generate_equals_greedy_full_forwards(teacher, prefill_chunk):
     assert torch.equal(torch.stack(streamed, dim=1), tokens)
 
 
+def left_padded(a: dict, b: dict) -> tuple[dict, int]:
+    """Two one-row inputs as a batch, the shorter ``a`` left-padded to ``b``'s length; and the padding."""
+    pad = b["input_ids"].shape[1] - a["input_ids"].shape[1]
+    zeros = torch.zeros(1, pad, dtype=torch.long)
+    return {
+        "input_ids": torch.cat([torch.cat([zeros, a["input_ids"]], 1), b["input_ids"]]),
+        "attention_mask": torch.cat([torch.cat([zeros, a["attention_mask"]], 1), b["attention_mask"]]),
+        **{k: torch.cat([a[k], b[k]]) for k in MODEL_INPUTS[2:]},
+    }, pad
+
+
 def test_left_padded_batch_generates_what_each_prompt_generates_alone(teacher):
     student = randomise_gdn(convert_qwen2_5_vl(teacher, window=12)[0])
     a, b = student_inputs(image_video_prompt(text_len=3)), student_inputs(image_video_prompt(text_len=10))
-    pad = b["input_ids"].shape[1] - a["input_ids"].shape[1]
-    batch = {
-        "input_ids": torch.cat([torch.cat([torch.zeros(1, pad, dtype=torch.long), a["input_ids"]], 1), b["input_ids"]]),
-        "attention_mask": torch.cat([torch.cat([torch.zeros(1, pad, dtype=torch.long), a["attention_mask"]], 1),
-                                     b["attention_mask"]]),
-        **{k: torch.cat([a[k], b[k]]) for k in MODEL_INPUTS[2:]},
-    }
+    batch, _ = left_padded(a, b)
     tokens, logits = student.generate(**batch, max_new_tokens=10, stop_token_ids=[], return_scores=True)
     exact_student = float64(student)
     for row, alone in enumerate((a, b)):
@@ -190,13 +195,7 @@ def test_a_float64_model_is_exact_so_a_padded_row_equals_it_alone(teacher):
 
     student = float64(randomise_gdn(convert_qwen2_5_vl(teacher, window=12)[0]))
     a, b = student_inputs(image_video_prompt(text_len=3)), student_inputs(image_video_prompt(text_len=10))
-    pad = b["input_ids"].shape[1] - a["input_ids"].shape[1]
-    batch = {
-        "input_ids": torch.cat([torch.cat([torch.zeros(1, pad, dtype=torch.long), a["input_ids"]], 1), b["input_ids"]]),
-        "attention_mask": torch.cat([torch.cat([torch.zeros(1, pad, dtype=torch.long), a["attention_mask"]], 1),
-                                     b["attention_mask"]]),
-        **{k: torch.cat([a[k], b[k]]) for k in MODEL_INPUTS[2:]},
-    }
+    batch, pad = left_padded(a, b)
     with torch.no_grad():
         padded = student(**doubled(batch)).logits
         alone = student(**doubled(a)).logits
