@@ -68,6 +68,15 @@ def test_missing_teacher_folder_is_one_line(tmp_path, monkeypatch, capsys):
     assert "teacher '/models/Qwen2.5-VL-3B-Instruct'" in _one_error_line(capsys)
 
 
+@pytest.mark.parametrize("mode", ["1.5", "everything"])
+def test_bad_checkpointing_mode_is_one_line(mode, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit:
+        main(["fit", "--config", str(EXPERIMENTS / "demo.yaml"), "--model.init_args.activation_checkpointing", mode])
+    assert exit.value.code == 2
+    assert "model.init_args.activation_checkpointing must be one of" in _one_error_line(capsys)
+
+
 def test_convert_without_a_teacher_folder_is_a_usage_error(tmp_path, capsys):
     from ivl.convert import main as convert
 

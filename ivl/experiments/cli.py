@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from ivl.data.modules import check_corpora
 from ivl.cpu_threads import fit_threads_to_cpus
 from ivl.errors import UsageError
+from ivl.stages.distributed import checkpointed_blocks
 from ivl.stages.models import check_student, check_teacher
 from ivl.stages import StageModule
 
@@ -40,14 +41,18 @@ class SaveConfigToMLflow(SaveConfigCallback):
 
 class IVLCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
-        """Missing student or teacher folders and corpus files fail here, in one line, before anything is built or
-        an MLflow run is created (raised while instantiating, they would reach the user wrapped in a parser
-        error)."""
+        """Missing student or teacher folders, corpus files and a bad checkpointing mode fail here, in one line,
+        before anything is built or an MLflow run is created (raised while instantiating, they would reach the user
+        wrapped in a parser error)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         model = config.get("model")
         if model is not None and "init_args" in model:
             check_student(model.init_args.get("student"))
             check_teacher(model.init_args.get("teacher"))
+            try:
+                checkpointed_blocks(1, model.init_args.get("activation_checkpointing"))
+            except ValueError as error:
+                raise UsageError(f"model.init_args.{error}") from None
         data = config.get("data")
         if data is not None and "init_args" in data and "train" in data.init_args:
             args = data.init_args

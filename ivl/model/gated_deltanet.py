@@ -170,7 +170,7 @@ class GatedDeltaNet(RecurrentMixer):
 
 @fused
 def _gates(a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor):
-    """(log decay g in float32, write strength beta) per token and head."""
+    """(log decay g in float32, or float64 for a float64 model; write strength beta) per token and head."""
     g = -at_least_float32(A_log).exp() * F.softplus(at_least_float32(a) + at_least_float32(dt_bias))
     return g, b.sigmoid()
 
