@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from ivl.bench.trace import kind_of, summarise
+from ivl.bench.trace import format_summary, kind_of, summarise
 
 
 def _kernel(name, ts, dur, stream=7):
@@ -30,6 +30,12 @@ def test_busy_idle_and_overlap_are_the_hand_counted_intervals(tmp_path):
     assert s["communication_overlapped_ms"] == pytest.approx(15e-3)
     assert s["by_kind_ms"] == pytest.approx({"communication": 35e-3, "matrix products": 10e-3,
                                              "gated delta rule (fla)": 15e-3, "other": 10e-3})
+    assert [k["name"] for k in s["by_kernel"]][:2] == ["ncclDevKernel_AllGather_RING_LL",
+                                                       "chunk_gated_delta_rule_fwd_kernel_h"]
+    assert {k["name"]: k["ms"] for k in s["by_kernel"]} == pytest.approx({
+        "ncclDevKernel_AllGather_RING_LL": 35e-3, "chunk_gated_delta_rule_fwd_kernel_h": 15e-3,
+        "sm90_xmma_gemm_bf16": 10e-3, "triton_poi_fused_mul_0": 10e-3})
+    assert "triton_poi_fused_mul_0" in format_summary(s).split("kind \"other\"")[1]
 
 
 def test_kernel_names_fall_into_kinds():

@@ -90,3 +90,30 @@ def test_empty_selection_gives_a_zero_loss_that_backpropagates():
     loss, hits = linear_cross_entropy(hidden, weight, torch.zeros(0, dtype=torch.long))
     loss.backward()
     assert float(loss.detach()) == 0.0 and hits.numel() == 0 and torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_chunk_losses_on_the_gpu_equal_the_plain_ones(dtype):
+    """On CUDA each chunk's softmax, loss, argmax and gradient run compiled (``@fused``), over a vocabulary wide
+    enough for looped reductions and several chunks, the last one short."""
+    n, vocab, width, T = 1500, 40_000, 64, 2.0
+    hidden, weight = leaves(torch.randn(n, width, device="cuda", dtype=dtype),
+                            torch.randn(vocab, width, device="cuda", dtype=dtype) / 4)
+    teacher_hidden = torch.randn(n, width, device="cuda", dtype=dtype)
+    targets = torch.randint(0, vocab, (n,), device="cuda")
+    ce, hits = linear_cross_entropy(hidden, weight, targets, chunk_rows=512)
+    kl = linear_kl_divergence(hidden, weight, teacher_hidden, weight.detach(), T, chunk_rows=512)
+    (ce + kl).backward()
+
+    ref_hidden, ref_weight = leaves(hidden.double(), weight.double())
+    logits = ref_hidden @ ref_weight.T
+    ref_ce = F.cross_entropy(logits, targets)
+    teacher = F.log_softmax(teacher_hidden.double() @ weight.detach().double().T / T, dim=-1)
+    ref_kl = F.kl_div(F.log_softmax(logits / T, dim=-1), teacher, log_target=True, reduction="batchmean") * T * T
+    (ref_ce + ref_kl).backward()
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the logits and gradients are rounded to 8 bits
+    for got, want in ((ce, ref_ce), (kl, ref_kl), (hidden.grad, ref_hidden.grad), (weight.grad, ref_weight.grad)):
+        assert got.dtype == (torch.float32 if got.dim() == 0 else dtype)
+        assert ((got.double() - want).norm() / want.norm()).item() < tolerance
+    assert (hits == (logits.argmax(-1) == targets)).float().mean() > 0.99  # rounding may flip a near tie

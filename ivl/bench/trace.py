@@ -63,6 +63,10 @@ def summarise(trace: dict | str | Path) -> dict:
     for (a, b), e in zip(spans, kernels):
         by_kind[kind_of(e["name"])] = by_kind.get(kind_of(e["name"]), 0.0) + (b - a)
     busy = _union(compute)
+    by_name: dict[str, list] = {}
+    for (a, b), e in zip(spans, kernels):
+        entry = by_name.setdefault(e["name"], [0, 0.0])
+        entry[0], entry[1] = entry[0] + 1, entry[1] + (b - a)
     return {
         "kernels": len(kernels),
         "step_ms": step / 1e3,
@@ -71,13 +75,19 @@ def summarise(trace: dict | str | Path) -> dict:
         "communication_ms": _union(comm) / 1e3,
         "communication_overlapped_ms": _overlap(comm, compute) / 1e3,
         "by_kind_ms": {k: v / 1e3 for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        # where "other" goes is the next question a summary raises: every kernel, longest total first
+        "by_kernel": [{"name": n, "kind": kind_of(n), "calls": c, "ms": t / 1e3}
+                      for n, (c, t) in sorted(by_name.items(), key=lambda kv: -kv[1][1])],
     }
 
 
-def format_summary(summary: dict) -> str:
+def format_summary(summary: dict, top_other: int = 25) -> str:
     lines = [f"step {summary['step_ms']:.1f} ms over {summary['kernels']} kernels: compute busy "
              f"{summary['compute_busy_ms']:.1f} ms, idle {summary['compute_idle_ms']:.1f} ms; communication "
              f"{summary['communication_ms']:.1f} ms, {summary['communication_overlapped_ms']:.1f} ms of it "
              f"under compute"]
     lines += [f"  {kind:<24} {ms:9.1f} ms" for kind, ms in summary["by_kind_ms"].items()]
+    lines += ["", "  the longest kernels of kind \"other\" (total ms, calls):"]
+    others = [k for k in summary["by_kernel"] if k["kind"] == "other"][:top_other]
+    lines += [f"  {k['ms']:9.1f} ms {k['calls']:6d}  {k['name'][:100]}" for k in others]
     return "\n".join(lines)
