@@ -42,6 +42,7 @@ def test_kernel_names_fall_into_kinds():
     assert kind_of("ncclDevKernel_ReduceScatter_Sum_f32_RING_LL") == "communication"
     assert kind_of("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTT") == "matrix products"
     assert kind_of("triton_tem_fused_flex_attention_0") == "attention"
+    assert kind_of("prepare_wy_repr_bwd_kernel") == "gated delta rule (fla)"
     assert kind_of("void at::native::vectorized_elementwise_kernel<4>") == "other"
 
 

@@ -17,7 +17,7 @@ KINDS = (  # first match wins; names as CUDA kernels are called in traces of tor
     ("communication", ("nccl",)),
     ("matrix products", ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas", "splitk")),
     ("attention", ("flash", "flex", "attention", "fmha", "sdpa")),
-    ("gated delta rule (fla)", ("chunk_", "recompute_w_u", "solve_tril", "chunk_local_cumsum", "l2norm",
+    ("gated delta rule (fla)", ("chunk_", "recompute_w_u", "prepare_wy", "solve_tril", "chunk_local_cumsum", "l2norm",
                                 "causal_conv1d")),
     ("optimizer", ("adam", "multi_tensor_apply")),
 )

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from safetensors.torch import save_file
 
 ADAPTER = "default"
@@ -28,7 +30,36 @@ TRAINABLE = [r".*\.lora_[AB]\..*"]
 
 def lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.0,
                 target_modules: list[str] | str | None = None) -> LoraConfig:
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules or DEFAULT_TARGETS)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules or DEFAULT_TARGETS)
+    config._register_custom_module({nn.Linear: LoraLinear})
+    return config
+
+
+class LoraLinear(PeftLoraLinear):
+    """peft's LoRA linear layer (same parameters, names, merging and saving), whose forward adds the adapter's
+    product inside the second product's epilogue.
+
+    peft computes ``base(x) + B(A(x)) * scaling``: two more passes over the [tokens, out] output in the forward
+    (the scaling and the sum) and one in the backward, per adapted projection (eight in a Gated DeltaNet block).
+    At 32K tokens those passes were a sixth of a Stage III step. Here one ``addmm_`` scales the adapter's product
+    and adds it into the base output as cuBLAS writes it (and rounds once, in float32). Dropout draws as peft's
+    does (after the base product, same shape). Anything else (several or disabled adapters, merged weights, DoRA,
+    autocast, mixed dtypes) runs peft's forward.
+    """
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = self.active_adapters[0] if len(self.active_adapters) == 1 else None
+        base = self.base_layer
+        if (args or kwargs or name not in self.lora_A or name in self.lora_variant or self.disable_adapters
+                or self.merged or type(base) is not nn.Linear or torch.is_autocast_enabled(x.device.type)
+                or len({x.dtype, base.weight.dtype, self.lora_A[name].weight.dtype,
+                        self.lora_B[name].weight.dtype}) > 1):
+            return super().forward(x, *args, **kwargs)
+        rows = x.reshape(-1, x.shape[-1])
+        out = F.linear(rows, base.weight, base.bias)
+        low_rank = F.linear(self.lora_dropout[name](rows), self.lora_A[name].weight)
+        out.addmm_(low_rank, self.lora_B[name].weight.T, alpha=self.scaling[name])
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def inject(lm: nn.Module, config: LoraConfig) -> None:
