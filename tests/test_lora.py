@@ -61,6 +61,21 @@ def test_lora_layer_gives_peft_outputs_and_gradients(bias, shape, dropout):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12, msg=name)
 
 
+def test_lora_layer_gives_peft_gradients_when_the_base_layer_trains_too():
+    # The stages freeze the base layer; a user's own `trainable` patterns may not, and x may need no gradient.
+    holder = nn.Sequential()
+    holder.q_proj = nn.Linear(16, 24, dtype=torch.float64)
+    ours, theirs = adapted(holder, lora.lora_config(4, 12)), adapted(holder, peft_config())
+    same_weights(theirs, ours)
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    for model in (ours, theirs):
+        model.requires_grad_(True)
+        model.q_proj(x).pow(2).sum().backward()
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        assert a.grad is not None, name
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
 def test_student_with_ivl_lora_layers_gives_peft_losses_and_gradients():
     student = load_student(None, "tiny", 0.25, 64).double()
     ours, theirs = adapted(student.lm, lora.lora_config(4, 12)), adapted(student.lm, peft_config())

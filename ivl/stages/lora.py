@@ -36,15 +36,16 @@ def lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.0,
 
 
 class LoraLinear(PeftLoraLinear):
-    """peft's LoRA linear layer (same parameters, names, merging and saving), whose forward adds the adapter's
-    product inside the second product's epilogue.
+    """peft's LoRA linear layer (same parameters, names, merging and saving) whose forward and backward fold the
+    adapter into the base layer's products.
 
-    peft computes ``base(x) + B(A(x)) * scaling``: two more passes over the [tokens, out] output in the forward
-    (the scaling and the sum) and one in the backward, per adapted projection (eight in a Gated DeltaNet block).
-    At 32K tokens those passes were a sixth of a Stage III step. Here one ``addmm_`` scales the adapter's product
-    and adds it into the base output as cuBLAS writes it (and rounds once, in float32). Dropout draws as peft's
-    does (after the base product, same shape). Anything else (several or disabled adapters, merged weights, DoRA,
-    autocast, mixed dtypes) runs peft's forward.
+    peft computes ``base(x) + B(A(x)) * scaling`` through autograd: two more passes over the [tokens, out] output
+    in the forward (the scaling and the sum), one in the backward (the scaling), and a sum of the base's and the
+    adapter's input gradients over [tokens, in], per adapted projection (eight in a Gated DeltaNet block). At 32K
+    tokens those passes were a sixth of a Stage III step. Here ``LoraProduct`` adds the adapter's scaled product
+    into the base output, and its input gradient into the base's, inside one ``addmm_`` each (rounding once, in
+    float32). Dropout draws as peft's does (after the base product, same shape). Anything else (several or
+    disabled adapters, merged weights, DoRA, autocast, mixed dtypes) runs peft's forward.
     """
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -56,10 +57,46 @@ class LoraLinear(PeftLoraLinear):
                         self.lora_B[name].weight.dtype}) > 1):
             return super().forward(x, *args, **kwargs)
         rows = x.reshape(-1, x.shape[-1])
-        out = F.linear(rows, base.weight, base.bias)
-        low_rank = F.linear(self.lora_dropout[name](rows), self.lora_A[name].weight)
-        out.addmm_(low_rank, self.lora_B[name].weight.T, alpha=self.scaling[name])
+        dropped = self.lora_dropout[name](rows)
+        out = LoraProduct.apply(rows, None if dropped is rows else dropped, base.weight, base.bias,
+                                self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
         return out.view(*x.shape[:-1], out.shape[-1])
+
+
+class LoraProduct(torch.autograd.Function):
+    """``x W^T + bias + scaling * (d A^T) B^T`` over rows x [N, in], with d the dropped-out x (None: x itself).
+
+    The backward adds the adapter's input gradient into the base's with ``addmm_`` where both reach the same x
+    (no dropout), and scales the adapter's gradients on its [N, r] product, not on the [N, out] gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, dropped, weight, bias, lora_a, lora_b, scaling):
+        adapter_in = x if dropped is None else dropped
+        out = F.linear(x, weight, bias)
+        low_rank = F.linear(adapter_in, lora_a)
+        out.addmm_(low_rank, lora_b.T, alpha=scaling)
+        ctx.scaling, ctx.dropped = scaling, dropped is not None
+        ctx.save_for_backward(x if weight.requires_grad else None, adapter_in if lora_a.requires_grad else None,
+                              weight, lora_a, lora_b, low_rank if lora_b.requires_grad else None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, adapter_in, weight, lora_a, lora_b, low_rank = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad = grad.reshape(-1, grad.shape[-1])
+        low_grad = (grad @ lora_b).mul_(ctx.scaling)  # reaching the adapter's [N, r] product
+        dx = d_dropped = None
+        if needs[0]:
+            dx = grad @ weight
+            if not ctx.dropped:
+                dx.addmm_(low_grad, lora_a)
+        if needs[1]:
+            d_dropped = low_grad @ lora_a
+        return (dx, d_dropped, grad.T @ x if needs[2] else None, grad.sum(0) if needs[3] else None,
+                low_grad.T @ adapter_in if needs[4] else None,
+                (grad.T @ low_rank).mul_(ctx.scaling) if needs[5] else None, None)
 
 
 def inject(lm: nn.Module, config: LoraConfig) -> None:
