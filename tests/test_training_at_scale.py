@@ -77,6 +77,33 @@ def test_a_share_of_the_blocks_is_that_many_blocks_spread_evenly(share):
             assert abs(inside - (end - start) * share) < 1, (start, end)
 
 
+@pytest.mark.parametrize("share", [0.5, 0.6, 0.67, 0.72, 0.75, 0.8, 0.875, 0.97])
+def test_a_share_keeps_attention_blocks_first_each_kind_spread_evenly(share):
+    attention = list(range(0, 36, 4))  # infinitevl-4b's layout
+    chosen = distributed.checkpointed_blocks(36, share, keep_first=attention)
+    kept = [i for i in range(36) if i not in chosen]
+    assert len(chosen) == int(36 * share)
+    if len(kept) <= len(attention):
+        assert set(kept) <= set(attention)
+    else:
+        assert set(attention) <= set(kept)
+    for group in (attention, [i for i in range(36) if i not in attention]):
+        picked = [i in kept for i in group]
+        rate = sum(picked) / len(group)
+        for start in range(len(group)):  # evenly within the group, give or take under one
+            for end in range(start + 1, len(group) + 1):
+                assert abs(sum(picked[start:end]) - (end - start) * rate) < 1, (group, start, end)
+
+
+def test_the_students_attention_blocks_are_the_ones_kept_first():
+    lm = tiny_student().lm
+    attention = [i for i, block in enumerate(lm.layers) if block.layer_type == "attention"]
+    assert 0 < len(attention) < len(lm.layers)
+    share = 1 - len(attention) / len(lm.layers)
+    kept = set(range(len(lm.layers))) - set(distributed.checkpoint_blocks(lm, share))
+    assert kept == set(attention)
+
+
 # ---- two processes ----------------------------------------------------------------------------------------------
 
 def free_port() -> int:

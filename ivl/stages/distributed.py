@@ -39,19 +39,27 @@ def checkpoint_blocks(lm: nn.Module, mode: str | int | float | None) -> list[int
 
     ``mode``: "off" (or None), "blocks" (every block), "mixers" (only each block's token mixer: attention's and
     Gated DeltaNet's activations are recomputed, the MLPs' kept), an int n (every n-th block: 0, n, 2n, ...) or
-    a float f in (0, 1) (that share of the blocks, spread evenly: 0.75 recomputes three blocks in four and keeps
-    the fourth's activations, for memory left over when every block is checkpointed).
+    a float f in (0, 1) (that share of the blocks, for memory left over when every block is checkpointed: 0.75
+    recomputes 27 of 36 blocks and keeps the other nine's activations). The kept blocks are attention blocks
+    first: a Gated DeltaNet block keeps more activations (its q, k and v before and after the convolution, the
+    normalised q and k, the gates, fla's chunk matrices) for a forward of about the same time. At 32K tokens per
+    H100, Stage II's 0.86 (four Gated DeltaNet and two attention blocks kept) peaked 11 GiB above 0.875 (five
+    attention blocks), and Stage III's 0.67 ran out of memory with nine Gated DeltaNet and three attention blocks
+    kept but fits in 63 GiB with the nine attention blocks and three Gated DeltaNet ones (docs/benchmarks.md).
+    Kept blocks of each kind are spread evenly.
     Applied with PyTorch's composable ``checkpoint``, so parameter names, checkpoints and LoRA are unchanged.
     Returns the indices of the blocks it applied to.
     """
-    chosen = checkpointed_blocks(len(lm.layers), mode)
+    attention = [i for i, block in enumerate(lm.layers) if getattr(block, "layer_type", None) == "attention"]
+    chosen = checkpointed_blocks(len(lm.layers), mode, keep_first=attention)
     for i in chosen:
         checkpoint(lm.layers[i].mixer if mode == "mixers" else lm.layers[i])
     return chosen
 
 
-def checkpointed_blocks(count: int, mode: str | int | float | None) -> list[int]:
-    """The indices of the blocks, out of ``count``, that ``mode`` (see ``checkpoint_blocks``) recomputes."""
+def checkpointed_blocks(count: int, mode: str | int | float | None, keep_first: list[int] | None = None) -> list[int]:
+    """The indices of the blocks, out of ``count``, that ``mode`` (see ``checkpoint_blocks``) recomputes. With a
+    share, the kept blocks come from ``keep_first`` before the others, each group's spread evenly."""
     if mode is None or mode == "off":
         return []
     if mode in CHECKPOINTING:
@@ -61,9 +69,22 @@ def checkpointed_blocks(count: int, mode: str | int | float | None) -> list[int]
     if isinstance(mode, float) and 0 < mode < 1:
         # block i is chosen where the running count i * mode passes a whole number: floor(count * mode) blocks,
         # evenly spaced
-        return [i for i in range(count) if math.floor((i + 1) * mode) > math.floor(i * mode)]
+        recomputed = [i for i in range(count) if math.floor((i + 1) * mode) > math.floor(i * mode)]
+        first = sorted(set(keep_first or ()) & set(range(count)))
+        if not first or len(first) == count:
+            return recomputed
+        keep = count - len(recomputed)
+        others = [i for i in range(count) if i not in first]
+        kept = _spread(first, keep) if keep <= len(first) else first + _spread(others, keep - len(first))
+        return [i for i in range(count) if i not in set(kept)]
     raise ValueError(f"activation_checkpointing must be one of {CHECKPOINTING}, a block stride n >= 1 (every n-th "
                      f"block) or a share of the blocks in (0, 1); got {mode!r}")
+
+
+def _spread(items: list[int], k: int) -> list[int]:
+    """k of ``items``, evenly spaced: item j is taken where the running count j * k / len passes a whole number."""
+    n = len(items)
+    return [item for j, item in enumerate(items) if (j + 1) * k // n > j * k // n]
 
 
 def shard(model: nn.Module, mesh, param_dtype: torch.dtype = torch.bfloat16,
