@@ -2,6 +2,7 @@
 
 import argparse
 
+from ivl.cuda_allocator import expandable_segments
 from ivl.bench import convert, data, gemv, host, inference, layers, profile, serve, stream, train
 
 
@@ -19,6 +20,7 @@ def main() -> None:
     host.add_arguments(sub.add_parser("host", help=host.__doc__.splitlines()[0]))
     serve.add_arguments(sub.add_parser("serve", help=serve.__doc__.splitlines()[0]))
     args = parser.parse_args()
+    expandable_segments()
     commands = {"layers": layers.run, "gemv": gemv.run, "convert": convert.run, "data": data.run,
                 "inference": inference.run, "stream": stream.run, "profile": profile.run,
                 "train": train.run, "host": host.run, "serve": serve.run}

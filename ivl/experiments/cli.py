@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from ivl.data.modules import check_corpora
 from ivl.cpu_threads import fit_threads_to_cpus
+from ivl.cuda_allocator import expandable_segments
 from ivl.errors import UsageError
 from ivl.stages.distributed import checkpointed_blocks
 from ivl.stages.models import check_student, check_teacher
@@ -99,6 +100,7 @@ def parse_only(args: list[str]) -> None:
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     argv = sys.argv[1:] if args is None else args
     fit_threads_to_cpus()
+    expandable_segments()
     if argv[:1] == ["sweep"]:
         from ivl.experiments.sweep import main as sweep
 
