@@ -1,7 +1,7 @@
 """The CUDA caching allocator's setting for training and benchmark runs: expandable segments.
 
-A training step allocates and frees tensors of many sizes: two kinds of blocks whose kept activations differ by
-about 1.7x, recomputed blocks, FSDP2's gathered units and gradient buffers, the chunked losses. With fixed-size
+A training step allocates and frees tensors of many sizes: kept blocks of two kinds with different activations,
+recomputed blocks, FSDP2's gathered units and gradient buffers, the chunked losses. With fixed-size
 segments the freed gaps fragment the cache, and a step that needs a few GiB more than it allocates runs out of
 memory at 80 GiB. Expandable segments grow one mapping per stream instead (torchtitan's launch script sets the
 same). The Stage II and III benchmarks in docs/benchmarks.md ran with it: the hybrid peaked at 68.8 GiB allocated

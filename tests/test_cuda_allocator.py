@@ -6,7 +6,7 @@ from ivl.cuda_allocator import SETTING, expandable_segments
 
 
 def test_expandable_segments_are_set_when_nothing_is(monkeypatch):
-    monkeypatch.delenv(SETTING, raising=False)
+    monkeypatch.setenv(SETTING, "")  # unset for the allocator, and restored after the test
     assert expandable_segments()
     assert os.environ[SETTING] == "expandable_segments:True"
 
@@ -20,7 +20,7 @@ def test_the_users_allocator_setting_is_kept(monkeypatch):
 def test_the_training_cli_sets_them_before_anything_runs(monkeypatch):
     from ivl.experiments import cli
 
-    monkeypatch.delenv(SETTING, raising=False)
+    monkeypatch.setenv(SETTING, "")
     monkeypatch.setattr(cli, "_cli", lambda args, run: None)
     cli.main(["fit"])
     assert os.environ[SETTING] == "expandable_segments:True"

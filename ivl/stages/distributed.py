@@ -75,8 +75,8 @@ def checkpointed_blocks(count: int, mode: str | int | float | None, keep_first: 
             return recomputed
         keep = count - len(recomputed)
         others = [i for i in range(count) if i not in first]
-        kept = _spread(first, keep) if keep <= len(first) else first + _spread(others, keep - len(first))
-        return [i for i in range(count) if i not in set(kept)]
+        kept = set(_spread(first, keep) if keep <= len(first) else first + _spread(others, keep - len(first)))
+        return [i for i in range(count) if i not in kept]
     raise ValueError(f"activation_checkpointing must be one of {CHECKPOINTING}, a block stride n >= 1 (every n-th "
                      f"block) or a share of the blocks in (0, 1); got {mode!r}")
 
