@@ -129,6 +129,13 @@ def test_long_context_trains_only_lora_and_exports_merged_weights_and_the_adapte
         torch.testing.assert_close(fresh.model(**inputs).logits, trained, rtol=0, atol=0)
 
 
+def test_long_context_trains_only_lora_when_trainable_is_passed_as_none():
+    """The CLI passes every argument, ``trainable=None`` included: that must still mean the adapters only."""
+    module = built(LongContextModule(teacher="tiny", window=64, lora_r=4, trainable=None))
+    trained = [n for n, p in module.named_parameters() if p.requires_grad]
+    assert trained and all(".lora_A." in n or ".lora_B." in n for n in trained)
+
+
 def test_interrupted_fit_resumes_with_the_same_losses(tmp_path):
     path = corpus(tmp_path, n=12)
 

@@ -22,9 +22,12 @@ class LongContextModule(InstructModule):
         target_modules: module names (or regex) to adapt; default every projection of attention, GDN and MLPs.
     """
 
+    # A class default, not a keyword default: the CLI passes trainable=None explicitly, which would otherwise fall
+    # back to InstructModule's whole language model.
+    default_trainable = tuple(lora.TRAINABLE)
+
     def __init__(self, *args, lora_r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.0,
                  target_modules: list[str] | str | None = None, **kwargs):
-        kwargs.setdefault("trainable", lora.TRAINABLE)
         super().__init__(*args, **kwargs)
         self.lora_config = lora.lora_config(lora_r, lora_alpha, lora_dropout, target_modules)
 
