@@ -39,6 +39,9 @@ class LayerFreezing(BaseFinetuning):
             raise ValueError(f"LayerFreezing: no module matches patterns {[p.pattern for p in self.patterns]} or "
                              f"types {sorted(self.module_types)}")
         self.freeze(modules, train_bn=False)
+        if hasattr(pl_module, "thawed_later"):  # an ivl stage keeps these in float32 (``store_frozen_in``)
+            for patterns in self.unfreeze_at_epoch.values():
+                pl_module.thawed_later.extend(p for m in self._matching(pl_module, patterns) for p in m.parameters())
 
     def finetune_function(self, pl_module, current_epoch: int, optimizer) -> None:
         patterns = self.unfreeze_at_epoch.get(current_epoch)

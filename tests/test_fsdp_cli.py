@@ -54,8 +54,8 @@ data:
 """
 
 
-def fit(root: Path, corpus_path: Path, devices: int, *extra: str, killed: bool = False) -> None:
-    (root / "config.yaml").write_text(CONFIG.format(root=root, corpus=corpus_path))
+def fit(root: Path, corpus_path: Path, devices: int, *extra: str, killed: bool = False, config: str = CONFIG) -> None:
+    (root / "config.yaml").write_text(config.format(root=root, corpus=corpus_path))
     inherited = {k: v for k, v in os.environ.items()  # not a process group this test process may have set up
                  if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")}
     env = {**inherited, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
@@ -118,3 +118,45 @@ def test_fsdp_run_killed_resumes_on_another_number_of_processes(tmp_path, accele
     a, b = InfiniteVL.from_pretrained(full / "model"), InfiniteVL.from_pretrained(killed / "model")
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(x, y, **tolerance, msg=name)
+
+
+LORA_BF16 = CONFIG.replace("ivl.stages.InstructModule", "ivl.stages.LongContextModule").replace(
+    "    trainable: [\".*\"]\n", "    lora_r: 4\n").replace("param_dtype: float32", "param_dtype: bfloat16").replace(
+    "max_steps: 4", "max_steps: 2")
+
+
+def test_fsdp_lora_fit_in_bf16_exports_float32_merged_onto_the_bf16_stored_base(tmp_path):
+    """Stage III under FSDP2 computing in bf16: the frozen base is stored in bf16 (``store_frozen_in``); the
+    export is float32, each frozen weight the bf16 rounding of the converted one, each adapted weight that rounding
+    plus the adapter's float32 delta (from the adapter files written beside it)."""
+    from safetensors.torch import load_file
+
+    from ivl.stages import lora
+    from ivl.stages.models import student_state
+
+    assert "LongContextModule" in LORA_BF16 and "lora_r: 4" in LORA_BF16 and "bfloat16" in LORA_BF16
+    data = tmp_path / "data"
+    data.mkdir()
+    fit(tmp_path, corpus(data, n=4), 2, config=LORA_BF16)
+    exported = {}
+    for file in sorted((tmp_path / "model").glob("*.safetensors")):
+        exported.update(load_file(file))
+    assert exported and {t.dtype for t in exported.values()} == {torch.float32}
+    adapters = load_file(tmp_path / "model" / "adapter" / lora.ADAPTER_WEIGHTS)
+    scale = json.loads((tmp_path / "model" / "adapter" / lora.ADAPTER_CONFIG).read_text())
+    scale = scale["lora_alpha"] / scale["r"]
+    original = student_state(None, "tiny", 0.25, 64)
+    adapted = 0
+    for name, tensor in original.items():
+        if name not in exported:  # the tied head
+            continue
+        expected = tensor.to(torch.bfloat16).float()
+        a = adapters.get(name.removeprefix("lm.").replace(".weight", ".lora_A.weight"))
+        if a is not None:
+            b = adapters[name.removeprefix("lm.").replace(".weight", ".lora_B.weight")]
+            assert b.abs().sum() > 0, name  # trained: B has left zero
+            expected = expected + scale * (b.float() @ a.float())
+            adapted += 1
+        torch.testing.assert_close(exported[name], expected, rtol=1e-6, atol=1e-7, msg=name)
+    assert adapted > 0
+    InfiniteVL.from_pretrained(tmp_path / "model")

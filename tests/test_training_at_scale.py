@@ -129,8 +129,9 @@ def _rank_main(rank, fn, port, args):
     os._exit(0)
 
 
-def sharded_student(rank, checkpointing="blocks", with_lora=False):
-    """Built the way a stage builds it under FSDP2: meta device, LoRA, checkpointing, shard, fill from rank 0."""
+def sharded_student(rank, checkpointing="blocks", with_lora=False, param_dtype=torch.float32, frozen_in=None):
+    """Built the way a stage builds it under FSDP2: meta device, LoRA (only the adapters train), checkpointing,
+    frozen parameters stored in ``frozen_in`` (None: left in float32), shard, fill from rank 0."""
     from torch.distributed.device_mesh import init_device_mesh
 
     with torch.device("meta"):
@@ -140,8 +141,12 @@ def sharded_student(rank, checkpointing="blocks", with_lora=False):
     tied = checkpoint.tied_names(model)
     if with_lora:
         lora.inject(model.lm, lora.lora_config(r=4))
+        for name, p in model.named_parameters():
+            p.requires_grad_(".lora_" in name)
     distributed.checkpoint_blocks(model.lm, checkpointing)
-    distributed.shard(model, init_device_mesh("cpu", (2,)), param_dtype=torch.float32,
+    if frozen_in is not None:
+        distributed.store_frozen_in(model, frozen_in)
+    distributed.shard(model, init_device_mesh("cpu", (2,)), param_dtype=param_dtype,
                       forward_methods=("head_losses", "block_outputs"))
     model.to_empty(device="cpu")
     model.reset_buffers()
@@ -205,3 +210,56 @@ def _check_sharded_lora(rank, folder):
 
 def test_sharded_lora_starts_as_the_base_model(tmp_path):
     run_two_ranks(_check_sharded_lora, tmp_path)
+
+
+def test_store_frozen_in_moves_exactly_the_parameters_that_do_not_train():
+    model = tiny_student()
+    lora.inject(model.lm, lora.lora_config(r=4))
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora_" in name)
+    moved = distributed.store_frozen_in(model, torch.bfloat16)
+    params = dict(model.named_parameters())
+    assert moved and set(moved) == {n for n in params if ".lora_" not in n}
+    assert all(p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16) for p in params.values())
+    assert distributed.store_frozen_in(model, torch.bfloat16) == []  # nothing left to move
+
+
+def test_store_frozen_in_keeps_what_will_be_unfrozen_later():
+    model = tiny_student().requires_grad_(False)
+    later = list(model.visual.parameters())
+    moved = set(distributed.store_frozen_in(model, torch.bfloat16, keep=later))
+    assert moved == {n for n, _ in model.named_parameters() if not n.startswith("visual.")}
+    assert all(p.dtype == torch.float32 for p in later)
+
+
+def _check_frozen_storage(rank, folder):
+    """The same sharded LoRA student with its frozen weights stored in float32 and in bf16, both computing in
+    bf16: the same loss and adapter gradients, bit for bit, from frozen shards of half the bytes."""
+    results = []
+    for frozen_in in (None, torch.bfloat16):
+        model = sharded_student(rank, checkpointing="mixers", with_lora=True, param_dtype=torch.bfloat16,
+                                frozen_in=frozen_in)
+        torch.manual_seed(0)  # the same adapters in both (B nonzero, so that A's gradient is not zero either)
+        for name, p in sorted(model.named_parameters()):
+            if ".lora_" in name:
+                with torch.no_grad():
+                    p.to_local().copy_(torch.randn(p.to_local().shape) * 0.1)
+        loss = loss_of(model, packed_batch(seed=rank + 1))
+        loss.backward()
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        grads = {n: p.grad.to_local().clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads, {p.to_local().dtype for p in frozen},
+                        sum(p.to_local().nbytes for p in frozen)))
+    (loss32, grads32, dtypes32, bytes32), (loss16, grads16, dtypes16, bytes16) = results
+    assert dtypes32 == {torch.float32} and dtypes16 == {torch.bfloat16} and bytes16 * 2 == bytes32
+    assert torch.equal(loss32, loss16)
+    assert grads32.keys() == grads16.keys() and grads32
+    for name in grads32:
+        assert grads32[name].dtype == torch.float32 and torch.equal(grads32[name], grads16[name]), name
+    if rank == 0:
+        torch.save({"ok": True}, folder / "done.pt")
+
+
+def test_frozen_weights_stored_in_bf16_compute_exactly_as_float32_ones(tmp_path):
+    run_two_ranks(_check_frozen_storage, tmp_path)
+    assert (tmp_path / "done.pt").exists()

@@ -90,6 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--lora-r", type=int, default=64)
+    parser.add_argument("--lora-dropout", type=float, default=0.0,
+                        help="Stage III's LoRA dropout (experiments/stage3_long.yaml trains with 0.05)")
     parser.add_argument("--shapes", default="4b", choices=["4b", "tiny"], help="tiny: a CPU smoke run")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--out", type=Path, default=None, help="append one JSON line per run here")
@@ -173,8 +175,10 @@ class TransformerStage(L.LightningModule):
     do. ``case`` picks what trains and the loss (the same as InfiniteVL's for that case)."""
 
     def __init__(self, case: str, shapes: str, checkpointing, lora_r: int, teacher: nn.Module | None = None,
-                 lr: float = 2e-4, keep_gathered: bool = False, adamw_fused: bool | None = None):
+                 lr: float = 2e-4, keep_gathered: bool = False, adamw_fused: bool | None = None,
+                 lora_dropout: float = 0.0):
         super().__init__()
+        self.lora_dropout = lora_dropout
         self.keep_gathered, self.adamw_fused = keep_gathered, adamw_fused
         self.case, self.shapes, self.checkpointing, self.lora_r, self.lr = case, shapes, checkpointing, lora_r, lr
         self.__dict__["teacher"] = teacher
@@ -193,7 +197,7 @@ class TransformerStage(L.LightningModule):
             self.model = CausalLMLosses(Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa"))
         layers = self.model.lm.model.layers
         if self.case == "stage3":
-            lora.inject(self.model.lm, lora.lora_config(self.lora_r, 2 * self.lora_r))
+            lora.inject(self.model.lm, lora.lora_config(self.lora_r, 2 * self.lora_r, self.lora_dropout))
             patterns = lora.TRAINABLE
         elif self.case == "stage1-kl":  # the attention of the layers InfiniteVL turns into Gated DeltaNet
             gdn = [str(i) for i in range(len(layers)) if i % 4]
@@ -206,6 +210,7 @@ class TransformerStage(L.LightningModule):
             distributed.checkpoint(layers[i].self_attn if self.checkpointing == "mixers" else layers[i])
         policy = distributed.MixedPrecisionPolicy(param_dtype=torch.bfloat16 if self.shapes == "4b" else
                                                   torch.float32, reduce_dtype=torch.float32)
+        distributed.store_frozen_in(self.model, policy.param_dtype)
         mesh = self.trainer.strategy.device_mesh["data_parallel"]
         for layer in layers:
             distributed.fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=not self.keep_gathered)
@@ -443,14 +448,15 @@ def build_module(case: str, model: str, args, teacher):
     if model == "transformer":
         return TransformerStage(case, args.shapes, args.checkpointing, args.lora_r,
                                 teacher if case == "stage1-kl" else None, keep_gathered=args.keep_gathered,
-                                adamw_fused=fused)
+                                adamw_fused=fused, lora_dropout=args.lora_dropout)
     if case.startswith("stage1"):
         module = BenchDistill(teacher="bench", layerwise_steps=-1 if case == "stage1-layerwise" else 0, **common)
         module.__dict__["teacher"] = teacher
     elif case == "stage2":
         module = BenchInstruct(teacher="bench", **common)
     else:
-        module = BenchLongContext(teacher="bench", lora_r=args.lora_r, lora_alpha=2 * args.lora_r, **common)
+        module = BenchLongContext(teacher="bench", lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
+                                  lora_dropout=args.lora_dropout, **common)
     module.bench_shapes, module.adamw_fused = args.shapes, fused
     return module
 
@@ -490,6 +496,8 @@ def measure(case: str, model: str, length: int, args, teacher) -> dict:
     row = dict(case=case, model=model, devices=args.devices, length=length, sequences=args.sequences,
                checkpointing=args.checkpointing, shapes=args.shapes, keep_gathered=args.keep_gathered,
                adamw=args.adamw)
+    if case == "stage3" and args.lora_dropout:
+        row["lora_dropout"] = args.lora_dropout
     try:
         trainer.fit(module, data)
     except torch.OutOfMemoryError:
@@ -552,7 +560,8 @@ def table(rows: list[dict], device: str) -> str:
     for r in rows:
         tokens = f"{r['length']}" + (f" x {r['sequences']}" if r.get("sequences", 1) > 1 else "")
         head = (f"| {r['case']} | {r['model']} | {r['devices']} | {tokens} | {r['checkpointing']}"
-                f"{', kept gathered' if r.get('keep_gathered') else ''} | {r.get('adamw', '')} |")
+                f"{', kept gathered' if r.get('keep_gathered') else ''}"
+                f"{f', LoRA dropout {d}' if (d := r.get('lora_dropout')) else ''} | {r.get('adamw', '')} |")
         if r["status"] != "ok":
             lines.append(f"{head} {r['status']} | | | | |")
             continue

@@ -47,7 +47,8 @@ class StageModule(L.LightningModule):
         activation_checkpointing: "off", "blocks", "mixers", every n-th block (an int) or a share of the
             blocks (a float in (0, 1)); see ``checkpoint_blocks``.
         param_dtype: under FSDP2, the dtype each unit is gathered and computed in (float32 master weights and
-            float32 gradient reduction either way).
+            float32 gradient reduction either way). Parameters that do not train are stored in it
+            (``store_frozen_in``); the export writes float32.
         reshard_after_forward: under FSDP2, free each block's gathered parameters after its forward and gather them
             again for the backward (True, least memory); False keeps them from forward to backward: a third less
             communication for one bf16 copy of the model per GPU.
@@ -70,6 +71,7 @@ class StageModule(L.LightningModule):
         self.lora_config = None  # a peft LoraConfig: adapters injected into the language model when building
         self.trainable = list(trainable) if trainable is not None else None
         self.build_hooks: list = []  # callables(stage) run once the student is built, before sharding
+        self.thawed_later: list = []  # parameters frozen at the start that a callback unfreezes during the fit
         self.sharded = False
 
     # ---- building --------------------------------------------------------------------------------------------
@@ -85,6 +87,7 @@ class StageModule(L.LightningModule):
             self.model = InfiniteVL(self.student_config())
         tied = checkpoint.tied_names(self.model)
         self._prepare()
+        distributed.store_frozen_in(self.model, getattr(torch, self.hparams.param_dtype), keep=self.thawed_later)
         distributed.shard(self.model, mesh, getattr(torch, self.hparams.param_dtype),
                           forward_methods=("head_losses", "block_outputs"),
                           reshard_after_forward=self.hparams.reshard_after_forward)
@@ -255,7 +258,11 @@ class StageModule(L.LightningModule):
         if self._trainer is not None and not self.trainer.is_global_zero:
             return
         tied = checkpoint.tied_names(self.model)
-        state = {name: t.detach().cpu() for name, t in state.items() if name not in tied}
+        # Under FSDP2 frozen weights are stored in param_dtype: written in float32 like the trained ones (and LoRA
+        # merges its delta into them in float32).
+        upcast = self.sharded
+        state = {name: t.detach().cpu().float() if upcast and t.is_floating_point() else t.detach().cpu()
+                 for name, t in state.items() if name not in tied}
         if self.lora_config is not None:
             state, adapters = lora.split_and_merge(state, lora.scalings(self.model))
             lora.save_adapter(adapters, self.lora_config, directory / "adapter")

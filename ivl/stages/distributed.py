@@ -87,6 +87,26 @@ def _spread(items: list[int], k: int) -> list[int]:
     return [item for j, item in enumerate(items) if (j + 1) * k // n > j * k // n]
 
 
+def store_frozen_in(model: nn.Module, dtype: torch.dtype, keep=()) -> list[str]:
+    """Store every parameter that does not train in ``dtype`` (FSDP2's compute dtype), before sharding.
+
+    A frozen parameter needs no float32 master copy: nothing updates it, and FSDP2 rounds it to ``dtype`` for
+    every forward and backward anyway, so the computation is bit for bit the same. Stored once in bf16, it takes
+    half the memory (8.3 GiB of the 4B model's frozen base in Stage III, on one GPU) and each gathering reads
+    half the bytes. Trainable parameters keep their dtype (FSDP2 wants one dtype among them), and so do the
+    parameters in ``keep``: frozen now but trained later in the fit (``LayerFreezing``'s unfreeze schedule). Call
+    it once the trainable set is final for the whole fit (Stage I's holds both phases' parameters). Returns the
+    names moved.
+    """
+    kept = {id(p) for p in keep}
+    moved = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad and id(p) not in kept and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+            moved.append(name)
+    return moved
+
+
 def shard(model: nn.Module, mesh, param_dtype: torch.dtype = torch.bfloat16,
           forward_methods: tuple[str, ...] = (), reshard_after_forward: bool = True) -> None:
     """``fully_shard`` each LM block, the vision tower (one unit) and the model (the root): parameters stay float32
