@@ -66,16 +66,23 @@ class LoraLinear(PeftLoraLinear):
 class LoraProduct(torch.autograd.Function):
     """``x W^T + bias + scaling * (d A^T) B^T`` over rows x [N, in], with d the dropped-out x (None: x itself).
 
-    The backward adds the adapter's input gradient into the base's with ``addmm_`` where both reach the same x
-    (no dropout), and scales the adapter's gradients on its [N, r] product, not on the [N, out] gradient.
+    Where both products read the same x (no dropout), the adapter's term joins the base product along its inner
+    dimension, on whichever side is cheaper: a widening projection (out > in, such as gate and up) computes
+    ``[x, scaling * x A^T] [W, B]^T`` in one product, copying the narrow [N, in + r] input rather than reading and
+    writing the wide [N, out] output once more in an ``addmm_``; a narrowing one (down, o) gets its input gradient
+    as ``[g, scaling * g B] [W; A]`` likewise. Otherwise the adapter's term is added with ``addmm_``. The adapter's
+    gradients are scaled on its [N, r] product, not on the [N, out] gradient.
     """
 
     @staticmethod
     def forward(ctx, x, dropped, weight, bias, lora_a, lora_b, scaling):
         adapter_in = x if dropped is None else dropped
-        out = F.linear(x, weight, bias)
         low_rank = F.linear(adapter_in, lora_a)
-        out.addmm_(low_rank, lora_b.T, alpha=scaling)
+        if dropped is None and weight.shape[0] > weight.shape[1]:
+            out = F.linear(torch.cat([x, low_rank * scaling], dim=1), torch.cat([weight, lora_b], dim=1), bias)
+        else:
+            out = F.linear(x, weight, bias)
+            out.addmm_(low_rank, lora_b.T, alpha=scaling)
         ctx.scaling, ctx.dropped = scaling, dropped is not None
         ctx.save_for_backward(x if weight.requires_grad else None, adapter_in if lora_a.requires_grad else None,
                               weight, lora_a, lora_b, low_rank if lora_b.requires_grad else None)
@@ -89,9 +96,12 @@ class LoraProduct(torch.autograd.Function):
         low_grad = (grad @ lora_b).mul_(ctx.scaling)  # reaching the adapter's [N, r] product
         dx = d_dropped = None
         if needs[0]:
-            dx = grad @ weight
-            if not ctx.dropped:
-                dx.addmm_(low_grad, lora_a)
+            if ctx.dropped:
+                dx = grad @ weight
+            elif weight.shape[1] > weight.shape[0]:
+                dx = torch.cat([grad, low_grad], dim=1) @ torch.cat([weight, lora_a], dim=0)
+            else:
+                dx = (grad @ weight).addmm_(low_grad, lora_a)
         if needs[1]:
             d_dropped = low_grad @ lora_a
         return (dx, d_dropped, grad.T @ x if needs[2] else None, grad.sum(0) if needs[3] else None,
