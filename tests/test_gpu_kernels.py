@@ -370,3 +370,34 @@ def test_per_head_decay_training_path_is_fla_backward_exactly_where_its_tile_is_
         assert fla_path == (not (K == 64 and fla_gated_backward_is_refused())), K
         o.float().sum().backward()
         assert all(torch.isfinite(t.grad).all() for t in (q, k, v, g)), K
+
+
+@pytest.mark.parametrize("W", [4, 3])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("packed", [False, True])
+def test_short_convolution_backward_kernel_matches_float64_and_fla(W, dtype, tol, packed):
+    """ivl's backward kernel, through the training path at Stage II's width (rows and channel blocks that do not
+    divide the shape), against autograd through the tap loop in float64, and no worse than fla's own backward."""
+    from ivl.kernels import conv_backward
+    from ivl.kernels._fla import fla_causal_conv1d
+    from ivl.model.short_convolution import _ConvSilu, sequence_positions, short_convolution
+
+    assert conv_backward.ENABLED
+    T, C = 4099, 8192 + 40
+    x = torch.randn(1 if packed else 2, T, C, device="cuda").to(dtype).requires_grad_(True)
+    w = (torch.randn(C, W, device="cuda") / 2).to(dtype).requires_grad_(True)
+    cu = torch.tensor([0, 1, 3, 1000, 1001, 4099], device="cuda", dtype=torch.int32) if packed else None
+    pos = torch.arange(T, device="cuda") if cu is None else sequence_positions(cu, T, x.device)
+    dy = torch.randn(*x.shape, device="cuda").to(dtype)
+    y, _ = short_convolution(x, w, cu)
+    assert y.grad_fn is not None and type(y.grad_fn).__name__ == _ConvSilu.__name__ + "Backward"
+    ours = torch.autograd.grad(y, [x, w], dy)
+    x64, w64 = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    y64, _ = _causal_conv_silu.eager(x64, None, w64, None if cu is None else pos)
+    reference = torch.autograd.grad(y64, [x64, w64], dy.double())
+    packed_args = {} if cu is None else {"cu_seqlens": cu}
+    fla = torch.autograd.grad(fla_causal_conv1d()(x, weight=w, activation="silu", **packed_args)[0], [x, w], dy)
+    for name, a, f, r in zip(("dx", "dw"), ours, fla, reference):
+        assert a.dtype == dtype and a.shape == r.shape, name
+        assert rel_err(a, r) < tol and rel_err(a, r) <= 1.5 * rel_err(f, r) + 1e-6, (name, rel_err(a, r),
+                                                                                   rel_err(f, r))

@@ -1,7 +1,9 @@
 """Forward and forward+backward time of one token-mixing layer (the linear mixers, SWA, full attention) at 4B shapes.
 
 Times one mixer layer of the `infinitevl-4b` preset (hidden 2048) on a [1, T, 2048] input, with CUDA events,
-after warm-up (which also absorbs FlexAttention's compilation), as the median of several repeats.
+after warm-up (which also absorbs FlexAttention's compilation), as the median of several repeats. ``conv`` and
+``conv-fla`` time a Gated DeltaNet layer's short convolution over its q, k and v channels at once (as Stage II runs
+it), with ivl's backward kernel and with fla's.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from ivl.model import HybridConfig
 from ivl.model.attention import SlidingWindowAttention
 from ivl.model.layers import MultimodalRotaryEmbedding
 from ivl.model.mixers import mixer_class
+from ivl.model.short_convolution import short_convolution
 
 LINEAR = {"gdn": ("GDN", "gated_deltanet"), "mamba2": ("Mamba2", "mamba2"), "gla": ("GLA", "gla"),
           "linear_attention": ("linear attention", "linear_attention")}
@@ -26,7 +29,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--preset", default="infinitevl-4b")
-    parser.add_argument("--mixers", nargs="+", default=["gdn", "swa", "full"], choices=[*LINEAR, "swa", "full"])
+    parser.add_argument("--mixers", nargs="+", default=["gdn", "swa", "full"],
+                        choices=[*LINEAR, "swa", "full", "conv", "conv-fla"])
+
+
+class QKVConvolution(torch.nn.Module):
+    """A Gated DeltaNet layer's q, k and v short convolution (with SiLU) as one call, as training runs it."""
+
+    def __init__(self, config: HybridConfig, fla_backward: bool):
+        super().__init__()
+        self.in_features = (2 * config.gdn_head_k_dim + config.gdn_head_v_dim) * config.gdn_num_heads
+        self.weight = torch.nn.Parameter(torch.randn(self.in_features, config.gdn_conv_size) / 2)
+        self.fla_backward = fla_backward
+
+    def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
+        if self.fla_backward:
+            from ivl.kernels._fla import fla_causal_conv1d
+
+            return fla_causal_conv1d()(x, weight=self.weight, activation="silu")[0]
+        return short_convolution(x, self.weight)[0]
 
 
 def time_ms(fn, repeats: int) -> float:
@@ -53,6 +74,8 @@ def run(args: argparse.Namespace) -> None:
         **{key: (label, lambda kind=kind: mixer_class(kind)(config, 1)) for key, (label, kind) in LINEAR.items()},
         "swa": (f"SWA (window {config.window})", lambda: SlidingWindowAttention(config, 0)),
         "full": ("full attention", lambda: SlidingWindowAttention(HybridConfig.preset(args.preset, window=None), 0)),
+        "conv": ("q, k, v short convolution, ivl's backward", lambda: QKVConvolution(config, False)),
+        "conv-fla": ("q, k, v short convolution, fla's backward", lambda: QKVConvolution(config, True)),
     }
     mixers = {builders[m][0]: builders[m][1]() for m in args.mixers}
     rotary = MultimodalRotaryEmbedding(config.head_dim, config.rope_theta, config.mrope_section).cuda()
@@ -64,7 +87,8 @@ def run(args: argparse.Namespace) -> None:
         layer = layer.to("cuda", dtype)
         cells = []
         for T in args.lengths:
-            x = torch.randn(1, T, config.hidden_size, device="cuda", dtype=dtype, requires_grad=True)
+            width = getattr(layer, "in_features", config.hidden_size)
+            x = torch.randn(1, T, width, device="cuda", dtype=dtype, requires_grad=True)
             pos = torch.arange(T, device="cuda")[None, None].expand(3, 1, -1)
             rope = rotary(pos, dtype)
             grad = torch.randn_like(x)

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ivl.kernels import conv_backward
 from ivl.kernels._fla import fla_causal_conv1d
 from ivl.kernels.packed_bounds import FLA_CHUNK, chunk_indices
 from ivl.kernels.fused import fused
@@ -40,12 +41,15 @@ def short_convolution(x: torch.Tensor, w: torch.Tensor, cu_seqlens: torch.Tensor
     tail."""
     if x.is_cuda and x.shape[1] > 1 and fla_causal_conv1d() is not None:
         return _fla_conv(x, w, cu_seqlens, tail)
-    pos = None
-    if cu_seqlens is not None:  # each token's offset in its packed sequence
-        cu = cu_seqlens.to(device=x.device, dtype=torch.long)
-        steps = torch.arange(x.shape[1], device=x.device)
-        pos = steps - cu[torch.bucketize(steps, cu[1:], right=True)]
+    pos = None if cu_seqlens is None else sequence_positions(cu_seqlens, x.shape[1], x.device)
     return _causal_conv_silu(x, tail, w, pos)
+
+
+def sequence_positions(cu_seqlens: torch.Tensor, T: int, device: torch.device) -> torch.Tensor:
+    """Each of T packed tokens' offset in its sequence (long)."""
+    cu = cu_seqlens.to(device=device, dtype=torch.long)
+    steps = torch.arange(T, device=device)
+    return steps - cu[torch.bucketize(steps, cu[1:], right=True)]
 
 
 def _fla_conv(x, w, cu_seqlens, tail):
@@ -54,14 +58,41 @@ def _fla_conv(x, w, cu_seqlens, tail):
     W = w.shape[1]
     conv = fla_causal_conv1d()
     if tail is None:
-        packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens,
-                                                "chunk_indices": chunk_indices(cu_seqlens, FLA_CHUNK)}
-        y, _ = conv(x, weight=w, activation="silu", **packed)
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad) and conv_backward.supported(x, w):
+            y = _ConvSilu.apply(x, w, cu_seqlens)
+        else:
+            y, _ = conv(x, weight=w, activation="silu", **_packed(cu_seqlens))
         xp = x if x.shape[1] >= W - 1 else torch.cat([x.new_zeros(x.shape[0], W - 1, x.shape[2]), x], dim=1)
         return y, xp[:, -(W - 1):]
     xp = torch.cat([tail.to(x.dtype), x], dim=1)
     y, _ = conv(xp, weight=w, activation="silu")
     return y[:, W - 1:], xp[:, -(W - 1):]
+
+
+def _packed(cu_seqlens):
+    """fla's packed-sequence arguments."""
+    if cu_seqlens is None:
+        return {}
+    return {"cu_seqlens": cu_seqlens, "chunk_indices": chunk_indices(cu_seqlens, FLA_CHUNK)}
+
+
+class _ConvSilu(torch.autograd.Function):
+    """fla's forward kernel, ivl's backward kernel (``ivl.kernels.conv_backward``: it moves a third of the bytes
+    of fla's)."""
+
+    @staticmethod
+    def forward(ctx, x, w, cu_seqlens):
+        y, _ = fla_causal_conv1d()(x, weight=w, activation="silu", **_packed(cu_seqlens))
+        ctx.save_for_backward(x, w, cu_seqlens)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, cu_seqlens = ctx.saved_tensors
+        T = x.shape[1]
+        pos = torch.arange(T, device=x.device) if cu_seqlens is None else sequence_positions(cu_seqlens, T, x.device)
+        dx, dw = conv_backward.conv_silu_backward(x, w, dy, pos.to(torch.int32))
+        return dx, dw, None
 
 
 @fused
