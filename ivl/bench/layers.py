@@ -31,14 +31,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="infinitevl-4b")
     parser.add_argument("--mixers", nargs="+", default=["gdn", "swa", "full"],
                         choices=[*LINEAR, "swa", "full", "conv", "conv-fla"])
+    parser.add_argument("--conv-channels", type=int, nargs="+", default=None,
+                        help="channels of the conv rows (default: a Gated DeltaNet layer's q, k and v at once)")
 
 
 class QKVConvolution(torch.nn.Module):
     """A Gated DeltaNet layer's q, k and v short convolution (with SiLU) as one call, as training runs it."""
 
-    def __init__(self, config: HybridConfig, fla_backward: bool):
+    def __init__(self, config: HybridConfig, fla_backward: bool, channels: int | None = None):
         super().__init__()
-        self.in_features = (2 * config.gdn_head_k_dim + config.gdn_head_v_dim) * config.gdn_num_heads
+        self.in_features = channels or (2 * config.gdn_head_k_dim + config.gdn_head_v_dim) * config.gdn_num_heads
         self.weight = torch.nn.Parameter(torch.randn(self.in_features, config.gdn_conv_size) / 2)
         self.fla_backward = fla_backward
 
@@ -74,10 +76,16 @@ def run(args: argparse.Namespace) -> None:
         **{key: (label, lambda kind=kind: mixer_class(kind)(config, 1)) for key, (label, kind) in LINEAR.items()},
         "swa": (f"SWA (window {config.window})", lambda: SlidingWindowAttention(config, 0)),
         "full": ("full attention", lambda: SlidingWindowAttention(HybridConfig.preset(args.preset, window=None), 0)),
-        "conv": ("q, k, v short convolution, ivl's backward", lambda: QKVConvolution(config, False)),
-        "conv-fla": ("q, k, v short convolution, fla's backward", lambda: QKVConvolution(config, True)),
     }
-    mixers = {builders[m][0]: builders[m][1]() for m in args.mixers}
+    mixers = {}
+    for m in args.mixers:
+        if m not in ("conv", "conv-fla"):
+            mixers[builders[m][0]] = builders[m][1]()
+            continue
+        for channels in args.conv_channels or [None]:
+            width = f"{channels:,} channels" if channels else "q, k, v"
+            whose = "fla's" if m == "conv-fla" else "ivl's"
+            mixers[f"short convolution ({width}), {whose} backward"] = QKVConvolution(config, m == "conv-fla", channels)
     rotary = MultimodalRotaryEmbedding(config.head_dim, config.rope_theta, config.mrope_section).cuda()
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | {args.dtype} | "
           f"{datetime.date.today()} | hidden {config.hidden_size}, batch 1\n")

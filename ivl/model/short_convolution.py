@@ -77,8 +77,8 @@ def _packed(cu_seqlens):
 
 
 class _ConvSilu(torch.autograd.Function):
-    """fla's forward kernel, ivl's backward kernel (``ivl.kernels.conv_backward``: it moves a third of the bytes
-    of fla's)."""
+    """fla's forward kernel, ivl's backward kernel (``ivl.kernels.conv_backward``: 2.6 to 3.6 times faster than
+    fla's at 32K tokens on an H100, docs/benchmarks.md)."""
 
     @staticmethod
     def forward(ctx, x, w, cu_seqlens):
