@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ivl.kernels import conv_backward
 from ivl.kernels._fla import fla_causal_conv1d
@@ -87,6 +88,7 @@ class _ConvSilu(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, w, cu_seqlens = ctx.saved_tensors
         T = x.shape[1]

@@ -96,7 +96,9 @@ def store_frozen_in(model: nn.Module, dtype: torch.dtype, keep=()) -> list[str]:
     half the bytes. Trainable parameters keep their dtype (FSDP2 wants one dtype among them), and so do the
     parameters in ``keep``: frozen now but trained later in the fit (``LayerFreezing``'s unfreeze schedule). Call
     it once the trainable set is final for the whole fit (Stage I's holds both phases' parameters). Returns the
-    names moved.
+    names moved. A stage's export then holds these weights as the bf16 values the fit computed with (in float32):
+    the low bits of a float32 checkpoint loaded as frozen (Stage II's trained weights under Stage III's LoRA) are
+    not carried through.
     """
     kept = {id(p) for p in keep}
     moved = []
