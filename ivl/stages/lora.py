@@ -44,8 +44,8 @@ class LoraLinear(PeftLoraLinear):
     adapter's input gradients over [tokens, in], per adapted projection (eight in a Gated DeltaNet block). At 32K
     tokens those passes were a sixth of a Stage III step. Here ``LoraProduct`` folds the adapter's scaled product
     into the base layer's products, accumulated with them in float32. Dropout draws as peft's does (after the base
-    product, same shape). Anything else (several or
-    disabled adapters, merged weights, DoRA, autocast, mixed dtypes) runs peft's forward.
+    product, same shape). Anything else (several or disabled adapters, merged weights, DoRA, autocast, mixed
+    dtypes) runs peft's forward.
     """
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
