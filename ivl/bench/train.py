@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
 
 from ivl.bench import trace
+from ivl.model.cheap_recompute import cheap, recompute_cheap_activations
 from ivl.model.losses import head_losses
 from ivl.model.teachers import QWEN2_5_VL_3B, TINY_TEACHER
 from ivl.stages import DistillModule, FSDP2Strategy, InstructModule, LongContextModule, distributed, host_batch, lora
@@ -82,6 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "share of the blocks (a fraction, 0.75); several values run one after another")
     parser.add_argument("--keep-gathered", action="store_true",
                         help="FSDP2 reshard_after_forward=False: blocks stay gathered from forward to backward")
+    parser.add_argument("--no-recompute-cheap", action="store_true",
+                        help="blocks whose activations are kept hold their cheap ones too (norm outputs, the SwiGLU "
+                             "product, convolution outputs) rather than recompute them in the backward")
     parser.add_argument("--sequences", type=int, default=1,
                         help="sequences of --lengths tokens per step and GPU (InfiniteVL: packed, as the stages "
                              "train; the Transformer: a batch)")
@@ -176,9 +180,9 @@ class TransformerStage(L.LightningModule):
 
     def __init__(self, case: str, shapes: str, checkpointing, lora_r: int, teacher: nn.Module | None = None,
                  lr: float = 2e-4, keep_gathered: bool = False, adamw_fused: bool | None = None,
-                 lora_dropout: float = 0.0):
+                 lora_dropout: float = 0.0, recompute_cheap: bool = True):
         super().__init__()
-        self.lora_dropout = lora_dropout
+        self.lora_dropout, self.recompute_cheap = lora_dropout, recompute_cheap
         self.keep_gathered, self.adamw_fused = keep_gathered, adamw_fused
         self.case, self.shapes, self.checkpointing, self.lora_r, self.lr = case, shapes, checkpointing, lora_r, lr
         self.__dict__["teacher"] = teacher
@@ -206,8 +210,13 @@ class TransformerStage(L.LightningModule):
             patterns = [r"lm\..*"]
         for name, p in self.model.named_parameters():
             p.requires_grad_(any(re.fullmatch(r, name) for r in patterns))
-        for i in distributed.checkpointed_blocks(len(layers), self.checkpointing):
+        chosen = distributed.checkpointed_blocks(len(layers), self.checkpointing)
+        for i in chosen:
             distributed.checkpoint(layers[i].self_attn if self.checkpointing == "mixers" else layers[i])
+        if self.recompute_cheap and chosen:
+            for i, layer in enumerate(layers):
+                if i not in chosen or self.checkpointing == "mixers":
+                    recompute_cheap_in_decoder_layer(layer)
         policy = distributed.MixedPrecisionPolicy(param_dtype=torch.bfloat16 if self.shapes == "4b" else
                                                   torch.float32, reduce_dtype=torch.float32)
         distributed.store_frozen_in(self.model, policy.param_dtype)
@@ -240,6 +249,21 @@ class TransformerStage(L.LightningModule):
     def configure_optimizers(self):
         return adamw([p for p in self.model.parameters() if p.requires_grad], fused=self.adamw_fused, lr=self.lr,
                      betas=(0.9, 0.95))
+
+
+def recompute_cheap_in_decoder_layer(layer: nn.Module) -> None:
+    """InfiniteVL's kept blocks' cheap-activation recomputation (``ivl.model.cheap_recompute``) for a transformers
+    decoder layer: its two norms' outputs and the SwiGLU product, each computed by transformers' own eager code."""
+    for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+        norm.forward = cheap(norm.forward)
+    mlp = layer.mlp
+    mlp.forward = lambda x: mlp.down_proj(_activated_product(mlp.act_fn, mlp.gate_proj(x), mlp.up_proj(x)))
+    recompute_cheap_activations(layer)
+
+
+@cheap
+def _activated_product(act_fn, gate, up):
+    return act_fn(gate) * up  # transformers' Qwen2MLP
 
 
 # ---- FLOPs -----------------------------------------------------------------------------------------------------
@@ -442,13 +466,14 @@ def synthetic_batches(case: str, model: str, length: int, vocab: int, count: int
 def build_module(case: str, model: str, args, teacher):
     window = 8192 if args.shapes == "4b" else 64
     common = dict(window=window, warmup_ratio=0.0, activation_checkpointing=args.checkpointing,
-                  reshard_after_forward=not args.keep_gathered,
+                  reshard_after_forward=not args.keep_gathered, recompute_cheap=not args.no_recompute_cheap,
                   param_dtype="bfloat16" if args.device == "cuda" else "float32")
     fused = args.adamw == "fused" and args.device == "cuda"
     if model == "transformer":
         return TransformerStage(case, args.shapes, args.checkpointing, args.lora_r,
                                 teacher if case == "stage1-kl" else None, keep_gathered=args.keep_gathered,
-                                adamw_fused=fused, lora_dropout=args.lora_dropout)
+                                adamw_fused=fused, lora_dropout=args.lora_dropout,
+                                recompute_cheap=not args.no_recompute_cheap)
     if case.startswith("stage1"):
         module = BenchDistill(teacher="bench", layerwise_steps=-1 if case == "stage1-layerwise" else 0, **common)
         module.__dict__["teacher"] = teacher
@@ -483,7 +508,8 @@ def measure(case: str, model: str, length: int, args, teacher) -> dict:
     callbacks = [timer, syncs]
     steps += args.device == "cuda"
     if args.profile is not None:
-        tag = f"{case}-{model}-{length}-{args.devices}gpu-ckpt{args.checkpointing}" + "-kept" * args.keep_gathered
+        tag = (f"{case}-{model}-{length}-{args.devices}gpu-ckpt{args.checkpointing}" + "-kept" * args.keep_gathered
+               + "-holdcheap" * args.no_recompute_cheap)
         callbacks.append(StepProfiler(steps, args.profile, tag))
         steps += 1
     trainer = L.Trainer(accelerator=accelerator, devices=args.devices, strategy=FSDP2Strategy(),
@@ -495,6 +521,7 @@ def measure(case: str, model: str, length: int, args, teacher) -> dict:
     data = DataLoader(synthetic_batches(case, model, length, vocab, steps, args.sequences), batch_size=None)
     row = dict(case=case, model=model, devices=args.devices, length=length, sequences=args.sequences,
                checkpointing=args.checkpointing, shapes=args.shapes, keep_gathered=args.keep_gathered,
+               recompute_cheap=not args.no_recompute_cheap,
                adamw=args.adamw)
     if case == "stage3" and args.lora_dropout:
         row["lora_dropout"] = args.lora_dropout
@@ -561,6 +588,7 @@ def table(rows: list[dict], device: str) -> str:
         tokens = f"{r['length']}" + (f" x {r['sequences']}" if r.get("sequences", 1) > 1 else "")
         head = (f"| {r['case']} | {r['model']} | {r['devices']} | {tokens} | {r['checkpointing']}"
                 f"{', kept gathered' if r.get('keep_gathered') else ''}"
+                f"{', cheap ones held' if r.get('recompute_cheap') is False else ''}"
                 f"{f', LoRA dropout {d}' if (d := r.get('lora_dropout')) else ''} | {r.get('adamw', '')} |")
         if r["status"] != "ok":
             lines.append(f"{head} {r['status']} | | | | |")

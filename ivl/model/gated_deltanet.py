@@ -18,6 +18,7 @@ from ivl.kernels.fused import fused
 from ivl.kernels.gated_delta import gated_delta_step
 from ivl.kernels.gemv import linear
 from ivl.kernels.precision import at_least_float32
+from ivl.model.cheap_recompute import cheap, remember
 from ivl.model.cache import RecurrentCache
 from ivl.model.layers import GatedRMSNorm, gated_rms_norm
 from ivl.model.mixers import RecurrentMixer
@@ -104,6 +105,8 @@ class GatedDeltaNet(RecurrentMixer):
             gate, a, b, tails = self.g_proj(x), self.a_proj(x), self.b_proj(x), (conv_q, conv_k, conv_v)
         q, k = _l2norm(q.view(B, T, H, K)), _l2norm(k.view(B, T, H, K))
         v = v.view(B, T, H, V)
+        if not v.is_contiguous():  # a slice of the projections at once: fla would copy it and keep the copy
+            v = remember(v.contiguous(), torch.Tensor.contiguous, v)
         g, beta = _gates(a, b, self.A_log, self.dt_bias)
         o, state = gated_delta_rule(
             q, k, v, g, beta, initial_state=cache.state if cache is not None else None,
@@ -175,6 +178,7 @@ def _gates(a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch
     return g, b.sigmoid()
 
 
+@cheap
 @fused
 def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     # fla's l2norm (x / sqrt(sum x^2 + eps)) rather than F.normalize's clamp, to match fla-trained checkpoints.

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ivl.kernels.fused import fused
+from ivl.model.cheap_recompute import cheap
 from ivl.kernels.precision import at_least_float32
 
 
@@ -30,6 +31,7 @@ class GatedRMSNorm(RMSNorm):
         return gated_rms_norm(x, gate, self.weight, self.eps)
 
 
+@cheap
 @fused
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Normalise in float32 (as Qwen2 does) so bf16 activations do not lose the small-variance rows.
@@ -38,6 +40,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(x.dtype)
 
 
+@cheap
 @fused
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = at_least_float32(x)
@@ -45,6 +48,7 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
     return (at_least_float32(weight) * x32 * F.silu(at_least_float32(gate))).to(x.dtype)
 
 
+@cheap
 @fused
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up

@@ -17,6 +17,7 @@ from ivl.kernels import conv_backward
 from ivl.kernels._fla import fla_causal_conv1d
 from ivl.kernels.packed_bounds import FLA_CHUNK, chunk_indices
 from ivl.kernels.fused import fused
+from ivl.model.cheap_recompute import remember
 
 
 class ShortConvolution(nn.Module):
@@ -43,7 +44,16 @@ def short_convolution(x: torch.Tensor, w: torch.Tensor, cu_seqlens: torch.Tensor
     if x.is_cuda and x.shape[1] > 1 and fla_causal_conv1d() is not None:
         return _fla_conv(x, w, cu_seqlens, tail)
     pos = None if cu_seqlens is None else sequence_positions(cu_seqlens, x.shape[1], x.device)
-    return _causal_conv_silu(x, tail, w, pos)
+    y, new_tail = _causal_conv_silu(x, tail, w, pos)
+    return remember(y, _conv_output, x, tail, w, pos), new_tail
+
+
+def _conv_output(x, tail, w, pos):
+    return _causal_conv_silu(x, tail, w, pos)[0]
+
+
+def _fla_conv_forward(x, w, cu_seqlens):
+    return fla_causal_conv1d()(x, weight=w, activation="silu", **_packed(cu_seqlens))[0]
 
 
 def sequence_positions(cu_seqlens: torch.Tensor, T: int, device: torch.device) -> torch.Tensor:
@@ -60,7 +70,7 @@ def _fla_conv(x, w, cu_seqlens, tail):
     conv = fla_causal_conv1d()
     if tail is None:
         if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad) and conv_backward.supported(x, w):
-            y = _ConvSilu.apply(x, w, cu_seqlens)
+            y = remember(_ConvSilu.apply(x, w, cu_seqlens), _fla_conv_forward, x, w, cu_seqlens)
         else:
             y, _ = conv(x, weight=w, activation="silu", **_packed(cu_seqlens))
         xp = x if x.shape[1] >= W - 1 else torch.cat([x.new_zeros(x.shape[0], W - 1, x.shape[2]), x], dim=1)
@@ -83,7 +93,7 @@ class _ConvSilu(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, cu_seqlens):
-        y, _ = fla_causal_conv1d()(x, weight=w, activation="silu", **_packed(cu_seqlens))
+        y = _fla_conv_forward(x, w, cu_seqlens)
         ctx.save_for_backward(x, w, cu_seqlens)
         return y
 

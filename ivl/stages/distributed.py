@@ -17,6 +17,8 @@ from torch.distributed._composable import checkpoint
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+from ivl.model.cheap_recompute import recompute_cheap_activations
+
 CHECKPOINTING = ("off", "blocks", "mixers")
 
 
@@ -34,7 +36,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().setup_environment()
 
 
-def checkpoint_blocks(lm: nn.Module, mode: str | int | float | None) -> list[int]:
+def checkpoint_blocks(lm: nn.Module, mode: str | int | float | None, recompute_cheap: bool = True) -> list[int]:
     """Activation checkpointing (recompute in backward instead of keeping activations), per block of ``lm``.
 
     ``mode``: "off" (or None), "blocks" (every block), "mixers" (only each block's token mixer: attention's and
@@ -48,12 +50,18 @@ def checkpoint_blocks(lm: nn.Module, mode: str | int | float | None) -> list[int
     kept but fits in 63 GiB with the nine attention blocks and three Gated DeltaNet ones (docs/benchmarks.md).
     Kept blocks of each kind are spread evenly.
     Applied with PyTorch's composable ``checkpoint``, so parameter names, checkpoints and LoRA are unchanged.
-    Returns the indices of the blocks it applied to.
+    With ``recompute_cheap`` (and checkpointing on), the blocks whose activations are kept recompute their cheap
+    ones (norm outputs, the SwiGLU product, convolution outputs) in the backward instead
+    (``ivl.model.cheap_recompute``). Returns the indices of the blocks it checkpointed.
     """
     attention = [i for i, block in enumerate(lm.layers) if getattr(block, "layer_type", None) == "attention"]
     chosen = checkpointed_blocks(len(lm.layers), mode, keep_first=attention)
     for i in chosen:
         checkpoint(lm.layers[i].mixer if mode == "mixers" else lm.layers[i])
+    if recompute_cheap and chosen:
+        for i, block in enumerate(lm.layers):
+            if i not in chosen or mode == "mixers":
+                recompute_cheap_activations(block)
     return chosen
 
 

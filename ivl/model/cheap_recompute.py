@@ -1,0 +1,131 @@
+"""Cheap activations recomputed in the backward of the blocks that activation checkpointing keeps.
+
+A block whose activations are kept holds every tensor autograd saves in it. Several of the largest are outputs of
+memory-bound functions of tensors that are saved anyway: the normalised inputs of the projections (kept by them
+for their weight gradients), the SwiGLU product (kept by the down projection), the short convolution's outputs and
+the l2-normalised q and k (kept by the Gated DeltaNet kernel and the norm), the gated norm's output (kept by the
+output projection). Recomputing them, a kept Gated DeltaNet block of Stage III at 32K tokens holds about 2.5 GiB
+instead of 4.5, so more blocks can be kept for the same memory (docs/benchmarks.md).
+
+A function marked ``@cheap`` (or an output passed to ``remember``) names its inputs. Inside
+``recording_cheap_activations()`` autograd keeps, for a saved tensor that shares such an output's storage, a
+recipe instead: the function and its inputs (recipes themselves where they are such outputs). The backward
+computes it again, once however many nodes saved it. This is torchtitan's selective checkpointing chosen by
+function rather than by op: PyTorch's op-level policy (``create_selective_checkpoint_contexts``) runs inside a
+checkpointed region, which re-runs the block's Triton kernels (fla's chunked forward) that it cannot see.
+``recompute_cheap_activations(block)`` records for every forward of a module.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+_recorders: list[_Recorder] = []
+
+
+def cheap(fn: Callable) -> Callable:
+    """Mark ``fn(*tensors_and_values) -> tensor`` as cheap to run again (elementwise or a norm over a row)."""
+
+    @functools.wraps(fn)
+    def run(*args):
+        return remember(fn(*args), fn, *args)
+
+    return run
+
+
+def remember(out: torch.Tensor, fn: Callable, *args: Any) -> torch.Tensor:
+    """Note that ``out`` is ``fn(*args)`` (deterministic, no autograd needed) while recording; returns ``out``."""
+    if _recorders and torch.is_grad_enabled():
+        _recorders[-1].remember(out, fn, args)
+    return out
+
+
+class recording_cheap_activations:
+    """Context in which saved outputs of cheap functions are kept as recipes (see the module's docstring)."""
+
+    def __enter__(self):
+        self.recorder = _Recorder()
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.recorder.pack, _unpack)
+        self.hooks.__enter__()
+        _recorders.append(self.recorder)
+        return self
+
+    def __exit__(self, *exc):
+        _recorders.remove(self.recorder)
+        self.recorder.outputs.clear()  # the recipes made so far keep what they need; the outputs may go
+        return self.hooks.__exit__(*exc)
+
+
+def recompute_cheap_activations(module: nn.Module) -> None:
+    """Record cheap activations in every forward of ``module`` (a block whose activations are kept)."""
+    contexts: list[recording_cheap_activations] = []
+
+    def enter(*_):
+        if torch.is_grad_enabled():
+            contexts.append(recording_cheap_activations().__enter__())
+
+    def leave(*_):
+        if contexts:
+            contexts.pop().__exit__(None, None, None)
+
+    module.register_forward_pre_hook(enter)
+    module.register_forward_hook(leave, always_call=True)
+
+
+class _Recipe:
+    """fn(*args), computed at most once (args: tensors, plain values or ``_View``s of other recipes)."""
+
+    __slots__ = ("fn", "args", "value")
+
+    def __init__(self, fn: Callable, args: list):
+        self.fn, self.args, self.value = fn, args, None
+
+    def compute(self) -> torch.Tensor:
+        if self.value is None:
+            args = [a.compute() if isinstance(a, _View) else a for a in self.args]
+            with torch.no_grad():
+                self.value = self.fn(*args)
+        return self.value
+
+
+class _View:
+    """What autograd keeps for a saved tensor that lies in a remembered output's storage."""
+
+    __slots__ = ("recipe", "size", "stride", "offset")
+
+    def __init__(self, recipe: _Recipe, t: torch.Tensor):
+        self.recipe, self.size, self.stride, self.offset = recipe, t.size(), t.stride(), t.storage_offset()
+
+    def compute(self) -> torch.Tensor:
+        return self.recipe.compute().as_strided(self.size, self.stride, self.offset)
+
+
+class _Recorder:
+    def __init__(self):
+        # storage address -> [output, fn, args, recipe]. Holding the output keeps its address from being reused by
+        # another tensor while recording.
+        self.outputs: dict[int, list] = {}
+
+    def remember(self, out: torch.Tensor, fn: Callable, args: tuple) -> None:
+        # Only an output that owns its whole storage, laid out plainly: a recomputed one then has the same layout.
+        if (out.numel() and out.is_contiguous() and out.storage_offset() == 0
+                and out.untyped_storage().nbytes() == out.numel() * out.element_size()):
+            self.outputs[out.untyped_storage().data_ptr()] = [out, fn, args, None]
+
+    def pack(self, t: torch.Tensor) -> Any:
+        if not self.outputs or not isinstance(t, torch.Tensor) or type(t) is not torch.Tensor or not t.numel():
+            return t
+        entry = self.outputs.get(t.untyped_storage().data_ptr())
+        if entry is None or entry[0].dtype != t.dtype or entry[0].device != t.device:
+            return t
+        if entry[3] is None:
+            entry[3] = _Recipe(entry[1], [self.pack(a) if isinstance(a, torch.Tensor) else a for a in entry[2]])
+        return _View(entry[3], t)
+
+
+def _unpack(saved: Any) -> torch.Tensor:
+    return saved.compute() if isinstance(saved, _View) else saved
