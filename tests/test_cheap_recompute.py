@@ -102,6 +102,71 @@ def packed_300():
     return {"input_ids": ids, "labels": ids, "cu_seqlens": cu}
 
 
+def test_an_output_changed_in_place_before_it_is_saved_is_kept_as_it_is():
+    double = cheap(lambda x: x * 2)
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    with recording_cheap_activations():
+        y = double(x)
+        y.add_(1)
+        (y @ w).square().sum().backward()
+    x2, w2 = x.detach().requires_grad_(), w.detach().requires_grad_()
+    ((x2 * 2 + 1) @ w2).square().sum().backward()
+    torch.testing.assert_close(w.grad, w2.grad, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=0, atol=0)
+
+
+def test_an_input_changed_in_place_after_the_forward_fails_loudly_rather_than_recompute_other_values():
+    double = cheap(lambda x: x * 2)
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    with recording_cheap_activations():
+        h = x * 1  # nothing saves h itself, so plain autograd would not notice the change below
+        out = (double(h) @ w).sum()
+    with torch.no_grad():
+        h.add_(5)
+    with pytest.raises(RuntimeError, match="modified in place after the forward"):
+        out.backward()
+
+
+def test_an_output_that_is_its_own_input_is_not_a_recipe():
+    same = cheap(lambda x: x.contiguous())
+    x = torch.randn(4, 4, requires_grad=True)
+    with recording_cheap_activations():
+        h = x * 3
+        out = (same(h) @ h).sum()
+    out.backward()  # (noting it as its own recipe would recurse without end)
+    x2 = x.detach().requires_grad_()
+    h2 = x2 * 3
+    (h2 @ h2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=0, atol=0)
+
+
+def test_recomputed_under_the_forwards_autocast():
+    product = cheap(lambda x, w: x @ w)
+    x = torch.randn(8, 8, requires_grad=True)
+    w = torch.randn(8, 8)
+    v = torch.randn(8, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16), recording_cheap_activations():
+        out = (product(x, w) @ v).float().sum()
+    out.backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x2, v2 = x.detach().requires_grad_(), v.detach().requires_grad_()
+        ((x2 @ w) @ v2).float().sum().backward()
+    torch.testing.assert_close(v.grad, v2.grad, rtol=0, atol=0)
+
+
+def test_in_mixers_mode_the_checkpointed_mixers_outputs_are_not_held_during_the_mlp():
+    model = load_student(None, "tiny", 0.25, 64).train()
+    distributed.checkpoint_blocks(model.lm, "mixers")
+    held = []
+    for block in model.lm.layers:
+        block.mlp.register_forward_pre_hook(
+            lambda *_: held.append({e[1].__name__ for e in cheap_recompute._recorders()[-1].outputs.values()}))
+    model.head_losses(**packed_300()).ce.backward()
+    assert held == [{"rms_norm"}] * len(model.lm.layers)  # the mixer's and MLP's input norms, nothing from inside
+
+
 @pytest.mark.parametrize("adapters", [False, True])
 def test_kept_blocks_recompute_norms_swiglu_and_convolutions_with_identical_gradients(adapters, monkeypatch):
     plain = load_student(None, "tiny", 0.25, 64).train().double()

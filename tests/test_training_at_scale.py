@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ivl.model import checkpoint
+from ivl.model import checkpoint, cheap_recompute
 from ivl.stages import distributed, lora
 from ivl.stages.models import load_student, student_config, student_state
 
@@ -178,7 +178,12 @@ def _check_sharded_step(rank, folder):
     batches = [packed_batch(seed=s) for s in (1, 2)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loss = loss_of(model, batches[rank])
+    recomputed = []
+    compute = cheap_recompute._Recipe.compute
+    cheap_recompute._Recipe.compute = lambda recipe: recomputed.append(1) or compute(recipe)
     loss.backward()
+    cheap_recompute._Recipe.compute = compute
+    assert recomputed  # after the kept blocks' weights were freed and gathered again
     optimizer.step()
     ref_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-3)
     ref_losses = [loss_of(reference, b) for b in batches]

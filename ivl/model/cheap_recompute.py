@@ -19,12 +19,13 @@ checkpointed region, which re-runs the block's Triton kernels (fla's chunked for
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
-_recorders: list[_Recorder] = []
+_local = threading.local()  # saved-tensor hooks apply per thread, and so does recording
 
 
 def cheap(fn: Callable) -> Callable:
@@ -39,8 +40,9 @@ def cheap(fn: Callable) -> Callable:
 
 def remember(out: torch.Tensor, fn: Callable, *args: Any) -> torch.Tensor:
     """Note that ``out`` is ``fn(*args)`` (deterministic, no autograd needed) while recording; returns ``out``."""
-    if _recorders and torch.is_grad_enabled():
-        _recorders[-1].remember(out, fn, args)
+    recorders = _recorders()
+    if recorders and torch.is_grad_enabled() and _hooks_on_top(recorders[-1]):
+        recorders[-1].remember(out, fn, args)
     return out
 
 
@@ -51,11 +53,11 @@ class recording_cheap_activations:
         self.recorder = _Recorder()
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self.recorder.pack, _unpack)
         self.hooks.__enter__()
-        _recorders.append(self.recorder)
+        _recorders().append(self.recorder)
         return self
 
     def __exit__(self, *exc):
-        _recorders.remove(self.recorder)
+        _recorders().remove(self.recorder)
         self.recorder.outputs.clear()  # the recipes made so far keep what they need; the outputs may go
         return self.hooks.__exit__(*exc)
 
@@ -76,19 +78,46 @@ def recompute_cheap_activations(module: nn.Module) -> None:
     module.register_forward_hook(leave, always_call=True)
 
 
+def _recorders() -> list[_Recorder]:
+    if not hasattr(_local, "recorders"):
+        _local.recorders = []
+    return _local.recorders
+
+
+def _hooks_on_top(recorder: _Recorder) -> bool:
+    """Whether autograd saves through this recorder's hooks now, not through hooks entered inside the recording
+    block (a checkpointed mixer's, in "mixers" mode): outputs noted there would only be held to no use."""
+    try:
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    except (AttributeError, TypeError):  # a private API (torch 2.8 on): without it, note everything, which costs
+        return True                      # memory only where checkpoints nest inside the block
+    return hooks is not None and hooks[0] == recorder.pack
+
+
 class _Recipe:
-    """fn(*args), computed at most once (args: tensors, plain values or ``_View``s of other recipes)."""
+    """fn(*args), computed at most once (args: tensors, plain values or ``_View``s of other recipes), as the
+    forward computed it: same autocast state, tensor inputs unchanged since, same dtype and layout out."""
 
-    __slots__ = ("fn", "args", "value")
+    __slots__ = ("fn", "args", "versions", "autocast", "like", "value")
 
-    def __init__(self, fn: Callable, args: list):
-        self.fn, self.args, self.value = fn, args, None
+    def __init__(self, fn: Callable, args: list, versions: list, autocast: tuple, like: torch.Tensor):
+        self.fn, self.args, self.versions, self.autocast, self.value = fn, args, versions, autocast, None
+        self.like = (like.dtype, like.shape, like.stride())
 
     def compute(self) -> torch.Tensor:
         if self.value is None:
+            for a, version in zip(self.args, self.versions):
+                if version is not None and a._version != version:
+                    raise RuntimeError(f"an input of {_name(self.fn)} was modified in place after the forward: its "
+                                       "output, kept as a recipe (ivl.model.cheap_recompute), cannot be recomputed")
             args = [a.compute() if isinstance(a, _View) else a for a in self.args]
-            with torch.no_grad():
-                self.value = self.fn(*args)
+            device_type, dtype = self.autocast
+            with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+                value = self.fn(*args)
+            if (value.dtype, value.shape, value.stride()) != self.like:
+                raise RuntimeError(f"{_name(self.fn)} recomputed a {value.dtype} {tuple(value.shape)} tensor with "
+                                   f"strides {value.stride()}; the forward gave {self.like}")
+            self.value = value
         return self.value
 
 
@@ -106,26 +135,48 @@ class _View:
 
 class _Recorder:
     def __init__(self):
-        # storage address -> [output, fn, args, recipe]. Holding the output keeps its address from being reused by
-        # another tensor while recording.
+        # storage address -> [output, fn, args, versions of the output and of the tensor args, autocast state,
+        # recipe]. Holding the output keeps its address from being reused by another tensor while recording.
         self.outputs: dict[int, list] = {}
 
     def remember(self, out: torch.Tensor, fn: Callable, args: tuple) -> None:
-        # Only an output that owns its whole storage, laid out plainly: a recomputed one then has the same layout.
-        if (out.numel() and out.is_contiguous() and out.storage_offset() == 0
-                and out.untyped_storage().nbytes() == out.numel() * out.element_size()):
-            self.outputs[out.untyped_storage().data_ptr()] = [out, fn, args, None]
+        # Only an output that owns its whole storage, laid out plainly (a recomputed one then has the same layout),
+        # and is not an input itself (``contiguous`` of a contiguous tensor).
+        storage = out.untyped_storage()
+        if not (out.numel() and out.is_contiguous() and out.storage_offset() == 0
+                and storage.nbytes() == out.numel() * out.element_size()):
+            return
+        address = storage.data_ptr()
+        if address in self.outputs or any(isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == address
+                                           for a in args):
+            return
+        device_type = out.device.type
+        autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        versions = [out._version] + [a._version if isinstance(a, torch.Tensor) else None for a in args]
+        self.outputs[address] = [out, fn, args, versions, (device_type, autocast), None]
 
     def pack(self, t: torch.Tensor) -> Any:
-        if not self.outputs or not isinstance(t, torch.Tensor) or type(t) is not torch.Tensor or not t.numel():
+        if not self.outputs or type(t) is not torch.Tensor or not t.numel():
             return t
         entry = self.outputs.get(t.untyped_storage().data_ptr())
         if entry is None or entry[0].dtype != t.dtype or entry[0].device != t.device:
             return t
-        if entry[3] is None:
-            entry[3] = _Recipe(entry[1], [self.pack(a) if isinstance(a, torch.Tensor) else a for a in entry[2]])
-        return _View(entry[3], t)
+        out, fn, args, versions, autocast, recipe = entry
+        # Changed in place since the function ran (the output, or an input): kept as it is. Views share their
+        # base's version counter.
+        if t._version != versions[0] or any(isinstance(a, torch.Tensor) and a._version != v
+                                            for a, v in zip(args, versions[1:])):
+            return t
+        if recipe is None:
+            packed = [self.pack(a) if isinstance(a, torch.Tensor) else a for a in args]
+            recipe = entry[5] = _Recipe(fn, packed, [None if isinstance(a, _View) else v
+                                                     for a, v in zip(packed, versions[1:])], autocast, out)
+        return _View(recipe, t)
 
 
 def _unpack(saved: Any) -> torch.Tensor:
     return saved.compute() if isinstance(saved, _View) else saved
+
+
+def _name(fn: Callable) -> str:
+    return getattr(fn, "__qualname__", repr(fn))
