@@ -7,6 +7,7 @@ import functools
 import importlib
 import importlib.util
 import os
+import sys
 
 
 def _optional(disable_env: str, module: str, *names: str):
@@ -16,8 +17,19 @@ def _optional(disable_env: str, module: str, *names: str):
     try:
         imported = importlib.import_module(module)
     except ImportError:
+        if module.startswith("fla."):
+            _say_fla_is_missing()
         return None
     return tuple(getattr(imported, name) for name in names)
+
+
+@functools.cache
+def _say_fla_is_missing() -> None:
+    """Once per process, at the first GPU call that wanted fla (every probe here runs only for CUDA tensors):
+    without it the linear mixers run their PyTorch path, several times slower, and nothing else would say so."""
+    print("ivl: flash-linear-attention is not installed: Gated DeltaNet and the other linear mixers run their "
+          "PyTorch path on this GPU, several times slower; install the fast one with pip install -e \".[gpu]\" "
+          "(fla-core, flash-linear-attention)", file=sys.stderr, flush=True)
 
 
 @functools.cache

@@ -4,7 +4,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from ivl.callbacks import LayerFreezing, LoRAInjection
+from ivl.callbacks.freezing import LayerFreezing
+from ivl.callbacks.lora import LoRAInjection
 from ivl.stages import InstructModule
 from test_stages import built, corpus, fixed_batch
 
@@ -51,7 +52,7 @@ def test_lora_injection_trains_only_adapters(tmp_path):
 def test_run_duration_prints_the_expected_time_from_measured_batches(tmp_path, caplog):
     import logging
 
-    from ivl.callbacks import RunDuration
+    from ivl.callbacks.duration import RunDuration
 
     module = InstructModule(teacher="tiny", window=64)
     batch = fixed_batch(corpus(tmp_path))
@@ -75,3 +76,22 @@ def test_a_stage_fit_stops_at_its_first_logged_non_finite_loss(tmp_path):
         fit.fit(module, DataLoader([batch] * 20, batch_size=None))
     assert fit.global_step < 20
     assert not all(torch.isfinite(p).all() for p in module.model.parameters())
+
+
+def test_progress_prints_plain_lines_when_the_output_is_not_a_terminal(tmp_path, capsys):
+    """Under pytest the output is captured, as in a log file: one line every few steps with the loss and the
+    tokens/s of the batches since the last line, and one after validation."""
+    from ivl.callbacks.progress import ProgressBar
+
+    module = InstructModule(teacher="tiny", window=64)
+    batch = fixed_batch(corpus(tmp_path))
+    fit = L.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False,
+                    enable_model_summary=False, log_every_n_steps=1, val_check_interval=3, num_sanity_val_steps=0,
+                    callbacks=[ProgressBar(every_n_steps=2, every_seconds=3600)])
+    fit.fit(module, DataLoader([batch] * 6, batch_size=None), DataLoader([batch], batch_size=None))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ivl: ")]
+    train = [line for line in lines if "| step " in line]
+    assert [line.split(" | ")[1] for line in train] == ["step 2/6", "step 4/6", "step 6/6"]
+    assert all("train/loss " in line and " tokens/s | " in line for line in train), train
+    assert float(train[0].split(" tokens/s")[0].split(" | ")[-1].replace(",", "")) > 0
+    assert sum(line.startswith("ivl: validation at step 3 | val/loss ") for line in lines) == 1, lines

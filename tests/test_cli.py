@@ -24,6 +24,26 @@ def test_shipped_config_parses(config, capsys):
     assert "class_path: ivl.stages." in printed and "${" not in printed  # interpolations resolved
 
 
+def test_a_config_naming_callbacks_where_they_were_still_loads_and_says_where_they_are(tmp_path, capsys):
+    """Configs saved before ivl.callbacks became a namespace package name ivl.callbacks.TokenThroughput."""
+    from ivl.experiments.moved import MOVED
+
+    old = (EXPERIMENTS / "demo.yaml").read_text()
+    for before, now in MOVED.items():
+        old = old.replace(now, before)
+    assert "ivl.callbacks.TokenThroughput" in old and "ivl.callbacks.MLflowTracking" in old
+    (tmp_path / "old.yaml").write_text(old)
+    with pytest.raises(SystemExit) as exit:
+        main(["fit", "--config", str(tmp_path / "old.yaml"), "--print_config"])
+    assert exit.value.code == 0
+    err = capsys.readouterr().err
+    import ivl.callbacks
+    from ivl.callbacks.throughput import TokenThroughput
+
+    assert ivl.callbacks.TokenThroughput is TokenThroughput  # how jsonargparse resolves the old path
+    assert err.count("ivl.callbacks.TokenThroughput is now ivl.callbacks.throughput.TokenThroughput") == 1, err
+
+
 def test_demo_fit_records_an_mlflow_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the demo config's relative paths (data/demo, runs/) land here
     build(tmp_path / "data" / "demo", seed=0, scale=0.01)

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ivl.kernels import gated_delta_rule
+from ivl.kernels.gated_delta import gated_delta_rule
 from references import naive_gated_delta
 
 
@@ -95,3 +95,29 @@ def test_bad_shapes_are_named():
         gated_delta_rule(q, k, v, g, beta, initial_state=torch.zeros(2, 3, 12, 8))
     with pytest.raises(ValueError, match="B == 1"):
         gated_delta_rule(q, k, v, g, beta, cu_seqlens=torch.tensor([0, 10], dtype=torch.int32))
+
+
+def test_a_gpu_without_fla_is_told_once_that_the_linear_mixers_run_their_pytorch_path(monkeypatch, capsys):
+    """Every fla probe runs only for CUDA tensors; the first one that finds no fla says so, once per process."""
+    import importlib
+
+    from ivl.kernels import _fla
+
+    real = importlib.import_module
+
+    def without_fla(name, *args, **kwargs):
+        if name.startswith("fla"):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(_fla.importlib, "import_module", without_fla)
+    monkeypatch.delenv("IVL_DISABLE_FLA", raising=False)
+    _fla._say_fla_is_missing.cache_clear()
+    try:
+        assert _fla._optional("IVL_DISABLE_FLA", "fla.ops.gated_delta_rule", "chunk_gated_delta_rule") is None
+        assert _fla._optional("IVL_DISABLE_FLA", "fla.ops.gla", "chunk_gla") is None
+    finally:
+        _fla._say_fla_is_missing.cache_clear()
+    err = capsys.readouterr().err
+    assert err.count("flash-linear-attention is not installed") == 1, err
+    assert "PyTorch path" in err and 'pip install -e ".[gpu]"' in err

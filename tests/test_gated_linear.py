@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ivl.kernels import gated_linear_attention
+from ivl.kernels.gated_linear import gated_linear_attention
 from ivl.kernels.gated_linear import gated_linear_step
 
 

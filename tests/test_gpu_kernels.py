@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ivl.kernels import gated_delta_rule, sliding_window_attention
+from ivl.kernels.gated_delta import gated_delta_rule
+from ivl.kernels.window_attention import sliding_window_attention
 from ivl.kernels._fla import fla_gated_backward_is_refused, fla_gated_delta
 from ivl.kernels.gated_delta import _chunked, _varlen
 from ivl.kernels.window_attention import _sdpa, band_mask, sliding_window_attention_after_prefix
@@ -327,7 +328,7 @@ def test_gated_linear_attention_on_gpu_matches_the_pytorch_path(decay, dtype, to
     """fla's chunk_gla / chunk_simple_gla (or, where fla refuses a per-head decay's backward, the PyTorch path)
     against the float32 PyTorch path on the CPU (itself tested against a per-token loop): outputs, final states
     and gradients, at 4B widths (K 128; V 256 for GLA, 64 for Mamba2's heads)."""
-    from ivl.kernels import gated_linear_attention
+    from ivl.kernels.gated_linear import gated_linear_attention
 
     torch.manual_seed(0)
     B, T, H, K, V = (1, 1024, 4, 128, 64) if decay == "head" else (1, 1024, 4, 128, 256)
@@ -359,7 +360,7 @@ def test_per_head_decay_training_path_is_fla_backward_exactly_where_its_tile_is_
     """Mamba2's kernel (a per-head decay) trains through fla's own backward at K = 128 and falls back to the
     PyTorch path only at K = 64 where fla's BK = 64 tile is miscompiled; the gradients of the fla path are
     checked against the float32 PyTorch path by the test above."""
-    from ivl.kernels import gated_linear_attention
+    from ivl.kernels.gated_linear import gated_linear_attention
 
     for K in (128, 64):
         q, k = (torch.randn(1, 256, 2, K, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "qk")

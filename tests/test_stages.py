@@ -229,7 +229,7 @@ def test_each_distillation_phase_trains_its_own_parameters_in_one_fit(tmp_path):
 
 def test_lora_injection_export_loads_back_to_the_same_logits(tmp_path):
     """A LoRAInjection run with save_dir writes a plain checkpoint (adapters merged) that from_pretrained loads."""
-    from ivl.callbacks import LoRAInjection
+    from ivl.callbacks.lora import LoRAInjection
 
     module = InstructModule(teacher="tiny", window=64, lr=3e-3, warmup_ratio=0.0, save_dir=str(tmp_path / "out"))
     batch = fixed_batch(corpus(tmp_path))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ivl.kernels import sliding_window_attention
+from ivl.kernels.window_attention import sliding_window_attention
 from ivl.kernels.window_attention import (attention_at_positions, padded_window_attention,
                                           sliding_window_attention_after_prefix)
 from references import dense_window_attention

@@ -17,6 +17,7 @@ from ivl.data.modules import check_corpora
 from ivl.cpu_threads import fit_threads_to_cpus
 from ivl.cuda_allocator import expandable_segments
 from ivl.errors import UsageError
+from ivl.experiments.moved import accept_moved_class_paths
 from ivl.stages.distributed import checkpointed_blocks
 from ivl.stages.models import check_student, check_teacher
 from ivl.stages import StageModule
@@ -113,6 +114,7 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
 
 
 def _cli(args: list[str] | None, run: bool, cli_class: type[IVLCLI] = IVLCLI) -> LightningCLI:
+    accept_moved_class_paths()
     return cli_class(
         StageModule,
         L.LightningDataModule,

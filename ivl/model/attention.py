@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from ivl.kernels import sliding_window_attention
+from ivl.kernels.window_attention import sliding_window_attention
 from ivl.kernels.gemv import linear
 from ivl.kernels.precision import at_least_float32
 from ivl.kernels.window_attention import (attention_at_positions, padded_window_attention,

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ivl.kernels import gated_delta_rule
+from ivl.kernels.gated_delta import gated_delta_rule
 from ivl.kernels.fused import fused
 from ivl.kernels.gated_delta import gated_delta_step
 from ivl.kernels.gemv import linear

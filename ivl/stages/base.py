@@ -204,7 +204,7 @@ class StageModule(L.LightningModule):
 
     def configure_callbacks(self) -> list:
         """Every stage stops at a non-finite training loss rather than training on (``FiniteLoss``)."""
-        from ivl.callbacks import FiniteLoss  # here: ivl.callbacks imports the stages
+        from ivl.callbacks.finite_loss import FiniteLoss  # here: ivl.callbacks imports the stages
 
         return [FiniteLoss()]
 
