@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import subprocess
 from pathlib import Path
@@ -9,6 +10,8 @@ from pathlib import Path
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 PACKAGES = ("ivl", "torch", "lightning", "transformers", "peft", "flash-linear-attention", "fla-core", "mlflow")
 
@@ -21,8 +24,34 @@ def _git_commit() -> str | None:
         return None
 
 
+def lock_tags(lock: Path = Path(__file__).resolve().parents[1] / "constraints.txt") -> dict[str, str]:
+    """``lock``: which lock file the environment was installed through (its sha256), and ``lock_differs``: the
+    installed packages whose version is not the locked one ("none" when the environment is the lock's). Outside a
+    checkout (installed from a wheel) there is no lock to name."""
+    if not lock.is_file():
+        return {"lock": "none (not run from a checkout)"}
+    text = lock.read_text()
+    differs = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        requirement = Requirement(line)
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        try:
+            installed = Version(importlib.metadata.version(requirement.name))
+        except importlib.metadata.PackageNotFoundError:
+            continue  # an extra that is not installed here
+        if not requirement.specifier.contains(installed.public, prereleases=True):  # 2.13.0+cpu is 2.13.0
+            differs.append(f"{requirement.name} {installed} (locked {requirement.specifier})")
+    return {"lock": f"{lock.name} sha256:{hashlib.sha256(text.encode()).hexdigest()[:16]}",
+            "lock_differs": ", ".join(differs)[:5000] or "none"}
+
+
 class MLflowTracking(Callback):
-    """Tags the run (stage, hybrid ratio, mixers, git commit), records package versions, and uploads the
+    """Tags the run (stage, hybrid ratio, mixers, git commit, the dependency lock it ran on), records package
+    versions, and uploads the
     checkpoints and the exported model as artifacts when training ends. Needs an MLFlowLogger on the Trainer."""
 
     def __init__(self, log_checkpoints: bool = True):
@@ -46,6 +75,7 @@ class MLflowTracking(Callback):
             "mixers": ",".join(sorted(set(text.layer_types))),
             "window": str(text.window),
             "git_commit": _git_commit() or "unknown",
+            **lock_tags(),
         }
         for key, value in tags.items():
             client.set_tag(run, key, value)

@@ -95,3 +95,28 @@ def test_save_and_reload_keeps_template_and_pixel_budget(processor, tmp_path):
     assert again.apply_chat_template([{"role": "user", "content": "hi"}]) == "hi!"
     image = np.zeros((280, 280, 3), dtype=np.uint8)
     assert again.images([image])["image_grid_thw"].tolist() == [[1, 4, 4]]
+
+
+def test_a_saved_model_folder_loads_its_tokenizer_without_transformers_warning_about_its_type(tmp_path):
+    """AutoTokenizer opens the folder's config.json (model_type "infinitevl") too; transformers knows the type, so
+    it loads it without "You are using a model of type `infinitevl` to instantiate a model of type ``"."""
+    import logging
+
+    from transformers import AutoConfig
+
+    model = InfiniteVL(InfiniteVLConfig(text=HybridConfig.tiny(vocab_size=151936),
+                                        vision=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                                                    out_hidden_size=64, fullatt_block_indexes=[0])))
+    model.save_pretrained(tmp_path)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers.configuration_utils")
+    logger.addHandler(handler)
+    try:
+        processor = Processor.from_pretrained(tmp_path)
+    finally:
+        logger.removeHandler(handler)
+    assert processor.tokenizer("Hello world!")["input_ids"] == [9707, 1879, 0]
+    assert not [r.getMessage() for r in records if "model of type" in r.getMessage()]
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "infinitevl"

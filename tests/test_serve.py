@@ -372,12 +372,29 @@ def test_a_stopped_server_leaves_no_model_worker_behind(tmp_path):
     assert not alive
 
 
-def test_sigterm_ends_the_server_and_its_model_workers(tmp_path):
-    """``kill`` (SIGTERM) of the server alone, as a service manager stops it: the workers end with it."""
-    with running_server(log_path=tmp_path / "server.log", env={"OMP_NUM_THREADS": "1"}) as (url, proc):
+def test_sigterm_ends_the_server_and_its_model_workers_quietly(tmp_path):
+    """``kill`` (SIGTERM) of the server alone, as a service manager stops it: the workers end with it, the exit
+    code is 0 and nothing is logged as an error."""
+    log = tmp_path / "server.log"
+    with running_server(log_path=log, env={"OMP_NUM_THREADS": "1"}, cwd=tmp_path) as (url, proc):
         workers = psutil.Process(proc.pid).children(recursive=True)
         assert workers
         proc.terminate()
-        assert proc.wait(30) is not None
+        assert proc.wait(30) == 0
         gone, alive = psutil.wait_procs(workers, timeout=20)
         assert not alive, [p.cmdline() for p in alive]
+    text = log.read_text()
+    assert "serving ivl-tiny-random (no --model and no runs/demo/model here" in text.splitlines()[0]
+    assert "ERROR" not in text and "Traceback" not in text, text
+
+
+def test_the_startup_line_names_the_folder_served(tmp_path, monkeypatch):
+    from ivl.serve.cli import parse_args, served_model
+
+    (tmp_path / "runs" / "demo" / "model").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "model" / "config.json").write_text("{}")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    assert served_model(parse_args(["--model", "mine"])) == str(tmp_path / "mine")
+    assert served_model(parse_args([])).startswith(f"{tmp_path / 'runs' / 'demo' / 'model'} (the demo's trained")

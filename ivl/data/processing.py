@@ -24,6 +24,7 @@ except ImportError:  # older transformers: the only processor is the numpy one
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from ivl.data.chat_template import QWEN2_VL_CHAT_TEMPLATE
+from ivl.model import config as _registers_infinitevl_with_transformers  # noqa: F401  (AutoTokenizer reads config.json)
 
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
 # Qwen2.5-VL's defaults: images 4..16384 merged-patch areas (56x56 .. 3584x3584 pixels), video frames

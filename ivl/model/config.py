@@ -7,7 +7,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transformers import AutoConfig, PretrainedConfig
+
 from ivl.model.mixers import LINEAR_MIXERS, canonical_name
+
+MODEL_TYPE = "infinitevl"
 
 
 @dataclass
@@ -219,7 +223,7 @@ class InfiniteVLConfig:
         return self.vision.get("tokens_per_second", 4)
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "text": self.text.to_dict(), "model_type": "infinitevl"}
+        return {**dataclasses.asdict(self), "text": self.text.to_dict(), "model_type": MODEL_TYPE}
 
     @classmethod
     def from_dict(cls, data: dict) -> "InfiniteVLConfig":
@@ -229,3 +233,14 @@ class InfiniteVLConfig:
         if unknown:
             raise ValueError(f"unknown InfiniteVLConfig fields {unknown}")
         return cls(**data)
+
+
+class TransformersView(PretrainedConfig):
+    """An ivl checkpoint's config.json as transformers' Auto classes see it. They open it too (AutoTokenizer reads
+    it before the tokenizer's own files), and registering the type tells them what ``infinitevl`` is instead of
+    leaving them to warn that it matches no model they know. ivl reads the file with ``InfiniteVLConfig``."""
+
+    model_type = MODEL_TYPE
+
+
+AutoConfig.register(MODEL_TYPE, TransformersView, exist_ok=True)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
 from pathlib import Path
 
 from ivl.cpu_threads import fit_threads_to_cpus
-from ivl.serve.loading import model_name, resolve
+from ivl.serve.loading import DEMO_MODEL, model_name, resolve
 from ivl.serve.messages import Limits
 
 
@@ -57,24 +56,37 @@ def main(argv=None) -> None:
                         baseline=args.baseline)
     server = build_server(settings)
     url = f"http://{args.host}:{args.port}"
-    served = Path(args.baseline).name + " (transformers baseline)" if args.baseline else model_name(args.model)
-    sessions = "" if args.baseline else f"\n  video sessions: {url}/v1/sessions"
-    print(f"serving {served} on {args.device}\n  page: {url}/\n  OpenAI API: {url}/v1 (chat/completions, models)"
-          f"{sessions}", flush=True)
+    lines = [f"serving {served_model(args)} on {args.device}", f"  page: {url}/",
+             f"  OpenAI API: {url}/v1 (chat/completions, models)"]
+    if not args.baseline:
+        lines.append(f"  video sessions: {url}/v1/sessions")
+    print("\n".join(lines), flush=True)
     signal.signal(signal.SIGTERM, _interrupt)
-    # One HTTP server thread: LitServe 0.2.19 starts one per model worker by default (two here, chat and sessions),
-    # and with two, a session response was sometimes never delivered (about one call in a few hundred; found by a
-    # loop of open/ask/close calls).
-    server.run(host=args.host, port=args.port, generate_client_file=False, api_server_worker_type="thread",
+    # One HTTP server process: LitServe 0.2.19 starts one per model worker by default (two here, chat and
+    # sessions), and with two, a session response was sometimes never delivered (about one call in a few hundred;
+    # found by a loop of open/ask/close calls). A process, not a thread: LitServe ends its HTTP servers with
+    # terminate(), which threads do not have.
+    server.run(host=args.host, port=args.port, generate_client_file=False, api_server_worker_type="process",
                num_api_servers=1)
-    # run() returns once it has ended the model workers, but LitServe 0.2.19 cannot stop its uvicorn threads (it
-    # calls terminate() on them), which would keep this process alive: leave without waiting for them.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+
+
+def served_model(args: argparse.Namespace) -> str:
+    """What the startup line says is served: the folder it was loaded from, in full."""
+    if args.baseline:
+        return f"{Path(args.baseline).resolve()} (transformers' Qwen2.5-VL, the baseline)"
+    folder = resolve(args.model)
+    if folder is None:
+        return f"{model_name(None)} (no --model and no {DEMO_MODEL} here: a tiny random model, answers are noise)"
+    return f"{folder.resolve()}" + (" (the demo's trained model; --model picks another)" if args.model is None else "")
+
+
+_MAIN_PROCESS = os.getpid()
 
 
 def _interrupt(signum, frame):
     """SIGTERM (a service manager's or ``kill``'s stop) as Ctrl+C: LitServe then ends its model worker processes,
-    which a plain SIGTERM of the server would leave running."""
+    which a plain SIGTERM of the server would leave running. The HTTP server process inherits this handler and
+    LitServe stops it with SIGTERM: there it just ends, quietly."""
+    if os.getpid() != _MAIN_PROCESS:
+        raise SystemExit(0)
     raise KeyboardInterrupt
