@@ -7,6 +7,7 @@ import io
 import sys
 import tempfile
 import warnings
+from argparse import ArgumentError
 from pathlib import Path
 
 import lightning as L
@@ -17,7 +18,6 @@ from ivl.data.modules import check_corpora
 from ivl.cpu_threads import fit_threads_to_cpus
 from ivl.cuda_allocator import expandable_segments
 from ivl.errors import UsageError
-from ivl.experiments.moved import accept_moved_class_paths
 from ivl.stages.distributed import checkpointed_blocks
 from ivl.stages.models import check_student, check_teacher
 from ivl.stages import StageModule
@@ -83,19 +83,29 @@ class _ParseOnly(IVLCLI):
 def parse_only(args: list[str]) -> None:
     """Raises UsageError with the parser's own message where ``python -m ivl.experiments *args`` would stop before
     building anything (an unknown key, a value of the wrong type, a missing corpus)."""
-    stderr = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(stderr), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a check, not a run: its deprecation notes would repeat per child
+    with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a check, not a run: its deprecation notes would repeat per child
+        try:
             _cli(args, run=True, cli_class=_ParseOnly)
-    except SystemExit:
-        text = stderr.getvalue()
-        message = text[text.rfind("error: ") + len("error: "):] if "error: " in text else text
-        # jsonargparse explains a rejected value over many lines, most of them about Union alternatives that
-        # were never meant (None); one line of what is left reads as a path to the offending key.
-        noise = ("Given value", "Does not validate against", "Subtypes", "Errors", "Expected a <class 'NoneType'>")
-        lines = [line.strip().lstrip("- ").rstrip(":") for line in message.strip().splitlines()]
-        raise UsageError("; ".join(line for line in lines if line and not line.startswith(noise))) from None
+        except ArgumentError as error:
+            raise UsageError(one_line(error)) from None
+
+
+# What ivl.callbacks re-exported before it became a namespace package; configs saved by earlier runs name them.
+MOVED = {f"ivl.callbacks.{name}": f"ivl.callbacks.{module}.{name}" for module, name in [
+    ("duration", "RunDuration"), ("finite_loss", "FiniteLoss"), ("freezing", "LayerFreezing"), ("lora", "LoRAInjection"),
+    ("mlflow", "MLflowTracking"), ("throughput", "TokenThroughput")]}
+
+
+def one_line(error: Exception) -> str:
+    """jsonargparse explains a rejected value over many lines, most of them about Union alternatives that were never
+    meant (a list, None, a dict of init_args): the key and the reasons that are left, in one line."""
+    noise = ("Given value", "Does not validate against", "Subtypes", "Errors", "Expected a <class 'NoneType'>",
+             "Not a valid subclass", "Subclass types expect", "a class path (str)", "a dict with", "a dict without")
+    lines = [line.strip().lstrip("- ").rstrip(":") for line in str(error).splitlines()]
+    text = "; ".join(line for line in lines if line and not line.startswith(noise))
+    moved = [f"{old} is now {new}" for old, new in MOVED.items() if f"'{old}'" in text]
+    return text + (f" ({'; '.join(moved)})" if moved else "")
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
@@ -111,16 +121,20 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     except UsageError as error:  # a missing folder or corpus: one line, no traceback, no run started
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except ArgumentError as error:  # a key or value the config rejects: one line, not a 50-line usage block
+        subcommand = argv[0] if argv and not argv[0].startswith("-") else ""
+        print(f"error: {one_line(error)} (python -m ivl.experiments {subcommand} --help lists every option)"
+              .replace("  ", " "), file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _cli(args: list[str] | None, run: bool, cli_class: type[IVLCLI] = IVLCLI) -> LightningCLI:
-    accept_moved_class_paths()
     return cli_class(
         StageModule,
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
         save_config_callback=SaveConfigToMLflow,
         save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
         args=args,
