@@ -37,8 +37,9 @@ def _image(folder: Path, record: dict) -> str:
 
 
 def _write(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """As VLMEvalKit's ``dump`` writes a TSV: every field quoted."""
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, columns, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\")
+        writer = csv.DictWriter(f, columns, delimiter="\t", quoting=csv.QUOTE_ALL)
         writer.writeheader()
         writer.writerows(rows)
 

@@ -20,9 +20,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a saved InfiniteVL folder")
     parser.add_argument("--data", nargs="+", type=Path, required=True, help="VLMEvalKit TSV files")
-    parser.add_argument("--metric", default="auto", choices=["auto", "mcq", "vqa", "anls", "relaxed", "exact"])
+    parser.add_argument("--metric", default="auto",
+                        choices=["auto", "mcq", "vqa", "anls", "relaxed", "exact", "yes_no", "ocrbench", "mathvista"],
+                        help="per-question score; auto: the benchmark's, by its file name as VLMEvalKit names it "
+                             "(MMBench, MME, DocVQA, ChartQA, ...), else multiple choice when there are options, VQA "
+                             "accuracy when references are lists, else exact match")
     parser.add_argument("--circular", action="store_true",
-                        help="multiple choice: ask every rotation of the options; right only if all are right")
+                        help="multiple choice in a file without circular copies: ask every rotation of the options, "
+                             "right only if all are right (MMBench's files hold their copies: circular already)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--limit", type=int, default=None, help="first N questions of each file")
@@ -49,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     fit_threads_to_cpus()
-    from ivl.evaluate.runner import Options, evaluate_file, log_mlflow, table
+    from ivl.evaluate.runner import Options, evaluate_file, log_mlflow, model_identity, table
     from ivl.evaluate.tsv import BadRow
     from ivl.serve.engine import Engine
     from ivl.serve.loading import load
@@ -64,7 +69,7 @@ def main(argv=None) -> None:
                                   max_new_tokens=args.max_new_tokens, limit=args.limit, circular=args.circular,
                                   frames=frames, media_root=args.media_root, skip_bad=args.skip_bad)
                 out = args.out / path.stem / (f"{frames}frames" if frames else "")
-                results.append(evaluate_file(engine, path, out, options))
+                results.append(evaluate_file(engine, path, out, options, model_identity(args.model)))
     except (BadRow, ValueError, FileNotFoundError, UsageError) as error:
         sys.exit(f"error: {error}")
     print(table(results))

@@ -13,8 +13,8 @@ run, started again, asks only the questions that have no record yet.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -22,8 +22,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from ivl.data.processing import Processor
-from ivl.evaluate.runner import Options, _generate, _record, _metric_name, metric_for, summarise
-from ivl.evaluate.tsv import read_tsv
+from ivl.evaluate.runner import (Options, finish, fingerprint, generate, make_record, metrics_of, plan, resumable,
+                                 write_outputs)
 from ivl.serve.engine import Engine
 
 
@@ -57,36 +57,32 @@ class EvalDataModule(L.LightningDataModule):
         self.records: dict[str, list[dict]] = {}
 
     def setup(self, stage: str | None = None) -> None:
-        self.files = []  # (name, items, metric, skipped)
-        for path in self.benchmarks:
-            items, skipped = read_tsv(path, self.options.media_root, self.options.skip_bad)
-            items = items[: self.options.limit] if self.options.limit is not None else items
-            self.files.append((path.stem, items, metric_for(items, self.options.metric), skipped))
+        self.plans = [plan(path, self.options) for path in self.benchmarks]
 
     def _rank(self) -> tuple[int, int]:
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
 
-    def _done(self, name: str) -> dict:
-        """Records a previous (killed) run left: its finished predictions.jsonl and every rank's partial file."""
-        folder, done = self.out / name, {}
-        for path in [folder / "predictions.jsonl", *sorted(folder.glob("partial-rank*.jsonl"))]:
-            if path.is_file():
-                for line in path.read_text().splitlines():
-                    if line.strip():
-                        record = json.loads(line)
-                        done[(record["index"], record.get("rotation", 0))] = record
-        return done
+    def _model_identity(self) -> str:
+        """The checkpoint the trainer restored (its path, size and time), else the stage's own settings."""
+        trainer = self.trainer
+        ckpt = getattr(trainer, "ckpt_path", None) if trainer is not None else None
+        if ckpt and Path(ckpt).exists():
+            stat = Path(ckpt).stat()
+            return f"{Path(ckpt).resolve()} ({stat.st_size} bytes, modified {stat.st_mtime_ns})"
+        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        settings = json.dumps(dict(getattr(module, "hparams", {})), sort_keys=True, default=str)
+        return f"{type(module).__name__} {hashlib.sha256(settings.encode()).hexdigest()[:16]} (no checkpoint)"
 
     def test_dataloader(self) -> DataLoader:
         rank, world = self._rank()
         batches = []
         self.records = {}
-        for name, items, metric, _ in self.files:
-            done = self._done(name)
-            rotations = self.options.circular and metric == "mcq"
-            jobs = [(name, item, r) for item in items for r in (range(len(item.options)) if rotations else [0])
-                    if (item.index, r) not in done]
-            self.records[name] = list(done.values()) if rank == 0 else []  # gathered once, at the end
+        for the_plan, path in zip(self.plans, self.benchmarks):
+            print_ = fingerprint(the_plan, path, self.options, self._model_identity())
+            # a previous (killed) run's finished records and every rank's partial file
+            done = resumable(self.out / the_plan.name, print_, ("predictions.jsonl", "partial-rank*.jsonl"))
+            jobs = [(the_plan.name, item, r) for item, r in the_plan.jobs if (item.index, r) not in done]
+            self.records[the_plan.name] = list(done.values()) if rank == 0 else []  # gathered once, at the end
             mine = jobs[rank::world]  # each rank its share; together the whole benchmark
             size = self.options.batch_size
             batches += [mine[i:i + size] for i in range(0, len(mine), size)]
@@ -97,15 +93,16 @@ class EvalDataModule(L.LightningDataModule):
         killed run resumes from it."""
         if self._engine is None or self._engine.model is not model:
             self._engine = Engine(model, self.processor)  # kept: its decoders serve every later batch
-        texts = _generate(self._engine, [(item, rotation) for _, item, rotation in batch], self.options)
-        metrics = {name: metric for name, _, metric, _ in self.files}
+        plans = {p.name: p for p in self.plans}
         rank, _ = self._rank()
-        for (name, item, rotation), text in zip(batch, texts):
-            record = _record(item, rotation, text, metrics[name])
-            self.records[name].append(record)
-            (self.out / name).mkdir(parents=True, exist_ok=True)
-            with (self.out / name / f"partial-rank{rank}.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        for name in dict.fromkeys(name for name, *_ in batch):
+            jobs = [(item, rotation) for n, item, rotation in batch if n == name]
+            benchmark = plans[name].benchmark
+            for (item, rotation), text in zip(jobs, generate(self._engine, jobs, benchmark, self.options)):
+                record = make_record(item, rotation, text, benchmark)
+                self.records[name].append(record)
+                with (self.out / name / f"partial-rank{rank}.jsonl").open("a") as f:
+                    f.write(json.dumps(record) + "\n")
 
     def finish(self, trainer) -> dict[str, float]:
         """Every rank's records together: files written (rank 0) and the metrics to log."""
@@ -115,24 +112,17 @@ class EvalDataModule(L.LightningDataModule):
             torch.distributed.all_gather_object(gathered, records)
             records = {name: [r for part in gathered for r in part[name]] for name in records}
         metrics = {}
-        for name, items, metric, skipped in self.files:
-            circular = self.options.circular and metric == "mcq"
-            scores = summarise(records[name], items, metric, circular)
-            scores.update(benchmark=name, metric=metric, skipped=len(skipped), skipped_rows=skipped[:50],
-                          frames=self.options.frames, options={k: str(v) for k, v in asdict(self.options).items()})
-            metrics[f"eval/{name}/score"] = scores["score"]
-            metrics.update({f"eval/{name}/{_metric_name(c)}": v for c, v in scores["categories"].items()})
+        for the_plan, path in zip(self.plans, self.benchmarks):
+            by_key = {(r["index"], r.get("rotation", 0)): r for r in records[the_plan.name]}
+            rows = [by_key[(item.index, r)] for item, r in the_plan.jobs]
+            scores = finish(the_plan, rows, path, self.options)
+            metrics.update(metrics_of(scores))
             if trainer.is_global_zero:
-                folder = self.out / name
-                folder.mkdir(parents=True, exist_ok=True)
-                order = {item.index: i for i, item in enumerate(items)}
-                rows = sorted(records[name], key=lambda r: (order[r["index"]], r.get("rotation", 0)))
-                (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-                (folder / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+                write_outputs(self.out / the_plan.name, the_plan, rows, scores)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()  # every rank has read the partial files' records before they go
-        for name, *_ in self.files:
-            (self.out / name / f"partial-rank{trainer.global_rank}.jsonl").unlink(missing_ok=True)
+        for the_plan in self.plans:
+            (self.out / the_plan.name / f"partial-rank{trainer.global_rank}.jsonl").unlink(missing_ok=True)
         return metrics
 
 
