@@ -13,6 +13,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+from ivl.callbacks.mlflow_logger import BufferedMLFlowLogger
+
 PACKAGES = ("ivl", "torch", "lightning", "transformers", "peft", "flash-linear-attention", "fla-core", "mlflow")
 
 
@@ -67,6 +69,10 @@ class MLflowTracking(Callback):
     @rank_zero_only
     def on_fit_start(self, trainer, pl_module) -> None:
         logger = self._logger(trainer)
+        if isinstance(logger, BufferedMLFlowLogger):  # where it says the unlogged metrics and the checkpoints are
+            logger.local_dir = logger.local_dir or trainer.default_root_dir
+            if trainer.checkpoint_callback is not None:
+                logger.checkpoint_dir = trainer.checkpoint_callback.dirpath
         client, run = logger.experiment, logger.run_id
         text = pl_module.model.config.text
         tags = {

@@ -37,3 +37,14 @@ class KillAt(Callback):
         if trainer.global_step == self.step:
             trainer.strategy.barrier()
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SignalAt(Callback):
+    """Sends the signal ``name`` (SIGTERM) to this process when step ``step`` is about to start."""
+
+    def __init__(self, step: int, name: str = "SIGTERM"):
+        self.step, self.name = step, name
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), getattr(signal, self.name))

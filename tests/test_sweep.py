@@ -91,7 +91,8 @@ def test_sweep_nests_children_under_one_parent_survives_a_kill_and_skips_finishe
     capfd.readouterr()
     assert sweep(["--config", file]) == 0
     out = capfd.readouterr().out
-    assert out.count("resuming from") == 2
+    assert out.count("resuming from its checkpoints") == 2
+    assert out.count("ivl: resuming from ") == 2  # each child took its newest readable checkpoint
     client, all_runs = runs(workdir)
     assert len(all_runs) == 3
     by_id = {r.info.run_id: r for r in all_runs}

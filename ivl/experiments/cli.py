@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import sys
-import tempfile
 import warnings
 from argparse import ArgumentError
 from pathlib import Path
@@ -18,27 +18,26 @@ from ivl.data.modules import check_corpora
 from ivl.cpu_threads import fit_threads_to_cpus
 from ivl.cuda_allocator import expandable_segments
 from ivl.errors import UsageError
+from ivl.stages.checkpoints import newest_readable, remove_leftovers, unreadable
 from ivl.stages.distributed import checkpointed_blocks
 from ivl.stages.models import check_student, check_teacher
 from ivl.stages import StageModule
 
 
 class SaveConfigToMLflow(SaveConfigCallback):
-    """Writes the resolved config to ``<default_root_dir>/config.yaml`` and, with an MLFlowLogger, uploads it as
-    the run's ``config.yaml`` artifact: MLflow truncates each logged parameter to 250 characters. (An MLflow
+    """Writes the resolved config to ``<default_root_dir>/config.yaml`` and, with an MLFlowLogger, uploads that file
+    as the run's ``config.yaml`` artifact: MLflow truncates each logged parameter to 250 characters. (An MLflow
     database has no log_dir for Lightning's own copy.)"""
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
-        if trainer.is_global_zero:
-            Path(trainer.default_root_dir).mkdir(parents=True, exist_ok=True)
-            self.parser.save(self.config, Path(trainer.default_root_dir) / "config.yaml", skip_none=False,
-                             overwrite=True, multifile=False)
+        if not trainer.is_global_zero:
+            return
+        path = Path(trainer.default_root_dir) / "config.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=False)
         for logger in trainer.loggers:
             if isinstance(logger, MLFlowLogger):
-                with tempfile.TemporaryDirectory() as tmp:
-                    path = Path(tmp) / "config.yaml"
-                    self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=False)
-                    logger.experiment.log_artifact(logger.run_id, str(path))
+                logger.experiment.log_artifact(logger.run_id, str(path))
 
 
 class IVLCLI(LightningCLI):
@@ -61,6 +60,10 @@ class IVLCLI(LightningCLI):
             check_corpora([dict(vars(s)) if hasattr(s, "__dict__") else s for s in args.train or []],
                           [dict(vars(s)) if hasattr(s, "__dict__") else s for s in args.get("val") or []],
                           args.get("missing_hint"), prefix="data.")
+        if self.subcommand == "fit" and self.resolves_checkpoints:
+            config.ckpt_path = resume_from(config.get("ckpt_path"), checkpoint_folders(config))
+
+    resolves_checkpoints = True
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--paths", type=dict, default={},
@@ -69,6 +72,8 @@ class IVLCLI(LightningCLI):
 
 class _ParseOnly(IVLCLI):
     """Parses and checks a command line as the real CLI does, and builds nothing."""
+
+    resolves_checkpoints = False
 
     def _set_seed(self) -> None:
         pass
@@ -108,6 +113,50 @@ def one_line(error: Exception) -> str:
     return text + (f" ({'; '.join(moved)})" if moved else "")
 
 
+def checkpoint_folders(config) -> list[Path]:
+    """Where the fit's checkpoints go: every ModelCheckpoint's ``dirpath``, and ``<default_root_dir>/checkpoints``
+    (where CheckpointOnSignal saves without one)."""
+    trainer = config.get("trainer") or {}
+    callbacks = trainer.get("callbacks") or []
+    folders = [Path(str(c.init_args.dirpath)) for c in (callbacks if isinstance(callbacks, list) else [callbacks])
+               if str(getattr(c, "class_path", "")).endswith("ModelCheckpoint") and c.get("init_args")
+               and c.init_args.get("dirpath")]
+    if trainer.get("default_root_dir"):
+        folders.append(Path(str(trainer.default_root_dir)) / "checkpoints")
+    return list(dict.fromkeys(folders))
+
+
+def resume_from(ckpt_path: str | None, folders: list[Path]) -> str | None:
+    """The checkpoint a fit resumes from. ``last``: the newest in ``folders`` that reads completely (each one skipped
+    is named in a line), None when there is none yet; a path: itself, if it reads completely. What a killed write
+    left in the folders is removed first (by the first process only: the others start later)."""
+    if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0":
+        for folder in folders:
+            for path in remove_leftovers(folder):
+                print(f"ivl: removed {path}, left by a checkpoint write that was killed", flush=True)
+    if ckpt_path is None or ckpt_path in ("best", "hpc", "registry") or not folders and ckpt_path == "last":
+        return ckpt_path
+    if ckpt_path == "last":
+        path, skipped = newest_readable(folders)
+        for where, why in skipped:
+            print(f"ivl: skipping {where}: {why}", flush=True)
+        if path is None and skipped:
+            raise UsageError(f"--ckpt_path last: no checkpoint in {', '.join(map(str, folders))} reads completely "
+                             f"({skipped[0][0].name}: {skipped[0][1]}); leave --ckpt_path out to train from the start")
+        print(f"ivl: resuming from {path}" if path else f"ivl: no checkpoint in {', '.join(map(str, folders))} "
+              f"yet: training from the start", flush=True)
+        return str(path) if path else None
+    path = Path(ckpt_path)
+    if not path.exists():
+        raise UsageError(f"--ckpt_path {path}: no such checkpoint")
+    why = unreadable(path)
+    if why is not None:
+        newest, _ = newest_readable([path.parent])
+        raise UsageError(f"--ckpt_path {path}: {why}" + (f"; the newest checkpoint beside it that reads completely is "
+                                                          f"{newest} (--ckpt_path last takes it)" if newest else ""))
+    return ckpt_path
+
+
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     argv = sys.argv[1:] if args is None else args
     fit_threads_to_cpus()
@@ -137,6 +186,8 @@ def _cli(args: list[str] | None, run: bool, cli_class: type[IVLCLI] = IVLCLI) ->
         parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
         save_config_callback=SaveConfigToMLflow,
         save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
+        # checkpoint files written atomically in their own folder (a config that names its plugins names it too)
+        trainer_defaults={"plugins": [{"class_path": "ivl.stages.checkpoints.AtomicCheckpointIO"}]},
         args=args,
         run=run,
     )

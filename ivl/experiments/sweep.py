@@ -15,7 +15,7 @@ Every child is a complete ``fit`` in its own process (a failure or an out-of-mem
 with its own folder ``<base default_root_dir>/sweeps/<name>/<NN-child>`` holding its config, log, checkpoints and
 exported model, and its own MLflow run nested under one parent run per sweep. Arguments after the sweep file apply
 to every child as they would to ``fit``. Rerun with the same file, a sweep reuses its parent run, skips finished
-children and resumes an unfinished one from its ``last.ckpt``. At the end the parent gets the summary: a table of
+children and resumes an unfinished one from its newest checkpoint that reads completely. At the end the parent gets the summary: a table of
 each child's grid values and metrics (``summary.csv``, ``summary.md``) and a plot of the monitored metric against
 each swept key (``summary.png``, seeds as error bars).
 
@@ -177,7 +177,8 @@ def mlflow_logger(config: DictConfig) -> DictConfig:
     for entry in (list(logger) if isinstance(logger, ListConfig) else [logger]):
         if isinstance(entry, DictConfig) and str(entry.get("class_path", "")).endswith("MLFlowLogger"):
             return entry
-    raise UsageError("a sweep's base config needs trainer.logger to be lightning.pytorch.loggers.MLFlowLogger "
+    raise UsageError("a sweep's base config needs trainer.logger to be an MLFlowLogger (ivl.callbacks.mlflow_logger."
+                     "BufferedMLFlowLogger, or Lightning's) "
                      "(the parent and child runs live in MLflow)")
 
 
@@ -288,10 +289,9 @@ class Running:
 def _start(tracking: Tracking, child: Child, run_id: str, folder: Path, extra: list[str], gpu: int | None,
            echo: bool, subcommand: str = "fit", slot: int | None = None) -> Running:
     command = [sys.executable, "-m", "ivl.experiments", subcommand, "--config", str(folder / "config.yaml"), *extra]
-    last = folder / "checkpoints" / "last.ckpt"
-    if subcommand == "fit" and last.exists():
-        command += ["--ckpt_path", str(last)]
-        print(f"[sweep] {child.name}: resuming from {last}", flush=True)
+    if subcommand == "fit" and any((folder / "checkpoints").glob("*.ckpt")):
+        command += ["--ckpt_path", "last"]  # the newest checkpoint that reads completely (a torn one is skipped)
+        print(f"[sweep] {child.name}: resuming from its checkpoints in {folder / 'checkpoints'}", flush=True)
     tracking.client.update_run(run_id, status="RUNNING")
     env = dict(os.environ)
     if gpu is not None:  # the gpu-th of the GPUs this process sees (CUDA_VISIBLE_DEVICES may already pick some)

@@ -9,6 +9,8 @@ LM head, which must share a unit). ``ivl/model`` never imports torch.distributed
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -18,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from ivl.model.cheap_recompute import recompute_cheap_activations
+from ivl.stages.checkpoints import replace_folder
 
 CHECKPOINTING = ("off", "blocks", "mixers")
 
@@ -34,6 +37,19 @@ class FSDP2Strategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        """A distributed checkpoint is written into a temporary folder beside its name and renamed when every
+        rank has finished, so that a kill leaves the previous checkpoint whole (``ivl.stages.checkpoints``)."""
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        written = Path(self.broadcast(str(path.parent / f".{path.name}.tmp-{os.getpid()}")))
+        super().save_checkpoint(checkpoint, written, storage_options)
+        self.barrier("checkpoint written")
+        if self.global_rank == 0:
+            replace_folder(written, path)
+        self.barrier("checkpoint in place")
 
 
 def checkpoint_blocks(lm: nn.Module, mode: str | int | float | None, recompute_cheap: bool = True) -> list[int]:
