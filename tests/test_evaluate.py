@@ -219,7 +219,7 @@ def test_video_benchmarks_sweep_frame_counts_and_plot(tmp_path):
     from ivl.data.demo import _clip
     from ivl.data.processing import Processor
     from ivl.evaluate.plots import score_against_frames
-    from ivl.serve.engine import Engine
+    from ivl.serve.engine import ChatEngine
     from ivl.serve.loading import tiny_random_model
 
     for i in range(2):
@@ -228,7 +228,7 @@ def test_video_benchmarks_sweep_frame_counts_and_plot(tmp_path):
                                               "answer": ["two", "three"][i]} for i in range(2)],
                     ["index", "video", "question", "answer"])
     small = Processor(Processor.from_pretrained().tokenizer, video_min_pixels=56 * 56, video_max_pixels=56 * 56)
-    engine = Engine(tiny_random_model(), small)
+    engine = ChatEngine(tiny_random_model(), small)
     seen = []
     generate = engine.generate
     engine.generate = lambda prompts: (seen.append([len(v) for p in prompts for v in p.videos]), generate(prompts))[1]
@@ -277,7 +277,7 @@ def test_the_stage_cli_test_runs_benchmarks_like_python_m_ivl_evaluate(tmp_path)
     import lightning as L
 
     from ivl.evaluate import EvalDataModule
-    from ivl.serve.engine import Engine
+    from ivl.serve.engine import ChatEngine
     from ivl.stages import InstructModule
 
     tsv = write_tsv(tmp_path / "mini.tsv", mcq_rows(), MCQ_COLUMNS)
@@ -285,7 +285,7 @@ def test_the_stage_cli_test_runs_benchmarks_like_python_m_ivl_evaluate(tmp_path)
     dm = EvalDataModule([str(tsv)], batch_size=2, max_new_tokens=4, circular=True, out=str(tmp_path / "cli"))
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     (metrics,) = trainer.test(module, datamodule=dm)
-    alone = evaluate_file(Engine(module.model.eval(), dm.processor), tsv, tmp_path / "alone",
+    alone = evaluate_file(ChatEngine(module.model.eval(), dm.processor), tsv, tmp_path / "alone",
                           Options(max_new_tokens=4, circular=True))
     assert metrics["eval/mini/score"] == pytest.approx(alone["score"])
     assert json.loads((tmp_path / "cli" / "mini" / "scores.json").read_text())["categories"] == alone["categories"]

@@ -189,7 +189,7 @@ def test_every_block_step_traces_into_one_graph():
         for block, buffers, packed in zip(lm.layers, cache.layers, pack_projections(lm)):
             m = block.mixer
             args = (h, block.mixer_norm.weight, block.mlp_norm.weight, m.step_weights(packed))
-            rest = (cos, sin, torch.tensor(0), packed["gate_up"], block.mlp.down_proj.weight, 1e-6, type(m).step,
+            rest = (cos, sin, torch.tensor([0]), packed["gate_up"], block.mlp.down_proj.weight, 1e-6, type(m).step,
                     m.step_sizes())
             expected = static_cache._block_step.eager(*args, {k: t.clone() for k, t in buffers.items()}, *rest)
             torch.testing.assert_close(traced(*args, buffers, *rest), expected)

@@ -30,45 +30,45 @@ def test_static_decode_equals_dynamic_decode(prefill):
     assert static.nbytes() == before
 
 
-def test_a_used_static_cache_refilled_with_another_batch_decodes_like_a_fresh_one():
-    """copy_from leaves nothing of the batch a cache served before (ring positions, validity, states, tails):
-    refilled with 2 rows of another length, its first 2 rows decode exactly as a cache built for them."""
+def test_pool_slots_are_streams_of_their_own_loaded_without_their_padding_and_moved_whole():
+    """A row prefilled left-padded in a batch, loaded into a slot of a used pool with its padding left out, decodes
+    (crossing the window, 16) as the same prompt prefilled alone in a fresh cache; moved to another slot, it goes on
+    decoding the same; the slot beside it, another stream at another token index, is untouched."""
     torch.manual_seed(0)
     model = tiny_lm()
+    prompt, other, steps = torch.randint(0, 256, (1, 9)), torch.randint(0, 256, (1, 30)), torch.randint(0, 256, (24,))
 
-    def prefill(ids, mask):
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    def prefilled(ids, pad=0):
         cache = model.new_cache()
-        model(ids, position_ids=positions, attention_mask=mask, cache=cache)
-        return cache, positions[:, -1] + 1
+        mask = torch.ones(1, pad + ids.shape[1], dtype=torch.long)
+        mask[:, :pad] = 0
+        ids = torch.cat([torch.zeros(1, pad, dtype=torch.long), ids], 1)
+        model(ids, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), attention_mask=mask if pad else None,
+              cache=cache)
+        return cache
 
-    def decode(static, ids, next_pos, seen, rows):
-        out = []
-        for s in range(ids.shape[1]):
-            token = torch.zeros(static.batch, dtype=torch.long)
-            token[:rows] = ids[:, s]
-            pos = torch.zeros(static.batch, dtype=torch.long)
-            pos[:rows] = next_pos + s
-            out.append(decode_step(model, static, token, pos[None, :, None].expand(3, -1, 1),
-                                   torch.tensor(seen + s))[:rows])
-        return torch.stack(out)
+    def step(static, tokens, positions, indices):
+        return decode_step(model, static, torch.tensor(tokens), torch.tensor(positions)[None, :, None].expand(3, -1, 1),
+                           torch.tensor(indices))
 
     with torch.no_grad():
-        first, first_pos = prefill(torch.randint(0, 256, (3, 30)), torch.ones(3, 30, dtype=torch.long))
-        used = StaticCache(model, 4)
-        used.copy_from(StaticCache.from_cache(model, first, 3))
-        decode(used, torch.randint(0, 256, (3, 12)), first_pos, 30, 3)  # the earlier batch, 42 tokens in all
-
-        mask = torch.ones(2, 9, dtype=torch.long)
-        mask[0, :4] = 0
-        second, second_pos = prefill(torch.randint(0, 256, (2, 9)), mask)
-        steps = torch.randint(0, 256, (2, 6))
-        used.copy_from(StaticCache.from_cache(model, second, 2))
-        fresh = StaticCache.from_cache(model, second, 2)
-        torch.testing.assert_close(decode(used, steps, second_pos, 9, 2), decode(fresh, steps, second_pos, 9, 2),
-                                   rtol=1e-5, atol=1e-5)
-        with pytest.raises(ValueError, match="does not fit"):
-            fresh.copy_from(used)
+        alone = StaticCache.from_cache(model, prefilled(prompt))
+        expected = [step(alone, [int(t)], [9 + s], [9 + s])[0] for s, t in enumerate(steps)]
+        pool = StaticCache(model, 3)
+        pool.load(0, prefilled(other))
+        for s in range(5):  # the pool served another stream first: its slot 1 is not empty
+            pool.load(1, prefilled(other))
+            step(pool.rows(2), [1, 2], [30 + s, 30 + s], [30 + s, 30 + s])
+        pool.load(1, prefilled(prompt, pad=4), shift=4)
+        got = []
+        for s, t in enumerate(steps):
+            if s == 10:
+                pool.move_row(1, 2)  # as when a row before it leaves
+            row = 1 if s < 10 else 2
+            tokens, positions, indices = [7, 7, 7], [35 + s] * 3, [35 + s] * 3
+            tokens[row], positions[row], indices[row] = int(t), 9 + s, 9 + s
+            got.append(step(pool, tokens, positions, indices)[row])
+        torch.testing.assert_close(torch.stack(got), torch.stack(expected), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu
@@ -133,15 +133,15 @@ def test_compiled_decode_step_at_4b_layer_shapes_in_bf16():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_a_kept_captured_decoder_serves_batch_after_batch_as_the_dynamic_cache_decodes():
-    """The server's scheme on the GPU: one captured decoder per power-of-two batch size, refilled for each batch
-    (3 rows in a decoder of 4, then 2 other rows of another length, placeholders included), replaying the
-    logits of the dynamic cache's cached forward."""
-    from ivl.serve.engine import KeptDecoders
+def test_captured_slot_decoders_serve_batch_after_batch_as_the_dynamic_cache_decodes():
+    """The engine's scheme on the GPU: a pool of slots and one graph per power-of-two bucket, refilled for each
+    batch (3 rows in a bucket of 4, then 3 and 2 other rows of other lengths, left padding and placeholders
+    included), replaying the logits of the dynamic cache's cached forward."""
+    from ivl.model.generation import SlotDecoder
 
     torch.manual_seed(0)
     model = tiny_lm().cuda()
-    kept = KeptDecoders(model, cuda_graph=True)
+    slots = SlotDecoder(model, 8, cuda_graph=True)
     with torch.no_grad():
         for rows, length, pad in ((3, 30, 0), (3, 9, 4), (2, 17, 5)):
             ids = torch.randint(0, 256, (rows, length + 8), device="cuda")
@@ -151,15 +151,13 @@ def test_a_kept_captured_decoder_serves_batch_after_batch_as_the_dynamic_cache_d
             cache, reference = model.new_cache(), model.new_cache()
             model(ids[:, :length], position_ids=positions, attention_mask=mask, cache=cache)
             model(ids[:, :length], position_ids=positions, attention_mask=mask, cache=reference)
-            decoder = kept.load(cache, rows)
-            size = decoder.token.shape[0]
+            shifts = [pad] + [0] * (rows - 1)
+            for r in range(rows):
+                slots.pool.load(r, cache.select_rows(torch.tensor([r], device="cuda")), shifts[r])
             for s in range(8):
-                token = torch.zeros(size, dtype=torch.long, device="cuda")
-                token[:rows] = ids[:, length + s]
-                pos = torch.zeros(size, dtype=torch.long, device="cuda")
-                pos[:rows] = positions[:, -1] + 1 + s
-                got = decoder(token, pos[None, :, None].expand(3, -1, 1), length + s)[:rows]
+                got = slots(ids[:, length + s].tolist(), (positions[:, -1] + 1 + s).tolist(),
+                            [length + s - shifts[r] for r in range(rows)])
                 expected = model(ids[:, length + s:length + s + 1], cache=reference,
-                                 position_ids=pos[None, :rows, None].expand(3, -1, 1))[:, 0]
+                                 position_ids=(positions[:, -1:] + 1 + s)[None].expand(3, -1, 1))[:, 0]
                 torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
-    assert sorted(kept.by_size) == [2, 4]
+    assert sorted(slots.graphs) == [2, 4]

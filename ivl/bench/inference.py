@@ -20,9 +20,8 @@ import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from ivl.model import HybridConfig, InfiniteVL, InfiniteVLConfig
-from ivl.model.generation import StaticDecoder
+from ivl.model.generation import SlotDecoder
 from ivl.model.mixers import LINEAR_MIXERS
-from ivl.model.static_cache import StaticCache
 from ivl.model.teachers import QWEN2_5_VL_3B, TINY_TEACHER
 from ivl.model.vision import vision_config_dict
 
@@ -103,7 +102,13 @@ def time_infinitevl(model, B, T, args):
         def step(tok, pos, i):
             return lm(tok[:, None], position_ids=pos, cache=cache)[:, -1]
     else:
-        step = StaticDecoder(lm, StaticCache.from_cache(lm, cache, B), T, cuda_graph=args.decoder == "cuda_graph")
+        # The serving engine's decoder: B slots, each loaded with its row of the prefilled cache.
+        slots = SlotDecoder(lm, B, cuda_graph=args.decoder == "cuda_graph")
+        for b in range(B):
+            slots.pool.load(b, cache.select_rows(torch.tensor([b], device=device)))
+
+        def step(tok, pos, i):
+            return slots(tok.tolist(), [i] * B, [i] * B)
     token = logits.argmax(-1)
     times = []
     for s in range(args.decode_tokens):

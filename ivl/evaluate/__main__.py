@@ -56,11 +56,11 @@ def main(argv=None) -> None:
     fit_threads_to_cpus()
     from ivl.evaluate.runner import Options, evaluate_file, log_mlflow, model_identity, table
     from ivl.evaluate.tsv import BadRow
-    from ivl.serve.engine import Engine
+    from ivl.serve.engine import ChatEngine
     from ivl.serve.loading import load
 
     model, processor, name = load(args.model, args.device, args.dtype)
-    engine = Engine(model, processor)
+    engine = ChatEngine(model, processor, capacity=args.batch_size)
     results = []
     try:
         for path in args.data:

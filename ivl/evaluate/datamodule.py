@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from ivl.data.processing import Processor
 from ivl.evaluate.runner import (Options, finish, fingerprint, generate, make_record, metrics_of, plan, resumable,
                                  write_outputs)
-from ivl.serve.engine import Engine
+from ivl.serve.engine import ChatEngine
 
 
 class EvalDataModule(L.LightningDataModule):
@@ -42,7 +42,7 @@ class EvalDataModule(L.LightningDataModule):
                  processor: str | None = None, image_min_pixels: int | None = None,
                  image_max_pixels: int | None = None, video_max_pixels: int | None = None):
         super().__init__()
-        self._engine: Engine | None = None
+        self._engine: ChatEngine | None = None
         self.benchmarks = [Path(b) for b in benchmarks]
         missing = [str(b) for b in self.benchmarks if not b.is_file()]
         if missing:
@@ -92,7 +92,7 @@ class EvalDataModule(L.LightningDataModule):
         """Generate and score one batch; each record is also appended to this rank's partial file, so that a
         killed run resumes from it."""
         if self._engine is None or self._engine.model is not model:
-            self._engine = Engine(model, self.processor)  # kept: its decoders serve every later batch
+            self._engine = ChatEngine(model, self.processor, capacity=self.options.batch_size)  # its slots, kept
         plans = {p.name: p for p in self.plans}
         rank, _ = self._rank()
         for name in dict.fromkeys(name for name, *_ in batch):

@@ -14,7 +14,7 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from PIL import Image
 
-from ivl.serve.engine import Engine, Prompt, Sampling
+from ivl.serve.engine import ChatEngine, Prompt, Sampling
 from ivl.serve.loading import load
 
 
@@ -31,7 +31,7 @@ class InfiniteVLLMM(lmms):
                  max_new_tokens: int = 256, video_frames: int = 32, **kwargs) -> None:
         super().__init__()
         model, processor, _ = load(pretrained, device, dtype)
-        self.engine = Engine(model, processor)
+        self.engine = ChatEngine(model, processor, capacity=int(batch_size))
         self.batch_size, self.max_new_tokens = int(batch_size), int(max_new_tokens)
         self.video_frames = int(video_frames)
 

@@ -25,7 +25,7 @@ from ivl.evaluate import answers, prompts, scoring
 from ivl.evaluate.benchmarks import Benchmark, benchmark_for
 from ivl.evaluate.report import COPY, copy_group, summarise
 from ivl.evaluate.tsv import Item, read_tsv
-from ivl.serve.engine import Engine, Prompt, Sampling
+from ivl.serve.engine import ChatEngine, Prompt, Sampling
 
 PROMPTS_VERSION = "vlmevalkit-2026-06"  # changes whenever prompts or answer reading change: old records go stale
 
@@ -125,7 +125,7 @@ def resumable(out: Path, print_: dict, patterns: tuple[str, ...] = ("predictions
     return done
 
 
-def evaluate_file(engine: Engine, tsv: Path, out: Path, options: Options, model: str = "") -> dict:
+def evaluate_file(engine: ChatEngine, tsv: Path, out: Path, options: Options, model: str = "") -> dict:
     """Scores of one benchmark file (writes ``out/predictions.jsonl``, ``out/predictions.tsv`` and
     ``out/scores.json``). ``model`` names the model in the fingerprint."""
     the_plan = plan(tsv, options)
@@ -194,7 +194,7 @@ def write_vlmevalkit_predictions(path: Path, the_plan: Plan, records: list[dict]
         writer.writerows(rows)
 
 
-def generate(engine: Engine, batch: list[tuple[Item, int]], benchmark: Benchmark, options: Options) -> list[str]:
+def generate(engine: ChatEngine, batch: list[tuple[Item, int]], benchmark: Benchmark, options: Options) -> list[str]:
     chat = []
     for item, rotation in batch:
         messages, images = prompts.build(item, benchmark.prompt, rotation)

@@ -102,22 +102,26 @@ class SlidingWindowAttention(TokenMixer):
         return WindowKVCache(window)
 
     def static_buffers(self, batch: int, window: int, device, dtype) -> dict[str, torch.Tensor]:
-        """A [B, Hkv, window, D] ring of keys/values (heads first: one head's keys form one matrix), with the token
-        index and validity of each slot."""
+        """A [B, Hkv, window, D] ring of keys/values (heads first: one head's keys form one matrix), with each row's
+        token index and validity of each slot (rows run their own streams)."""
         shape = (batch, self.num_kv_heads, window, self.head_dim)
         return {"keys": torch.zeros(shape, device=device, dtype=dtype),
                 "values": torch.zeros(shape, device=device, dtype=dtype),
-                "positions": torch.full((window,), EMPTY, dtype=torch.long, device=device),
+                "positions": torch.full((batch, window), EMPTY, dtype=torch.long, device=device),
                 "valid": torch.zeros(batch, window, dtype=torch.bool, device=device)}
 
-    def load_static(self, buffers: dict[str, torch.Tensor], entry: WindowKVCache) -> None:
+    def load_static(self, buffers: dict[str, torch.Tensor], entry: WindowKVCache, shift: int = 0) -> None:
+        """``shift``: the rows' tokens are renumbered to start after the first ``shift`` token indices (their left
+        padding, which is left out): each token goes to the ring slot of its new index."""
         if entry.keys is None:
             return
-        slots = entry.positions % buffers["positions"].shape[0]
-        buffers["keys"][:, :, slots] = entry.keys.transpose(1, 2)
-        buffers["values"][:, :, slots] = entry.values.transpose(1, 2)
-        buffers["positions"][slots] = entry.positions
-        buffers["valid"][:, slots] = entry.valid
+        keep = entry.positions >= shift
+        positions = entry.positions[keep] - shift
+        slots = positions % buffers["positions"].shape[1]
+        buffers["keys"][:, :, slots] = entry.keys[:, keep].transpose(1, 2)
+        buffers["values"][:, :, slots] = entry.values[:, keep].transpose(1, 2)
+        buffers["positions"][:, slots] = positions
+        buffers["valid"][:, slots] = entry.valid[:, keep]
 
     def projection_groups(self) -> dict[str, list[nn.Parameter]]:
         groups = {"mixer_in": [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]}
@@ -136,20 +140,21 @@ class SlidingWindowAttention(TokenMixer):
 
     @staticmethod
     def step(x, weights, buffers, cos, sin, token_index, sizes) -> torch.Tensor:
-        """One token per row against the ring, which takes the token in place."""
+        """One token per row against its ring, which takes the token in place; token_index [B]."""
         Hq, Hkv, D = sizes
         B = x.shape[0]
         keys, values, positions, valid = (buffers[n] for n in ("keys", "values", "positions", "valid"))
-        window = positions.shape[0]
+        window = positions.shape[1]
         q, k, v = linear(x, weights["w_in"], weights.get("b_in")).split([Hq * D, Hkv * D, Hkv * D], -1)
         q, k = apply_rotary(q.view(B, 1, Hq, D), cos, sin), apply_rotary(k.view(B, 1, Hkv, D), cos, sin)
-        slot = (token_index % window).view(1)
-        keys.index_copy_(2, slot, k.transpose(1, 2))
-        values.index_copy_(2, slot, v.view(B, 1, Hkv, D).transpose(1, 2))
-        positions.index_copy_(0, slot, token_index.view(1))
-        valid.index_fill_(1, slot, True)
-        in_window = (positions > token_index - window) & (positions <= token_index)  # [S]
-        return linear(_decode_attention(q, keys, values, in_window[None] & valid), weights["w_o"])
+        rows, slot = torch.arange(B, device=x.device), token_index % window
+        keys[rows, :, slot] = k[:, 0]
+        values[rows, :, slot] = v.view(B, Hkv, D)
+        positions[rows, slot] = token_index
+        valid[rows, slot] = True
+        now = token_index[:, None]
+        in_window = (positions > now - window) & (positions <= now)  # [B, S]
+        return linear(_decode_attention(q, keys, values, in_window & valid), weights["w_o"])
 
 
 def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -80,7 +80,9 @@ class TokenMixer(nn.Module):
     def static_buffers(self, batch: int, window: int, device, dtype) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def load_static(self, buffers: dict[str, torch.Tensor], entry) -> None:
+    def load_static(self, buffers: dict[str, torch.Tensor], entry, shift: int = 0) -> None:
+        """Copy a dynamic cache entry into the buffers; ``shift``: the first ``shift`` token indices were left
+        padding, and the row's tokens count from its first real one (only token-indexed buffers change)."""
         raise NotImplementedError
 
     def projection_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -122,7 +124,7 @@ class RecurrentMixer(TokenMixer):
             buffers["tail"] = torch.zeros(batch, width - 1, sum(channels), device=device, dtype=dtype)
         return buffers
 
-    def load_static(self, buffers: dict[str, torch.Tensor], entry) -> None:
+    def load_static(self, buffers: dict[str, torch.Tensor], entry, shift: int = 0) -> None:
         if entry.state is None:  # nothing cached yet: the buffers' zeros are the empty stream
             return
         buffers["state"].copy_(entry.state)

@@ -27,49 +27,65 @@ from ivl.model.packing import pack_projections
 
 
 class StaticCache:
-    def __init__(self, lm: HybridLM, batch: int, device=None, dtype=None):
+    """Every layer's decoding buffers for ``batch`` rows (the batch first in every buffer), each row its own stream
+    at its own token index. ``ring``: the attention rings' size, the window (or, for full attention, the longest
+    context a row may reach)."""
+
+    def __init__(self, lm: HybridLM, batch: int, device=None, dtype=None, ring: int | None = None):
         config = lm.config
-        if config.window is None:
-            raise ValueError("a static cache needs a sliding window (full attention grows without bound)")
+        ring = config.window or ring
+        if ring is None:
+            raise ValueError("a static cache of full attention needs its ring size: the longest context it holds")
         device = device or lm.embed_tokens.weight.device
         dtype = dtype or lm.embed_tokens.weight.dtype
-        self.window = config.window
-        self.batch, self.device = batch, torch.device(device)
-        self.layers = [block.mixer.static_buffers(batch, self.window, device, dtype) for block in lm.layers]
+        self.window = ring
+        self.batch, self.device, self.blocks = batch, torch.device(device), list(lm.layers)
+        self.layers = [block.mixer.static_buffers(batch, ring, device, dtype) for block in lm.layers]
 
     @classmethod
-    def from_cache(cls, lm: HybridLM, cache: HybridCache, batch: int) -> "StaticCache":
+    def from_cache(cls, lm: HybridLM, cache: HybridCache, batch: int | None = None,
+                   ring: int | None = None) -> "StaticCache":
         """Copy a (prefilled) dynamic cache into static buffers."""
-        static = cls(lm, batch)
+        static = cls(lm, batch or _rows(cache), ring=ring)
         for block, buffers, entry in zip(lm.layers, static.layers, cache.layers):
             block.mixer.load_static(buffers, entry)
         return static
 
+    def rows(self, n: int) -> "StaticCache":
+        """The first ``n`` rows, as a cache sharing these buffers (what a decoder of ``n`` rows reads and writes)."""
+        view = object.__new__(StaticCache)
+        view.window, view.batch, view.device, view.blocks = self.window, n, self.device, self.blocks
+        view.layers = [{name: t[:n] for name, t in layer.items()} for layer in self.layers]
+        return view
+
     def clone(self) -> "StaticCache":
         """A copy with buffers of its own."""
         copy = object.__new__(StaticCache)
-        copy.window, copy.batch, copy.device = self.window, self.batch, self.device
+        copy.window, copy.batch, copy.device, copy.blocks = self.window, self.batch, self.device, self.blocks
         copy.layers = [{name: t.clone() for name, t in layer.items()} for layer in self.layers]
         return copy
 
-    def copy_from(self, source: "StaticCache") -> None:
-        """Take ``source``'s contents in place (a batch of at most this one's rows), so that a captured decoder
-        can serve another batch. Rows beyond ``source``'s repeat its first row: placeholders whose outputs nobody
-        reads, which hold nothing of an earlier batch."""
-        if source.batch > self.batch or source.window != self.window:
-            raise ValueError(f"a cache of {source.batch} rows (window {source.window}) does not fit one of "
-                             f"{self.batch} rows (window {self.window})")
-        for mine, theirs in zip(self.layers, source.layers):
-            for name, dst in mine.items():
-                src = theirs[name]
-                if dst.shape == src.shape:  # shared across rows (ring positions), or as many rows
-                    dst.copy_(src)
-                else:
-                    dst[:source.batch].copy_(src)
-                    dst[source.batch:].copy_(src[:1].expand_as(dst[source.batch:]))
+    def load(self, slot: int, cache: HybridCache, shift: int = 0) -> None:
+        """A one-row dynamic cache into row ``slot``; ``shift``: its first ``shift`` token indices were left padding,
+        left out, so that its tokens count from its first real one."""
+        for block, buffers, entry in zip(self.blocks, self.layers, cache.layers):
+            block.mixer.load_static({name: t[slot:slot + 1] for name, t in buffers.items()}, entry, shift)
+
+    def move_row(self, src: int, dst: int) -> None:
+        for layer in self.layers:
+            for t in layer.values():
+                t[dst].copy_(t[src])
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values())
+
+
+def _rows(cache: HybridCache) -> int:
+    for layer in cache.layers:
+        for t in layer.tensors():
+            if t.dim() > 1:
+                return t.shape[0]
+    raise ValueError("the cache holds nothing yet: say how many rows")
 
 
 @torch.no_grad()
@@ -77,10 +93,11 @@ def decode_step(lm: HybridLM, cache: StaticCache, token: torch.Tensor, position:
                 token_index: torch.Tensor) -> torch.Tensor:
     """Logits [B, vocab] of one new token per row, updating ``cache`` in place.
 
-    token [B]; position [3, B, 1] (multimodal RoPE position of the token); token_index: 0-dim long tensor, the
-    token's index in the stream (the same for every row).
+    token [B]; position [3, B, 1] (multimodal RoPE position of the token); token_index [B] (or 0-dim, the same for
+    every row): the token's index in its row's stream.
     """
     eps = lm.config.rms_norm_eps
+    token_index = token_index.expand(token.shape[0]) if token_index.dim() == 0 else token_index
     h = lm.embed_tokens(token[:, None])
     cos, sin = lm.rotary(position, h.dtype)
     for block, buffers, packed in zip(lm.layers, cache.layers, pack_projections(lm)):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -175,21 +173,19 @@ class InfiniteVL(nn.Module):
         temperature: float = 1.0,
         top_p: float = 1.0,
         stop_token_ids: list[int] | None = None,
-        on_token: Callable[[torch.Tensor], None] | None = None,
         prefill_chunk: int | None = 8192,
         generator: torch.Generator | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
         return_scores: bool = False,
-        decoder: str = "dynamic",
+        decoder: str | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """New tokens [B, n <= max_new_tokens]; rows that stopped early are filled with ``pad_token_id``.
-        ``decoder``: "dynamic" cache, "static" fixed-shape buffers, or "cuda_graph" (one captured decode step
-        replayed per token; CUDA only).
         With ``return_scores``, also the logits [B, n, vocab] each token was chosen from.
 
-        Prompts in a batch are left-padded (attention_mask 0 on the left). The prompt is prefilled through the
-        constant-memory cache in chunks of ``prefill_chunk`` tokens, then one token per step is decoded, greedy
-        or sampled (temperature, nucleus top_p). ``on_token`` receives each step's tokens [B] as they come.
+        Prompts in a batch are left-padded (attention_mask 0 on the left). Each row runs through the decode engine
+        (``ivl.model.generation``, the server's): prefilled through the constant-memory cache in chunks of
+        ``prefill_chunk`` tokens, then one token per step, greedy or sampled (temperature, nucleus top_p).
+        ``decoder``: "static" (eager fixed-shape steps) or "cuda_graph" (captured steps; the default on CUDA).
         """
         from ivl.model.generation import generate  # the decode engine (caches, CUDA graphs, GEMV) loads on use
 
@@ -197,11 +193,11 @@ class InfiniteVL(nn.Module):
         position_ids, next_position = self.position_ids(input_ids, image_grid_thw, video_grid_thw,
                                                         second_per_grid_ts, attention_mask)
         return generate(
-            self.lm, embeds, position_ids, next_position, attention_mask,
+            self, embeds, position_ids, next_position, attention_mask,
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
             stop_token_ids=self.config.eos_token_ids if stop_token_ids is None else stop_token_ids,
-            pad_token_id=self.config.pad_token_id, on_token=on_token, prefill_chunk=prefill_chunk,
-            generator=generator, return_scores=return_scores, decoder=decoder,
+            pad_token_id=self.config.pad_token_id, prefill_chunk=prefill_chunk, generator=generator,
+            return_scores=return_scores, decoder=decoder,
         )
 
     # ---- checkpoints ------------------------------------------------------------------------------------------

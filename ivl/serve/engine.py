@@ -1,10 +1,11 @@
-"""Batched chat generation for the server: left-padded prefill of several prompts through the constant-memory
-cache, then one token per step for every row that is still running, each with its own sampling settings.
+"""Chat prompts on the decode engine (``ivl.model.generation``): a prompt's text and media become a token sequence,
+the engine's tokens become text, copy by copy (OpenAI's ``n``).
 
-On a GPU the steps run on CUDA-graph decoders (``ivl.model.generation``), one per batch size, kept between
-batches. A row ends as soon as it finishes (a stop token or string, its token budget, or its client gone); on the
-dynamic (CPU) path its row is also dropped from the cache, so the others' steps get cheaper.
-A row never reads another row's tokens: padding is masked in attention and zeroed into Gated DeltaNet.
+Text comes out incrementally: what could still turn into a stop string, or an incomplete UTF-8 character, is held
+back until it is settled; a stop string ends its copy there (and the engine drops the copy's slot). The processor
+runs on the caller's thread (tokens, image patches); the vision tower and everything after it on the engine's.
+``generate`` drives the engine from the calling thread (evaluation, lmms-eval, tests); the server runs it on a
+thread of its own and calls ``start``.
 """
 
 from __future__ import annotations
@@ -13,21 +14,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from ivl.data.processing import Processor
-from ivl.model.generation import StaticDecoder
-from ivl.model.static_cache import StaticCache
-from ivl.model.vlm import InfiniteVL
+from ivl.model.generation import Engine, Sampling, Sequence, Token
 
-
-@dataclass
-class Sampling:
-    max_tokens: int = 256
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
+__all__ = ["ChatEngine", "Delta", "Prompt", "Sampling"]
 
 
 @dataclass
@@ -38,208 +29,167 @@ class Prompt:
     images: list = field(default_factory=list)  # PIL images
     videos: list = field(default_factory=list)  # frame stacks [T, H, W, 3] uint8
     sampling: Sampling = field(default_factory=Sampling)
+    n: int = 1
+    constraint: Callable | None = None  # copy -> a structured-output constraint (ivl.serve.structured)
 
 
 @dataclass
 class Delta:
-    """What one step added to one row: new text, and the finish reason once the row is done."""
+    """What one step added to one copy of a prompt: new text, its tokens' log-probabilities (when asked), and
+    the finish reason once the copy is done."""
 
     text: str
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    index: int = 0  # the copy
+    logprobs: list[dict] | None = None  # per token: {"token", "logprob", "bytes", "top_logprobs"}
 
 
-class _Row:
-    """Incremental detokenisation and stop strings of one row."""
+class _Text:
+    """Incremental detokenisation and stop strings of one copy.
 
-    def __init__(self, prompt: Prompt, prompt_tokens: int, device):
-        self.sampling = prompt.sampling
+    Each token is decoded with the few before it (from ``prefix``), not the whole answer again: a token's text can
+    depend on its neighbours (byte pieces of one character, a leading space), and the text settles once the
+    decoded window grows without ending in an incomplete character."""
+
+    def __init__(self, processor: Processor, sampling: Sampling):
+        self.processor, self.stops = processor, sampling.stop
         self.tokens: list[int] = []
-        self.sent = 0  # characters of the decoded text already returned
-        self.prompt_tokens = prompt_tokens
-        self.generator = None
-        if prompt.sampling.seed is not None:
-            self.generator = torch.Generator(device=device).manual_seed(prompt.sampling.seed)
+        self.text = ""  # the settled text so far
+        self.prefix = self.read = 0  # tokens[prefix:read] decode to the end of ``text``
+        self.sent = 0  # characters of ``text`` already returned
+        self.finished = False
 
-    def advance(self, token: int, cancelled: bool, stop_ids: set[int], processor: Processor) -> Delta:
-        """This row's step with the token chosen for it: the new text, and why the row ends if it does."""
-        done = None
-        if cancelled:
-            done = "cancelled"
-        elif token in stop_ids:
-            done = "stop"
-        else:
-            self.tokens.append(token)
-            if len(self.tokens) >= self.sampling.max_tokens:
-                done = "length"
-        text, stopped = self.text_delta(processor, final=done is not None)
-        return Delta(text, "stop" if stopped else done, self.prompt_tokens, len(self.tokens))
+    def _settle(self, final: bool) -> None:
+        decode = lambda ids: self.processor.decode(ids, skip_special_tokens=True)  # noqa: E731
+        before, after = decode(self.tokens[self.prefix:self.read]), decode(self.tokens[self.prefix:])
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self.text += after[len(before):]
+            self.prefix, self.read = self.read, len(self.tokens)
 
-    def text_delta(self, processor: Processor, final: bool) -> tuple[str, bool]:
-        """(new text, whether a stop string ended the row). Text that could still turn into a stop string, or
-        an incomplete UTF-8 sequence, is held back until it is settled."""
-        text = processor.decode(self.tokens, skip_special_tokens=True)
-        for stop in self.sampling.stop:
-            at = text.find(stop)
+    def take(self, token: Token) -> tuple[str, str | None]:
+        """(new text, finish reason) after the engine's next token for this copy."""
+        if token.id is not None and token.output:
+            self.tokens.append(token.id)
+        final = token.finish is not None
+        self._settle(final)
+        text = self.text
+        for stop in self.stops:
+            at = text.find(stop, max(0, self.sent - len(stop)))
             if at >= 0:
-                out = text[self.sent:at]
-                self.sent = at
-                return out, True
+                out, self.sent, self.finished = text[self.sent:at], at, True
+                return out, "stop"
         end = len(text)
         if not final:
-            if text.endswith("\ufffd"):
-                end = len(text.rstrip("\ufffd"))
-            hold = max((len(s) - 1 for s in self.sampling.stop), default=0)
+            hold = max((len(s) - 1 for s in self.stops), default=0)
             end = max(self.sent, end - hold)
-        out = text[self.sent:end]
-        self.sent = end
-        return out, False
+        out, self.sent = text[self.sent:end], end
+        self.finished = final
+        return out, token.finish
 
 
-class KeptDecoders:
-    """Fixed-shape decoders (``StaticDecoder``, captured in a CUDA graph when ``cuda_graph``), one per batch size
-    rounded up to a power of two, built on first use and kept: capturing costs a few decode steps, replaying saves
-    hundreds of kernel launches per token, so one capture serves every later batch of its size."""
+class ChatEngine:
+    """A model, its processor and the decode engine over ``capacity`` slots (``ivl.model.generation.Engine``'s
+    other arguments pass through)."""
 
-    def __init__(self, lm, cuda_graph: bool):
-        self.lm, self.cuda_graph = lm, cuda_graph
-        self.by_size: dict[int, StaticDecoder] = {}
-
-    def load(self, cache, rows: int) -> StaticDecoder:
-        """The decoder for ``rows`` rows, holding the prefilled dynamic ``cache`` in its first rows."""
-        size = 1 << (rows - 1).bit_length()
-        if size not in self.by_size:
-            self.by_size[size] = StaticDecoder(self.lm, StaticCache(self.lm, size), cache.seen_tokens,
-                                               cuda_graph=self.cuda_graph)
-        decoder = self.by_size[size]
-        decoder.cache.copy_from(StaticCache.from_cache(self.lm, cache, rows))
-        return decoder
-
-
-class Engine:
-    """The model, its processor and the generation loop the server's workers call.
-
-    ``decoder``: "dynamic" decodes through the growing cache and drops finished rows; "static" and "cuda_graph"
-    (the default on a GPU) decode through fixed-shape buffers (``StaticDecoder``), one decoder per batch size
-    rounded up to a power of two, built on first use and kept: a captured graph replays one launch per token
-    instead of hundreds, and serves every later batch of its size. Finished rows stay in such a batch as
-    placeholders (decoding is bound by reading the weights, so they cost next to nothing) until the last row
-    ends. Models without a sliding window (a growing cache), and models sharded by FSDP, decode dynamically.
-    """
-
-    def __init__(self, model: InfiniteVL, processor: Processor, max_context: int | None = None,
-                 decoder: str | None = None):
+    def __init__(self, model, processor: Processor, capacity: int = 8, **engine):
         self.model, self.processor = model.eval(), processor
-        self.device = next(model.parameters()).device
-        self.stop_ids = set(model.config.eos_token_ids)
-        self.max_context = max_context or 32768
-        if decoder is None:
-            decoder = "cuda_graph" if self.device.type == "cuda" else "dynamic"
-        if decoder not in ("dynamic", "static", "cuda_graph"):
-            raise ValueError(f"decoder must be 'dynamic', 'static' or 'cuda_graph'; got {decoder!r}")
-        if model.lm.config.window is None or any(isinstance(p, DTensor) for p in model.parameters()):
-            # a growing cache has no fixed shape; FSDP keeps weights sharded outside the model's forward, where
-            # the fixed-shape step reads them
-            decoder = "dynamic"
-        self.decoder = decoder
-        self.decoders = KeptDecoders(model.lm, cuda_graph=decoder == "cuda_graph")
+        self.engine = Engine(self.model, capacity=capacity, **engine)
+        self.device = self.engine.device
 
     def count_tokens(self, prompt: Prompt) -> int:
         """Tokens the prompt takes after its images and videos are expanded (checked before generating)."""
         return int(self.processor(prompt.text, images=prompt.images or None, videos=prompt.videos or None)
                    ["input_ids"].shape[1])
 
+    def sequence(self, prompt: Prompt, on_delta: Callable[[Delta], None]) -> Sequence:
+        """The prompt as the engine's sequence; ``on_delta`` gets every copy's deltas (on the engine's thread)."""
+        inputs = self.processor(prompt.text, images=prompt.images or None, videos=prompt.videos or None)
+        model, device = self.model, self.device
+
+        def prepare(sequence: Sequence) -> None:  # on the engine's thread: the vision tower and positions
+            batch = {k: v.to(device) for k, v in inputs.items()}
+            dtype = next(model.parameters()).dtype
+            for key in ("pixel_values", "pixel_values_videos"):
+                if key in batch:
+                    batch[key] = batch[key].to(dtype)
+            ids = batch["input_ids"]
+            sequence.embeds = model.embed(ids, batch.get("pixel_values"), batch.get("image_grid_thw"),
+                                          batch.get("pixel_values_videos"), batch.get("video_grid_thw"))[0]
+            positions, next_position = model.position_ids(ids, batch.get("image_grid_thw"),
+                                                          batch.get("video_grid_thw"),
+                                                          batch.get("second_per_grid_ts"))
+            sequence.position_ids, sequence.next_position = positions[:, 0], int(next_position[0])
+
+        return self._sequence(prepare, int(inputs["input_ids"].shape[1]), prompt.sampling, prompt.n,
+                              prompt.constraint, on_delta)
+
+    def continuation(self, cache, ids: torch.Tensor, positions: torch.Tensor, sampling: Sampling,
+                     on_delta: Callable[[Delta], None]) -> Sequence:
+        """Text tokens ``ids`` [T] at ``positions`` [3, T] after the stream in ``cache`` (a live session's), answered
+        from a copy of it: the stream itself stays where it was."""
+        device = self.device
+
+        def prepare(sequence: Sequence) -> None:
+            sequence.embeds = self.model.lm.embed_tokens(ids.to(device))
+            sequence.position_ids, sequence.next_position = positions.to(device), int(positions[0, -1]) + 1
+
+        return self._sequence(prepare, len(ids), sampling, 1, None, on_delta, start=cache)
+
+    def _sequence(self, prepare, prompt_tokens: int, sampling: Sampling, n: int, constraint,
+                  on_delta: Callable[[Delta], None], start=None) -> Sequence:
+        texts = [_Text(self.processor, sampling) for _ in range(n)]
+        holder: dict[str, Sequence] = {}
+
+        def on_token(token: Token) -> None:
+            text = texts[token.copy]
+            if text.finished:
+                return
+            piece, finish = text.take(token)
+            if finish == "stop" and token.finish is None:  # a stop string: the copy's slot goes too
+                self.engine.cancel(holder["sequence"], token.copy)
+            logprobs = self._logprobs(token) if sampling.logprobs is not None and token.id is not None \
+                and token.output else None
+            on_delta(Delta(piece, finish, prompt_tokens, len(text.tokens), token.copy, logprobs))
+
+        holder["sequence"] = Sequence(prepare=prepare, sampling=sampling, copies=n, on_token=on_token,
+                                      constraint=constraint, start=start)
+        return holder["sequence"]
+
+    def _logprobs(self, token: Token) -> list[dict]:
+        def entry(token_id: int, logprob: float) -> dict:
+            text = self.processor.decode([token_id])
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return [{**entry(token.id, token.logprob),
+                 "top_logprobs": [entry(i, lp) for i, lp in (token.top or [])]}]
+
+    def start(self, prompt: Prompt, on_delta: Callable[[Delta], None]) -> Sequence:
+        """Submits the prompt to the engine (running on its own thread); cancel with ``cancel``."""
+        return self.engine.submit(self.sequence(prompt, on_delta))
+
+    def cancel(self, sequence: Sequence) -> None:
+        self.engine.cancel(sequence)
+
     @torch.no_grad()
-    def generate(self, prompts: list[Prompt], cancelled: Callable[[int], bool] = lambda i: False,
-                 ) -> Iterator[list[Delta | None]]:
-        """Yields one list per step with a ``Delta`` for each prompt (None for rows that finished earlier).
-        ``cancelled(i)`` is asked every step: True ends row i (its client left)."""
-        model, lm = self.model, self.model.lm
-        batch = self.processor([p.text for p in prompts], images=[im for p in prompts for im in p.images] or None,
-                               videos=[v for p in prompts for v in p.videos] or None)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        mask = batch["attention_mask"]
-        dtype = next(model.parameters()).dtype
-        for key in ("pixel_values", "pixel_values_videos"):
-            if key in batch:
-                batch[key] = batch[key].to(dtype)
-        rows = [_Row(p, int(n), self.device) for p, n in zip(prompts, mask.sum(1).tolist())]
-        position_ids, next_position = model.position_ids(
-            batch["input_ids"], batch.get("image_grid_thw"), batch.get("video_grid_thw"),
-            batch.get("second_per_grid_ts"), mask)
-        cache = model.new_cache()
-        hidden = model.hidden_states(batch["input_ids"], mask, batch.get("pixel_values"),
-                                     batch.get("image_grid_thw"), batch.get("pixel_values_videos"),
-                                     batch.get("video_grid_thw"), batch.get("second_per_grid_ts"),
-                                     position_ids=position_ids, cache=cache)
-        logits = lm.lm_head(hidden[:, -1]).float()
-        if self.decoder == "dynamic":
-            yield from self._decode_dynamic(rows, logits, cache, next_position, cancelled)
-        else:
-            yield from self._decode_static(rows, logits, cache, next_position, cancelled)
+    def generate(self, prompts: list[Prompt]) -> Iterator[list[Delta | None]]:
+        """Runs the prompts (one copy each) on this thread; yields one list per engine step with each prompt's
+        ``Delta`` (None for prompts with nothing new)."""
+        pending: list[Delta | None] = [None] * len(prompts)
 
-    def _advance(self, rows: list[_Row], live: list[int], logits: torch.Tensor, cancelled
-                 ) -> tuple[list[Delta | None], list[int], list[int]]:
-        """One step's deltas, and the logits rows (and their tokens) of the rows that go on."""
-        out: list[Delta | None] = [None] * len(rows)
-        greedy = logits.argmax(-1).tolist()  # one read-back for every greedy row
-        keep, tokens = [], []
-        for r, i in enumerate(live):
-            row = rows[i]
-            token = greedy[r] if row.sampling.temperature <= 0 else _sample(logits[r], row.sampling, row.generator)
-            out[i] = row.advance(token, cancelled(i), self.stop_ids, self.processor)
-            if out[i].finish_reason is None:
-                keep.append(r)
-                tokens.append(token)
-        return out, keep, tokens
+        def collect(i: int, delta: Delta) -> None:
+            if pending[i] is None:
+                pending[i] = delta
+            else:  # several tokens in one step (the first two come together): one delta
+                pending[i] = Delta(pending[i].text + delta.text, delta.finish_reason, delta.prompt_tokens,
+                                   delta.completion_tokens, delta.index,
+                                   (pending[i].logprobs or []) + (delta.logprobs or []) or None)
 
-    def _decode_dynamic(self, rows, logits, cache, next_position, cancelled):
-        lm = self.model.lm
-        live = list(range(len(rows)))  # prompt index of each cache row
-        step = 0
-        while live:
-            out, keep, tokens = self._advance(rows, live, logits, cancelled)
-            yield out
-            if not keep:
-                return
-            if len(keep) < len(live):  # finished rows leave the cache: nothing of theirs stays in memory
-                index = torch.tensor(keep, device=self.device)
-                cache = cache.select_rows(index)
-                next_position = next_position.index_select(0, index)
-                live = [live[r] for r in keep]
-            token = torch.tensor(tokens, device=self.device)
-            position = (next_position + step)[None, :, None].expand(3, -1, 1)
-            logits = lm(token[:, None], position_ids=position, cache=cache)[:, -1].float()
-            step += 1
-
-    def _decode_static(self, rows, logits, cache, next_position, cancelled):
-        seen = cache.seen_tokens
-        decoder = self.decoders.load(cache, len(rows))
-        del cache  # its contents now live in the decoder's buffers
-        size = decoder.token.shape[0]
-        positions = torch.zeros(size, dtype=next_position.dtype, device=self.device)
-        positions[:len(rows)] = next_position.view(-1)
-        token = torch.zeros(size, dtype=torch.long, device=self.device)
-        live = list(range(len(rows)))  # the rows still running; a decoder row is its prompt's index
-        step = 0
-        while live:
-            out, keep, tokens = self._advance(rows, live, logits[live], cancelled)
-            yield out
-            if not keep:
-                return
-            live = [live[r] for r in keep]
-            token[live] = torch.tensor(tokens, device=self.device)
-            logits = decoder(token, (positions + step)[None, :, None].expand(3, -1, 1), seen + step).float()
-            step += 1
-
-
-def _sample(logits: torch.Tensor, sampling: Sampling, generator) -> int:
-    if sampling.temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits / sampling.temperature, dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    return int(torch.multinomial(probs, 1, generator=generator))
+        for i, prompt in enumerate(prompts):
+            self.engine.submit(self.sequence(prompt, lambda d, i=i: collect(i, d)))
+        while self.engine.busy():
+            self.engine.step()
+            if any(d is not None for d in pending):
+                yield pending
+                pending = [None] * len(prompts)

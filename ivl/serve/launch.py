@@ -45,7 +45,7 @@ def running_server(*args: str, log_path: Path, env: dict | None = None, timeout:
     finally:
         import psutil
 
-        try:  # LitServe's spawned model workers outlive their server: end them too
+        try:  # anything the server started (a tokenizer's worker pool, say) goes with it
             children = psutil.Process(proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             children = []

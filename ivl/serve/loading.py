@@ -1,4 +1,5 @@
-"""What the server serves: a saved InfiniteVL folder, else the demo's trained model, else a tiny random one."""
+"""What the server serves: a saved InfiniteVL folder, else the demo's trained model, else a tiny random one; or, as
+the serving benchmark's reference, a Qwen2.5-VL folder converted exactly (every layer full attention)."""
 
 from __future__ import annotations
 
@@ -48,3 +49,16 @@ def load(model_dir: str | Path | None, device: str = "cpu", dtype: str | None = 
     model = InfiniteVL.from_pretrained(path, dtype=torch_dtype, device=device)
     processor = Processor.from_pretrained(path if (path / "tokenizer_config.json").is_file() else None)
     return model, processor, path.name
+
+
+def load_baseline(folder: str | Path, device: str = "cpu", dtype: str | None = None
+                  ) -> tuple[InfiniteVL, Processor, str]:
+    """A transformers Qwen2.5-VL checkpoint as an InfiniteVL whose every layer is full attention: the same
+    computation (``tests/test_vlm.py`` holds the conversion to the teacher's logits), served by the same engine, so
+    that a benchmark compares the models and not two serving stacks."""
+    from ivl.model.convert import convert_qwen2_5_vl
+
+    model, _ = convert_qwen2_5_vl(folder, hybrid_ratio=1.0, window=None,
+                                  dtype=getattr(torch, dtype) if dtype else None, device=device)
+    model.processor_source = Path(folder)
+    return model.eval(), Processor.from_pretrained(folder), f"{Path(folder).name} (full attention)"
