@@ -13,5 +13,7 @@ def packages_in(package: str, folder: str) -> list[str]:
     return [package] + [f"{package}.{name}" for name in found]
 
 
-setup(packages=[name for package, folder in FOLDERS.items() for name in packages_in(package, folder)],
-      package_dir={package: folder for package, folder in FOLDERS.items() if package != folder})
+setup(
+    packages=[name for package, folder in FOLDERS.items() for name in packages_in(package, folder)],
+    package_dir={package: folder for package, folder in FOLDERS.items() if package != folder},
+)

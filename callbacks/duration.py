@@ -32,8 +32,10 @@ class RunDuration(Callback):
         per_batch = (time.perf_counter() - self._first) / self.after_batches
         total = trainer.estimated_stepping_batches * trainer.accumulate_grad_batches
         left = max(0, total - self._seen) * per_batch
-        rank_zero_info(f"ivl: {per_batch:.2f} s per training batch here; about {left / 60:.1f} min of training left "
-                       f"({total} batches in all, validation not counted)")
+        rank_zero_info(
+            f"ivl: {per_batch:.2f} s per training batch here; about {left / 60:.1f} min of training left "
+            f"({total} batches in all, validation not counted)"
+        )
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self._start is not None:

@@ -24,4 +24,5 @@ class FiniteLoss(Callback):
                 f"at step {trainer.global_step} (epoch {trainer.current_epoch}, batch {batch_idx}, input_ids "
                 f"{shape}): the fit stops, its weights are no longer finite. Resume from a checkpoint saved before "
                 f"this step (lower the learning rate, or check precision), or rerun with "
-                f"--trainer.log_every_n_steps 1 to find the first such step.")
+                f"--trainer.log_every_n_steps 1 to find the first such step."
+            )

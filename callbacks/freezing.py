@@ -9,14 +9,19 @@ from lightning.pytorch.callbacks import BaseFinetuning
 
 class LayerFreezing(BaseFinetuning):
     """Args:
-        patterns: regexes over module names (``model.visual``, ``model.lm.layers.(0|4)``...) to freeze.
-        module_types: class names to freeze (``SlidingWindowAttention``, ``Qwen2_5_VisionTransformerPretrainedModel``).
-        unfreeze_at_epoch: {epoch: [patterns]}: from that epoch these modules train again (added to the optimiser
-            as a new parameter group with lr x ``lr_factor``).
+    patterns: regexes over module names (``model.visual``, ``model.lm.layers.(0|4)``...) to freeze.
+    module_types: class names to freeze (``SlidingWindowAttention``, ``Qwen2_5_VisionTransformerPretrainedModel``).
+    unfreeze_at_epoch: {epoch: [patterns]}: from that epoch these modules train again (added to the optimiser
+        as a new parameter group with lr x ``lr_factor``).
     """
 
-    def __init__(self, patterns: list[str] | None = None, module_types: list[str] | None = None,
-                 unfreeze_at_epoch: dict[int, list[str]] | None = None, lr_factor: float = 1.0):
+    def __init__(
+        self,
+        patterns: list[str] | None = None,
+        module_types: list[str] | None = None,
+        unfreeze_at_epoch: dict[int, list[str]] | None = None,
+        lr_factor: float = 1.0,
+    ):
         super().__init__()
         self.patterns = [re.compile(p) for p in patterns or []]
         self.module_types = set(module_types or [])
@@ -24,8 +29,11 @@ class LayerFreezing(BaseFinetuning):
         self.lr_factor = lr_factor
 
     def _matching(self, pl_module, patterns, types=()):
-        return [m for name, m in pl_module.named_modules() if name and (
-            any(p.fullmatch(name) for p in patterns) or type(m).__name__ in types)]
+        return [
+            m
+            for name, m in pl_module.named_modules()
+            if name and (any(p.fullmatch(name) for p in patterns) or type(m).__name__ in types)
+        ]
 
     def freeze_before_training(self, pl_module) -> None:
         if getattr(pl_module, "model", True) is None:  # an ivl stage builds its student later: freeze it then
@@ -36,8 +44,10 @@ class LayerFreezing(BaseFinetuning):
     def _freeze(self, pl_module) -> None:
         modules = self._matching(pl_module, self.patterns, self.module_types)
         if (self.patterns or self.module_types) and not modules:
-            raise ValueError(f"LayerFreezing: no module matches patterns {[p.pattern for p in self.patterns]} or "
-                             f"types {sorted(self.module_types)}")
+            raise ValueError(
+                f"LayerFreezing: no module matches patterns {[p.pattern for p in self.patterns]} or "
+                f"types {sorted(self.module_types)}"
+            )
         self.freeze(modules, train_bn=False)
         if hasattr(pl_module, "thawed_later"):  # an ivl stage keeps these in float32 (``store_frozen_in``)
             for patterns in self.unfreeze_at_epoch.values():
@@ -47,8 +57,9 @@ class LayerFreezing(BaseFinetuning):
         patterns = self.unfreeze_at_epoch.get(current_epoch)
         if patterns:
             lr = optimizer.param_groups[0]["lr"] * self.lr_factor
-            self.unfreeze_and_add_param_group(self._matching(pl_module, patterns), optimizer, lr=lr,
-                                              initial_denom_lr=1.0)
+            self.unfreeze_and_add_param_group(
+                self._matching(pl_module, patterns), optimizer, lr=lr, initial_denom_lr=1.0
+            )
             self._extend_schedulers(pl_module.trainer, optimizer)
 
     @staticmethod

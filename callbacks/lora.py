@@ -12,8 +12,14 @@ class LoRAInjection(Callback):
     injects the adapters into its language model, trains only them (``only_adapters``), and merges them on export,
     exactly as ``LongContextModule`` does. Default targets: every projection of attention, GDN and the MLPs."""
 
-    def __init__(self, r: int = 16, alpha: int = 32, dropout: float = 0.0, target_modules: list[str] | None = None,
-                 only_adapters: bool = True):
+    def __init__(
+        self,
+        r: int = 16,
+        alpha: int = 32,
+        dropout: float = 0.0,
+        target_modules: list[str] | None = None,
+        only_adapters: bool = True,
+    ):
         self.config = lora.lora_config(r, alpha, dropout, target_modules)
         self.only_adapters = only_adapters
 

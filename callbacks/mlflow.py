@@ -20,13 +20,17 @@ PACKAGES = ("ivl", "torch", "lightning", "transformers", "peft", "flash-linear-a
 
 def _git_commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+        ).stdout.strip()
     except Exception:
         return None
 
 
-def lock_tags(lock: Path = Path(__file__).resolve().parents[1] / "constraints.txt") -> dict[str, str]:
+LOCK = Path(__file__).resolve().parents[1] / "constraints.txt"
+
+
+def lock_tags(lock: Path = LOCK) -> dict[str, str]:
     """``lock``: which lock file the environment was installed through (its sha256), and ``lock_differs``: the
     installed packages whose version is not the locked one ("none" when the environment is the lock's). Outside a
     checkout (installed from a wheel) there is no lock to name."""
@@ -47,8 +51,10 @@ def lock_tags(lock: Path = Path(__file__).resolve().parents[1] / "constraints.tx
             continue  # an extra that is not installed here
         if not requirement.specifier.contains(installed.public, prereleases=True):  # 2.13.0+cpu is 2.13.0
             differs.append(f"{requirement.name} {installed} (locked {requirement.specifier})")
-    return {"lock": f"{lock.name} sha256:{hashlib.sha256(text.encode()).hexdigest()[:16]}",
-            "lock_differs": ", ".join(differs)[:5000] or "none"}
+    return {
+        "lock": f"{lock.name} sha256:{hashlib.sha256(text.encode()).hexdigest()[:16]}",
+        "lock_differs": ", ".join(differs)[:5000] or "none",
+    }
 
 
 class MLflowTracking(Callback):

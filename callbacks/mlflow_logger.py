@@ -14,8 +14,18 @@ from ivl.callbacks.outbox import Call, Outbox, unreachable
 from ivl.errors import UsageError
 
 # Calls that write to the server: queued in the outbox. Everything else (reads) goes straight through.
-WRITES = {"log_batch", "log_metric", "log_param", "set_tag", "set_terminated", "update_run", "log_artifact",
-          "log_artifacts", "log_dict", "log_text"}
+WRITES = {
+    "log_batch",
+    "log_metric",
+    "log_param",
+    "set_tag",
+    "set_terminated",
+    "update_run",
+    "log_artifact",
+    "log_artifacts",
+    "log_dict",
+    "log_text",
+}
 
 
 class BufferedMLFlowLogger(MLFlowLogger):
@@ -31,8 +41,15 @@ class BufferedMLFlowLogger(MLFlowLogger):
     answer when the run is created (before any training) stops the fit at once with one line.
     """
 
-    def __init__(self, *args, max_buffered_values: int = 1_000_000, final_patience: float = 30.0,
-                 request_timeout: float = 10.0, local_dir: str | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        max_buffered_values: int = 1_000_000,
+        final_patience: float = 30.0,
+        request_timeout: float = 10.0,
+        local_dir: str | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(request_timeout)))
@@ -48,8 +65,10 @@ class BufferedMLFlowLogger(MLFlowLogger):
             client = super().experiment
         except Exception as error:
             if unreachable(error):
-                raise UsageError(f"the MLflow tracking server at {self._tracking_uri} does not answer; start it, or "
-                                 f"set MLFLOW_TRACKING_URI to another store (nothing was trained)") from None
+                raise UsageError(
+                    f"the MLflow tracking server at {self._tracking_uri} does not answer; start it, or "
+                    f"set MLFLOW_TRACKING_URI to another store (nothing was trained)"
+                ) from None
             raise
         if self._outbox is None:
             self._outbox = Outbox(str(self._tracking_uri), self.max_buffered_values)
@@ -76,8 +95,10 @@ class BufferedMLFlowLogger(MLFlowLogger):
         parts = []
         if metrics or self._outbox.dropped:
             steps = sorted({m.step for m in metrics})
-            parts.append(f"{len(metrics) + self._outbox.dropped} metric values"
-                         + (f" (steps {steps[0]}-{steps[-1]})" if steps else ""))
+            parts.append(
+                f"{len(metrics) + self._outbox.dropped} metric values"
+                + (f" (steps {steps[0]}-{steps[-1]})" if steps else "")
+            )
         parts += others
         where = []
         if metrics:
@@ -92,9 +113,11 @@ class BufferedMLFlowLogger(MLFlowLogger):
             where.append(f"{self._outbox.dropped} of the oldest were dropped (max_buffered_values)")
         if self.checkpoint_dir:
             where.append(f"the checkpoints in {self.checkpoint_dir}")
-        print(f"ivl: the tracking server at {self._tracking_uri} did not take "
-              f"{', '.join(parts)} of run {self.run_id}; {'; '.join(where) or 'nothing is kept of them'}",
-              flush=True)
+        print(
+            f"ivl: the tracking server at {self._tracking_uri} did not take "
+            f"{', '.join(parts)} of run {self.run_id}; {'; '.join(where) or 'nothing is kept of them'}",
+            flush=True,
+        )
 
 
 class _Deferred:

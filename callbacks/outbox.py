@@ -13,8 +13,9 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass
@@ -30,8 +31,9 @@ def unreachable(error: BaseException) -> bool:
 
     seen = error
     while seen is not None:
-        if isinstance(seen, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError,
-                             TimeoutError)):
+        if isinstance(
+            seen, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError)
+        ):
             return True
         seen = seen.__cause__ or seen.__context__
     text = str(error)
@@ -90,8 +92,10 @@ class Outbox:
                 if unreachable(error):
                     if self.down_since is None:
                         self.down_since = time.monotonic()
-                        _say(f"ivl: the tracking server at {self.where} does not answer ({_short(error)}); training "
-                             f"goes on, and what it logs waits here until the server is back")
+                        _say(
+                            f"ivl: the tracking server at {self.where} does not answer ({_short(error)}); training "
+                            f"goes on, and what it logs waits here until the server is back"
+                        )
                     with self._wake:
                         self._wake.wait(timeout=delay)  # a close() wakes it to give up sooner
                     delay = min(2 * delay, self.retry[1])

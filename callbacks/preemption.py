@@ -43,20 +43,27 @@ class CheckpointOnSignal(Callback):
             raise KeyboardInterrupt
         if self.received is None:
             self.received = signal.Signals(signum).name
-            rank_zero_info(f"ivl: {self.received}: saving a checkpoint after this batch, then stopping "
-                           f"(Ctrl+C again stops at once)")
+            rank_zero_info(
+                f"ivl: {self.received}: saving a checkpoint after this batch, then stopping "
+                f"(Ctrl+C again stops at once)"
+            )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._saved or not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
         callback = trainer.checkpoint_callback
-        folder = Path(callback.dirpath) if callback is not None and callback.dirpath else \
-            Path(trainer.default_root_dir) / "checkpoints"
+        folder = (
+            Path(callback.dirpath)
+            if callback is not None and callback.dirpath
+            else Path(trainer.default_root_dir) / "checkpoints"
+        )
         path = folder / "last.ckpt"
         trainer.save_checkpoint(path)
         self._saved = True
-        rank_zero_info(f"ivl: stopped by {self.received or 'a signal'} at step {trainer.global_step}; saved {path}; "
-                       f"resume with --ckpt_path last")
+        rank_zero_info(
+            f"ivl: stopped by {self.received or 'a signal'} at step {trainer.global_step}; saved {path}; "
+            f"resume with --ckpt_path last"
+        )
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._stop(trainer)

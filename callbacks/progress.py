@@ -52,8 +52,10 @@ class ProgressBar(RichProgressBar):
         epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
         parts = [f"epoch {trainer.current_epoch + 1}{epochs}", f"step {step}/{total}"]
         parts += [f"{key} {_number(value)}" for key, value in self._metrics(trainer, pl_module, "train/")]
-        parts += [f"{self._tokens / max(now - self._last_time, 1e-9):,.0f} tokens/s",
-                  f"{(now - self._start) / 60:.1f} min"]
+        parts += [
+            f"{self._tokens / max(now - self._last_time, 1e-9):,.0f} tokens/s",
+            f"{(now - self._start) / 60:.1f} min",
+        ]
         print("ivl: " + " | ".join(parts), flush=True)
         self._last_time, self._last_step, self._tokens = now, step, 0
 
@@ -62,11 +64,15 @@ class ProgressBar(RichProgressBar):
         if self._lines and trainer.is_global_zero and not trainer.sanity_checking:
             metrics = self._metrics(trainer, pl_module, "val/")
             if metrics:
-                print(f"ivl: validation at step {trainer.global_step} | "
-                      + " | ".join(f"{key} {_number(value)}" for key, value in metrics), flush=True)
+                print(
+                    f"ivl: validation at step {trainer.global_step} | "
+                    + " | ".join(f"{key} {_number(value)}" for key, value in metrics),
+                    flush=True,
+                )
             self._last_time, self._tokens = time.monotonic(), 0  # tokens/s counts training time only
 
     def _metrics(self, trainer, pl_module, prefix: str) -> list[tuple[str, float]]:
         metrics = self.get_metrics(trainer, pl_module)
-        return [(key, value) for key, value in metrics.items()
-                if key.startswith(prefix) and isinstance(value, (int, float))]
+        return [
+            (key, value) for key, value in metrics.items() if key.startswith(prefix) and isinstance(value, (int, float))
+        ]

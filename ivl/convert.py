@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from ivl.model.convert import GDN_INITS, convert_qwen2_5_vl
+from ivl.model.convert import LINEAR_INITS, convert_qwen2_5_vl
 from ivl.model.mixers import ALIASES, LINEAR_MIXERS, MIXERS
+from ivl.model.renames import warn_renamed
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,23 +22,43 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teacher", required=True, type=Path, help="Qwen2.5-VL checkpoint folder")
     parser.add_argument("--out", required=True, type=Path, help="folder to write the InfiniteVL checkpoint to")
     parser.add_argument("--hybrid-ratio", type=float, default=0.25, help="fraction of layers kept as attention")
-    parser.add_argument("--layer-types", help=f"comma-separated per-layer mixers ({', '.join(MIXERS)}); "
-                                              "overrides --hybrid-ratio")
-    parser.add_argument("--linear-mixer", default="gated_deltanet", choices=[*LINEAR_MIXERS, *ALIASES],
-                        help="the mixer of the replaced layers (the paper's mixer ablation); default gated_deltanet")
+    parser.add_argument(
+        "--layer-types", help=f"comma-separated per-layer mixers ({', '.join(MIXERS)}); overrides --hybrid-ratio"
+    )
+    parser.add_argument(
+        "--linear-mixer",
+        default="gated_deltanet",
+        choices=[*LINEAR_MIXERS, *ALIASES],
+        help="the mixer of the replaced layers (the paper's mixer ablation); default gated_deltanet",
+    )
     parser.add_argument("--window", type=int, default=8192, help="sliding window; 0 for full attention")
-    parser.add_argument("--gdn-init", choices=GDN_INITS, default="mimic")
+    parser.add_argument(
+        "--linear-init",
+        choices=LINEAR_INITS,
+        default="mimic",
+        help="how the linear mixers start: mimic (a near pass-through) or attention (q/k copied)",
+    )
+    parser.add_argument("--gdn-init", choices=LINEAR_INITS, help=argparse.SUPPRESS)  # the old name
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the teacher's")
     args = parser.parse_args(argv)
+    if args.gdn_init is not None:
+        warn_renamed("gdn_init", "--gdn-init", stacklevel=2)
+        args.linear_init = args.gdn_init
     if not (args.teacher / "config.json").exists():
-        parser.error(f"--teacher {args.teacher}: no config.json there (a local Qwen2.5-VL checkpoint folder is "
-                     "expected; nothing is downloaded)")
+        parser.error(
+            f"--teacher {args.teacher}: no config.json there (a local Qwen2.5-VL checkpoint folder is "
+            "expected; nothing is downloaded)"
+        )
 
     layer_types = args.layer_types.split(",") if args.layer_types else None
     try:
         model, report = convert_qwen2_5_vl(
-            args.teacher, hybrid_ratio=args.hybrid_ratio, window=args.window or None, layer_types=layer_types,
-            gdn_init=args.gdn_init, dtype=getattr(torch, args.dtype) if args.dtype else None,
+            args.teacher,
+            hybrid_ratio=args.hybrid_ratio,
+            window=args.window or None,
+            layer_types=layer_types,
+            linear_init=args.linear_init,
+            dtype=getattr(torch, args.dtype) if args.dtype else None,
             linear_mixer=args.linear_mixer,
         )
     except ValueError as err:  # a setting the teacher or the mixer rejects: a usage error, not a traceback

@@ -2,8 +2,8 @@
 
 torch sizes its intra-op thread pool from the CPUs the process may be scheduled on (OpenMP's count), which a
 container's CPU quota (cgroup CPU bandwidth) does not shrink. In a 2-CPU container on a large host it starts one
-thread per host core, and every product's threads then take turns on the 2 CPUs. On the 2-core development
-machine, a training batch of the demo takes 0.43 s with 2 threads, 0.74 s with 8 and 1.01 s with 16.
+thread per host core, and every product's threads then take turns on the 2 CPUs: the demo's training batches
+slow down with every thread beyond the CPUs (docs/benchmarks.md, "Demo").
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ def fit_threads_to_cpus() -> int | None:
         return None
     torch.set_num_threads(usable)
     os.environ["OMP_NUM_THREADS"] = str(usable)
-    print(f"ivl: this process may use {usable} CPU(s); torch's {threads} threads lowered to {usable} "
-          f"(set OMP_NUM_THREADS to choose)", flush=True)
+    print(
+        f"ivl: this process may use {usable} CPU(s); torch's {threads} threads lowered to {usable} "
+        f"(set OMP_NUM_THREADS to choose)",
+        flush=True,
+    )
     return usable

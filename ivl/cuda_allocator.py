@@ -4,8 +4,7 @@ A training step allocates and frees tensors of many sizes: kept blocks of two ki
 recomputed blocks, FSDP2's gathered units and gradient buffers, the chunked losses. With fixed-size
 segments the freed gaps fragment the cache, and a step that needs a few GiB more than it allocates runs out of
 memory at 80 GiB. Expandable segments grow one mapping per stream instead (torchtitan's launch script sets the
-same). The Stage II and III benchmarks in docs/benchmarks.md ran with it: the hybrid peaked at 68.8 GiB allocated
-and the Transformer at 73.0 GiB on 80 GB H100s.
+same). The training benchmarks in docs/benchmarks.md run with it.
 """
 
 from __future__ import annotations

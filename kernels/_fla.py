@@ -27,9 +27,13 @@ def _optional(disable_env: str, module: str, *names: str):
 def _say_fla_is_missing() -> None:
     """Once per process, at the first GPU call that wanted fla (every probe here runs only for CUDA tensors):
     without it the linear mixers run their PyTorch path, several times slower, and nothing else would say so."""
-    print("ivl: flash-linear-attention is not installed: Gated DeltaNet and the other linear mixers run their "
-          "PyTorch path on this GPU, several times slower; install the fast one with pip install -e \".[gpu]\" "
-          "(fla-core, flash-linear-attention)", file=sys.stderr, flush=True)
+    print(
+        "ivl: flash-linear-attention is not installed: Gated DeltaNet and the other linear mixers run their "
+        'PyTorch path on this GPU, several times slower; install the fast one with pip install -e ".[gpu]" '
+        "(fla-core, flash-linear-attention)",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 @functools.cache
@@ -38,8 +42,9 @@ def fla_gated_delta():
 
     Set IVL_DISABLE_FLA=1 to force the PyTorch path (used to compare the two on a GPU).
     """
-    return _optional("IVL_DISABLE_FLA", "fla.ops.gated_delta_rule", "chunk_gated_delta_rule",
-                     "fused_recurrent_gated_delta_rule")
+    return _optional(
+        "IVL_DISABLE_FLA", "fla.ops.gated_delta_rule", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"
+    )
 
 
 @functools.cache

@@ -32,8 +32,9 @@ if ENABLED:
         return tl.load(ptr + i.to(tl.int64) * C + cols, mask=ok & (i >= 0) & (i < T), other=0.0).to(tl.float32)
 
     @triton.jit
-    def _conv_silu_backward_kernel(x_ptr, w_ptr, dy_ptr, pos_ptr, dx_ptr, dw_ptr, T, C, n_blocks,
-                                   ROWS: tl.constexpr, BC: tl.constexpr):
+    def _conv_silu_backward_kernel(
+        x_ptr, w_ptr, dy_ptr, pos_ptr, dx_ptr, dw_ptr, T, C, n_blocks, ROWS: tl.constexpr, BC: tl.constexpr
+    ):
         i_c, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         cols = i_c * BC + tl.arange(0, BC)
         ok = cols < C
@@ -65,8 +66,12 @@ if ENABLED:
             # row i: its pre-activation z from inputs i-3 .. i, and dz = dy * SiLU'(z)
             xi = _row(x_ptr, i, cols, T, C, ok)
             p = tl.load(pos_ptr + i, mask=i < T, other=0)
-            z = w3 * xi + tl.where(p >= 1, w2 * x1, 0.0) + tl.where(p >= 2, w1 * x2, 0.0) \
+            z = (
+                w3 * xi
+                + tl.where(p >= 1, w2 * x1, 0.0)
+                + tl.where(p >= 2, w1 * x2, 0.0)
                 + tl.where(p >= 3, w0 * x3, 0.0)
+            )
             sig = tl.sigmoid(z)
             d = _row(dy_ptr, i, cols, T, C, ok) * sig * (1.0 + z * (1.0 - sig))
             if j < ROWS:  # this block's rows: the weight gradients (the last three rows only feed dx)
@@ -76,8 +81,12 @@ if ENABLED:
                 g0 += tl.where(p >= 3, d * x3, 0.0)
             # row i - 3 is reached by outputs i - 3 .. i, each through its own tap
             r = i - 3
-            dx = w3 * d3 + tl.where(p2 >= 1, w2 * d2, 0.0) + tl.where(p1 >= 2, w1 * d1, 0.0) \
+            dx = (
+                w3 * d3
+                + tl.where(p2 >= 1, w2 * d2, 0.0)
+                + tl.where(p1 >= 2, w1 * d1, 0.0)
                 + tl.where(p >= 3, w0 * d, 0.0)
+            )
             tl.store(dx_ptr + r.to(tl.int64) * C + cols, dx.to(dx_ptr.dtype.element_ty), mask=ok & (r >= t0) & (r < T))
             x3, x2, x1 = x2, x1, xi
             d3, d2, d1 = d2, d1, d
@@ -94,22 +103,30 @@ def supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     return ENABLED and x.is_cuda and w.shape[1] <= TAPS
 
 
-def conv_silu_backward(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, pos: torch.Tensor,
-                       rows: int = 256, block: int = 128, warps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def conv_silu_backward(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    dy: torch.Tensor,
+    pos: torch.Tensor,
+    rows: int = 256,
+    block: int = 128,
+    warps: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dw) of y = SiLU(causal depthwise conv of x [B, T, C] with w [C, W], tap W-1 on the current token),
     given dy. ``pos`` [T] (int32): each token's offset in its packed sequence (0, 1, 2, ... for plain rows).
 
-    ``rows`` tokens and ``block`` channels per program, one warp each: the fastest of 27 settings at 32K tokens
-    and 2,048 to 8,192 channels on an H100 (within 4% of the best for each width; docs/benchmarks.md). Many small
+    ``rows`` tokens and ``block`` channels per program, one warp each: the setting a sweep on an H100 found
+    fastest, or close to it, over the channel widths the linear mixers train at (docs/benchmarks.md). Many small
     programs hide the latency of each row's loads."""
     B, T, C = x.shape
     W = w.shape[1]
     taps = torch.zeros(C, TAPS, device=w.device, dtype=torch.float32)
-    taps[:, TAPS - W:] = w
+    taps[:, TAPS - W :] = w
     x, dy = x.contiguous(), dy.contiguous()
     n_blocks = triton.cdiv(T, rows)
     dx = torch.empty_like(x)
     dw = torch.empty(B * n_blocks, C, TAPS, device=x.device, dtype=torch.float32)
     _conv_silu_backward_kernel[(triton.cdiv(C, block), n_blocks, B)](
-        x, taps, dy, pos, dx, dw, T, C, n_blocks, ROWS=rows, BC=block, num_warps=warps)
-    return dx, dw.sum(0)[:, TAPS - W:].to(w.dtype)
+        x, taps, dy, pos, dx, dw, T, C, n_blocks, ROWS=rows, BC=block, num_warps=warps
+    )
+    return dx, dw.sum(0)[:, TAPS - W :].to(w.dtype)

@@ -22,8 +22,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ivl.kernels._fla import (fla_backward_is_miscompiled, fla_chunk_function, fla_gated_backward_is_refused,
-                              fla_gated_delta, fla_refusal_lifted)
+from ivl.kernels._fla import (
+    fla_backward_is_miscompiled,
+    fla_chunk_function,
+    fla_gated_backward_is_refused,
+    fla_gated_delta,
+    fla_refusal_lifted,
+)
 from ivl.kernels.packed_bounds import FLA_CHUNK, chunk_indices, host_bounds
 from ivl.kernels.precision import at_least_float32
 
@@ -62,7 +67,8 @@ def gated_delta_rule(
     if q.is_cuda and fla_gated_delta() is not None:
         chunk, recurrent = fla_gated_delta()
         needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state))
+            t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state)
+        )
         if needs_grad and fla_gated_backward_is_refused():
             # fla refuses its backward here (#640): run it anyway where the tile is correct (K > 64), and
             # differentiate the PyTorch path only where the miscompiled BK = 64 tile would run.
@@ -74,8 +80,16 @@ def gated_delta_rule(
         # fla's recurrent kernel is the fast one for decoding single tokens; the chunked one for everything else.
         fn = recurrent if q.shape[1] == 1 and cu_seqlens is None else chunk
         o, state = fn(
-            q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state,
-            output_final_state=output_final_state, cu_seqlens=cu_seqlens, **_fla_chunks(cu_seqlens),
+            q,
+            k,
+            v,
+            g=g,
+            beta=beta,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens,
+            **_fla_chunks(cu_seqlens),
         )
         return o, (state.float() if state is not None else None)
     if cu_seqlens is not None:
@@ -94,8 +108,20 @@ class _FlaRefusalLifted(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, initial_state, scale, cu_seqlens):
-        return fla_chunk_function().forward(ctx, q, k, v, g, beta, scale, initial_state, True, state_v_first=False,
-                                            cu_seqlens=cu_seqlens, **_fla_chunks(cu_seqlens))
+        return fla_chunk_function().forward(
+            ctx,
+            q,
+            k,
+            v,
+            g,
+            beta,
+            scale,
+            initial_state,
+            True,
+            state_v_first=False,
+            cu_seqlens=cu_seqlens,
+            **_fla_chunks(cu_seqlens),
+        )
 
     @staticmethod
     def backward(ctx, d_o, d_state):
@@ -114,8 +140,18 @@ class _FlaForwardTorchBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, initial_state, scale, cu_seqlens):
         chunk, _ = fla_gated_delta()
-        o, state = chunk(q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state,
-                         output_final_state=True, cu_seqlens=cu_seqlens, **_fla_chunks(cu_seqlens))
+        o, state = chunk(
+            q,
+            k,
+            v,
+            g=g,
+            beta=beta,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=True,
+            cu_seqlens=cu_seqlens,
+            **_fla_chunks(cu_seqlens),
+        )
         ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens)
         ctx.scale = scale
         return o, state.float()
@@ -133,7 +169,8 @@ class _FlaForwardTorchBackward(torch.autograd.Function):
             wrt = inputs + ([h0] if h0 is not None else [])
             grads = torch.autograd.grad((o, state), wrt, (d_o.float(), d_state.float()))
         grads = [gr.to(t.dtype) for gr, t in zip(grads, (q, k, v, g, beta))] + [
-            grads[5].to(initial_state.dtype) if initial_state is not None else None]
+            grads[5].to(initial_state.dtype) if initial_state is not None else None
+        ]
         return (*grads, None, None)
 
 
@@ -183,8 +220,15 @@ def _step_in_place(q, k, v, g, beta, state, scale):
 
 
 @torch.library.custom_op("ivl::gated_delta_step", mutates_args=("state",))
-def _gated_delta_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                         state: torch.Tensor, scale: float) -> torch.Tensor:
+def _gated_delta_step_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
     if fla_gated_delta() is None:
         return _step_in_place(q, k, v, g, beta, state, scale)
     _, recurrent = fla_gated_delta()
@@ -266,8 +310,9 @@ def _varlen(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqle
     bounds = host_bounds(cu_seqlens)
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     N, t_max = len(lengths), max(lengths)
-    seq = torch.repeat_interleave(torch.arange(N, device=q.device), torch.tensor(lengths, device=q.device),
-                                  output_size=bounds[-1])
+    seq = torch.repeat_interleave(
+        torch.arange(N, device=q.device), torch.tensor(lengths, device=q.device), output_size=bounds[-1]
+    )
     pos = torch.arange(q.shape[1], device=q.device) - cu_seqlens.to(q.device).long()[seq]
 
     def to_padded(t):

@@ -19,8 +19,13 @@ from __future__ import annotations
 
 import torch
 
-from ivl.kernels._fla import (fla_backward_is_miscompiled, fla_gated_backward_is_refused, fla_linear_kernels,
-                              fla_refusal_lifted, fla_simple_gla_function)
+from ivl.kernels._fla import (
+    fla_backward_is_miscompiled,
+    fla_gated_backward_is_refused,
+    fla_linear_kernels,
+    fla_refusal_lifted,
+    fla_simple_gla_function,
+)
 from ivl.kernels.packed_bounds import host_bounds
 from ivl.kernels.precision import at_least_float32
 
@@ -66,9 +71,10 @@ def gated_linear_attention(
         outs, states = [], []
         bounds = host_bounds(cu_seqlens)
         for n, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-            s0 = initial_state[n:n + 1] if initial_state is not None else None
-            o, s = _chunked(q[:, start:end], k[:, start:end], v[:, start:end],
-                            g[:, start:end] if g is not None else None, scale, s0)
+            s0 = initial_state[n : n + 1] if initial_state is not None else None
+            o, s = _chunked(
+                q[:, start:end], k[:, start:end], v[:, start:end], g[:, start:end] if g is not None else None, scale, s0
+            )
             outs.append(o)
             states.append(s)
         state = torch.cat(states) if states else None
@@ -77,8 +83,9 @@ def gated_linear_attention(
     return o, (state if output_final_state else None)
 
 
-def gated_linear_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, scale: float,
-                      state: torch.Tensor) -> torch.Tensor:
+def gated_linear_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, scale: float, state: torch.Tensor
+) -> torch.Tensor:
     """One token per row, updating ``state`` [B, H, K, V] (float32) in place: q, k [B, 1, H, K], v [B, 1, H, V],
     g [B, 1, H], [B, 1, H, K] or None. Returns o [B, 1, H, V] in q's dtype. Fixed shapes, no host sync: the decode
     step of the static cache and the CUDA graph."""
@@ -98,8 +105,7 @@ def _chunked(q, k, v, g, scale, initial_state):
     if g is not None:
         g = at_least_float32(g)
         g = (g[..., None] if g.dim() == 3 else g).transpose(1, 2)  # [B, H, T, 1 or K]
-    S = (at_least_float32(initial_state).clone() if initial_state is not None
-         else q.new_zeros(B, H, K, V))
+    S = at_least_float32(initial_state).clone() if initial_state is not None else q.new_zeros(B, H, K, V)
     out = q.new_empty(B, H, T, V)
     causal = torch.ones(CHUNK_SIZE, CHUNK_SIZE, dtype=torch.bool, device=q.device).tril()
     for start in range(0, T, CHUNK_SIZE):
@@ -147,15 +153,34 @@ def _needs_grad(*tensors) -> bool:
 def _fla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
     chunk_gla, chunk_simple_gla = fla_linear_kernels()
     if g is not None and g.dim() == 4:
-        o, state = chunk_gla(q, k, v, g.float(), scale=scale, initial_state=initial_state,
-                             output_final_state=output_final_state, cu_seqlens=cu_seqlens)
-    elif (g is not None and fla_gated_backward_is_refused() and fla_simple_gla_function() is not None
-          and _needs_grad(q, k, v, g, initial_state)):
+        o, state = chunk_gla(
+            q,
+            k,
+            v,
+            g.float(),
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens,
+        )
+    elif (
+        g is not None
+        and fla_gated_backward_is_refused()
+        and fla_simple_gla_function() is not None
+        and _needs_grad(q, k, v, g, initial_state)
+    ):
         o, state = _SimpleGlaRefusalLifted.apply(q, k, v, g.float(), scale, initial_state, cu_seqlens)
     else:
-        o, state = chunk_simple_gla(q, k, v, g=g.float() if g is not None else None, scale=scale,
-                                    initial_state=initial_state, output_final_state=output_final_state,
-                                    cu_seqlens=cu_seqlens)
+        o, state = chunk_simple_gla(
+            q,
+            k,
+            v,
+            g=g.float() if g is not None else None,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens,
+        )
     return o, (state.float() if state is not None and output_final_state else None)
 
 
@@ -166,8 +191,9 @@ class _SimpleGlaRefusalLifted(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, scale, initial_state, cu_seqlens):
-        return fla_simple_gla_function().forward(ctx, q, k, v, g, None, scale, initial_state, True, False,
-                                                 cu_seqlens, None)
+        return fla_simple_gla_function().forward(
+            ctx, q, k, v, g, None, scale, initial_state, True, False, cu_seqlens, None
+        )
 
     @staticmethod
     def backward(ctx, d_o, d_state):

@@ -1,9 +1,9 @@
 """Matrix-vector products for batch-1 decoding, streaming the weights at close to copy bandwidth.
 
 A batch-1 decode step multiplies one row by every weight matrix of the model, so its time is the time to read
-the weights. cuBLAS's kernels for a single row read them at 1.3-2.8 TB/s on an H100 at our shapes, against the
-3.0 TB/s of a device copy (docs/benchmarks.md); that gap was most of what stood between the decode step and the
-weights' roofline. A matrix-vector product needs
+the weights. cuBLAS's kernels for a single row read them well below the bandwidth of a device copy at our shapes
+(docs/benchmarks.md has both), and that gap was most of what stood between the decode step and the weights'
+roofline. A matrix-vector product needs
 no tensor cores, only many independent, wide, coalesced loads in flight: each program here reads a few whole rows
 of the weight in [rows, BLOCK_K] tiles, multiplies them by the matching slice of the row vector in float32, and
 reduces once at the end. Tile shapes per matrix shape come from ``python -m ivl.bench gemv --sweep``.
@@ -26,8 +26,14 @@ ENABLED = importlib.util.find_spec("triton") is not None and os.environ.get("IVL
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; a single row of half-precision ``x`` on CUDA takes the Triton kernel."""
-    if (ENABLED and x.is_cuda and x.numel() == x.shape[-1] and x.dtype in (torch.bfloat16, torch.float16)
-            and weight.dtype == x.dtype and weight.stride(-1) == 1):
+    if (
+        ENABLED
+        and x.is_cuda
+        and x.numel() == x.shape[-1]
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and weight.dtype == x.dtype
+        and weight.stride(-1) == 1
+    ):
         return torch.ops.ivl.gemv(x.reshape(-1).contiguous(), weight, bias).view(*x.shape[:-1], -1)
     return F.linear(x, weight, bias)
 
@@ -62,8 +68,19 @@ if ENABLED:
     from torch.library import triton_op, wrap_triton
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    def _gemv_kernel(
+        x_ptr,
+        w_ptr,
+        bias_ptr,
+        out_ptr,
+        N,
+        K,
+        stride_w,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+    ):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         cols = tl.arange(0, BLOCK_K)
@@ -77,8 +94,7 @@ if ENABLED:
             else:
                 col_ok = k0 + cols < K
                 x = tl.load(x_ptr + k0 + cols, mask=col_ok, other=0.0)
-                w = tl.load(w_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0,
-                            eviction_policy="evict_first")
+                w = tl.load(w_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
             w_ptrs += BLOCK_K
         y = tl.sum(acc, axis=1)
@@ -86,13 +102,34 @@ if ENABLED:
             y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
-    def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, block_n: int,
-               block_k: int, num_warps: int, num_stages: int = 3, kernel=_gemv_kernel) -> torch.Tensor:
+    def launch(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        out: torch.Tensor,
+        block_n: int,
+        block_k: int,
+        num_warps: int,
+        num_stages: int = 3,
+        kernel=_gemv_kernel,
+    ) -> torch.Tensor:
         N, K = weight.shape
         # An absent bias still needs a pointer; HAS_BIAS=False never reads it.
-        kernel[(triton.cdiv(N, block_n),)](x, weight, weight if bias is None else bias, out, N, K, weight.stride(0),
-                                            BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
-                                            HAS_BIAS=bias is not None, num_warps=num_warps, num_stages=num_stages)
+        kernel[(triton.cdiv(N, block_n),)](
+            x,
+            weight,
+            weight if bias is None else bias,
+            out,
+            N,
+            K,
+            weight.stride(0),
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            EVEN_K=K % block_k == 0,
+            HAS_BIAS=bias is not None,
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )
         return out
 
     @triton_op("ivl::gemv", mutates_args=())

@@ -7,9 +7,9 @@ block's all-gather was issued only when the previous block had nearly finished i
 
 The last tensor read is remembered by identity (the way fla's ``tensor_cache`` keeps its index tensors): every layer
 of one forward, and the recomputation of checkpointed blocks in the backward, receive the same ``cu_seqlens``
-object, so only the first read waits. Where the host built the batch it already knows the boundaries: ``remember``
-them when the batch reaches the GPU and no read waits at all. A ``cu_seqlens`` must not be modified in place after
-it has been read or remembered.
+object, so only the first read waits. Where the host built the batch it already knows the boundaries: give them
+with ``set_host_bounds`` when the batch reaches the GPU and no read waits at all. A ``cu_seqlens`` must not be
+modified in place after its bounds have been read or set.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def host_bounds(cu_seqlens: torch.Tensor) -> tuple[int, ...]:
     return _last[1]
 
 
-def remember(cu_seqlens: torch.Tensor, bounds) -> None:
+def set_host_bounds(cu_seqlens: torch.Tensor, bounds) -> None:
     """Make ``host_bounds(cu_seqlens)`` return ``bounds`` (the same values, known on the host) without reading it."""
     global _last
     _last = (cu_seqlens, tuple(int(b) for b in bounds))
@@ -45,10 +45,14 @@ def chunk_indices(cu_seqlens: torch.Tensor, chunk_size: int) -> torch.Tensor:
     global _last_chunks
     if _last_chunks is None or _last_chunks[0] is not cu_seqlens or _last_chunks[1] != chunk_size:
         bounds = host_bounds(cu_seqlens)
-        rows = [(n, c) for n, (a, z) in enumerate(zip(bounds[:-1], bounds[1:]))
-                for c in range(-(-(z - a) // chunk_size))]
-        _last_chunks = (cu_seqlens, chunk_size, to_device(torch.tensor(rows, dtype=cu_seqlens.dtype).reshape(-1, 2),
-                                                          cu_seqlens.device))
+        rows = [
+            (n, c) for n, (a, z) in enumerate(zip(bounds[:-1], bounds[1:])) for c in range(-(-(z - a) // chunk_size))
+        ]
+        _last_chunks = (
+            cu_seqlens,
+            chunk_size,
+            to_device(torch.tensor(rows, dtype=cu_seqlens.dtype).reshape(-1, 2), cu_seqlens.device),
+        )
     return _last_chunks[2]
 
 

@@ -58,8 +58,10 @@ def sliding_window_attention_after_prefix(
     """
     P = k.shape[1] - q.shape[1]
     if P < 0 or k.shape != v.shape or q.shape[0] != k.shape[0]:
-        raise ValueError(f"expected q [B, T, Hq, D] and k, v [B, P + T, Hkv, D]; got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"expected q [B, T, Hq, D] and k, v [B, P + T, Hkv, D]; got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if q.is_cuda:
@@ -81,7 +83,7 @@ def padded_window_attention(
     q: [B, T, Hq, D]; k, v: [B, T, Hkv, D]; attention_mask [B, T] is 0 at padding, and each row's real tokens are
     consecutive (left or right padding). Padding outputs are zero. Why not SDPA with a padding mask on GPUs: its
     memory-efficient backward is known to return NaN for some padding patterns (pytorch#109517, #178251), the
-    suspected cause of Stage I hybrids on padded batches turning NaN (docs/experiments.md); and the varlen kernels
+    suspected cause of Stage I hybrids on padded batches turning NaN; and the varlen kernels
     skip the padding instead of computing it.
     """
     B, T, Hq, D = q.shape
@@ -150,8 +152,10 @@ def band_mask(T: int, window: int | None, cu_seqlens: torch.Tensor | None, devic
 
 def _check_inputs(q, k, v, window, cu_seqlens) -> None:
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
-        raise ValueError(f"expected q [B, T, Hq, D] and k, v [B, T, Hkv, D]; got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"expected q [B, T, Hq, D] and k, v [B, T, Hkv, D]; got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k must agree on B, T and D; got {tuple(q.shape)} and {tuple(k.shape)}")
     if q.shape[2] % k.shape[2]:
@@ -170,7 +174,11 @@ def _document_ids(cu_seqlens: torch.Tensor, T: int, device) -> torch.Tensor:
 def _sdpa(q, k, v, mask, scale):
     # SDPA wants [B, H, T, D]; enable_gqa broadcasts the key/value heads over their query groups.
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale,
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask,
+        scale=scale,
         enable_gqa=q.shape[2] != k.shape[2],
     )
     return out.transpose(1, 2)
@@ -186,8 +194,15 @@ def _flash_attn(q, k, v, window, cu_seqlens, scale):
         max_len = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
     out = flash_attn_varlen()(
-        q.reshape(B * T, Hq, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D),
-        cu_seqlens, cu_seqlens, max_len, max_len, softmax_scale=scale, causal=True,
+        q.reshape(B * T, Hq, D),
+        k.reshape(B * T, -1, D),
+        v.reshape(B * T, -1, D),
+        cu_seqlens,
+        cu_seqlens,
+        max_len,
+        max_len,
+        softmax_scale=scale,
+        causal=True,
         window_size=(window - 1, 0) if window is not None else (-1, -1),
     )
     return out.reshape(B, T, Hq, D)
@@ -216,8 +231,12 @@ def _padded_flex(q, k, v, scale, block_mask_for):
     T = q.shape[1]
     q, k, v = _pad_to_block(q), _pad_to_block(k), _pad_to_block(v)
     out = _compiled_flex_attention()(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask_for(q.shape[1], k.shape[1]),
-        scale=scale, enable_gqa=q.shape[2] != k.shape[2],
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        block_mask=block_mask_for(q.shape[1], k.shape[1]),
+        scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2],
     )
     return out.transpose(1, 2)[:, :T]
 

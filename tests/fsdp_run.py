@@ -19,8 +19,9 @@ class RecordStepLosses(Callback):
         self.micro.append(float(outputs["loss"]) * trainer.accumulate_grad_batches)  # Lightning divides by it
         if len(self.micro) < trainer.accumulate_grad_batches:
             return
-        loss = trainer.strategy.reduce(torch.tensor(sum(self.micro) / len(self.micro), device=pl_module.device),
-                                       reduce_op="mean")
+        loss = trainer.strategy.reduce(
+            torch.tensor(sum(self.micro) / len(self.micro), device=pl_module.device), reduce_op="mean"
+        )
         self.micro = []
         if trainer.is_global_zero:
             with self.path.open("a") as f:

@@ -68,7 +68,8 @@ def assert_as_accurate(got, trusted, exact, factor: float = 4.0) -> None:
     floor = 16 * torch.finfo(torch.float32).eps
     error, reference_error = relative_error(got, exact), relative_error(trusted, exact)
     assert error <= factor * max(reference_error, floor), (
-        f"error {error:.2e} against float64, the trusted path's {reference_error:.2e}")
+        f"error {error:.2e} against float64, the trusted path's {reference_error:.2e}"
+    )
 
 
 def float64(module):

@@ -10,17 +10,38 @@ PATCH_DIM = 3 * 2 * 14 * 14  # channels x temporal patch x patch x patch
 def tiny_teacher_config(layers: int = 4) -> Qwen2_5_VLConfig:
     return Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-            num_key_value_heads=2, rms_norm_eps=1e-6, bos_token_id=310, eos_token_id=311, pad_token_id=312, max_position_embeddings=4096, tie_word_embeddings=True,
+            vocab_size=320,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-6,
+            bos_token_id=310,
+            eos_token_id=311,
+            pad_token_id=312,
+            max_position_embeddings=4096,
+            tie_word_embeddings=True,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
         ),
         vision_config=dict(
-            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
-            spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=56,
+            fullatt_block_indexes=[1],
             tokens_per_second=2,
         ),
-        image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START,
-        vision_end_token_id=VISION_END, tie_word_embeddings=True,
+        image_token_id=IMAGE,
+        video_token_id=VIDEO,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+        tie_word_embeddings=True,
     )
 
 
@@ -36,10 +57,22 @@ def image_video_prompt(text_len: int = 5, batch: int = 1) -> dict:
     image_grid = torch.tensor([[1, 4, 4]] * batch)
     video_grid = torch.tensor([[2, 4, 6]] * batch)
     rows = []
+
+    def text(n: int) -> list[int]:
+        return torch.randint(0, 300, (n,)).tolist()
+
     for _ in range(batch):
-        text = lambda n: torch.randint(0, 300, (n,)).tolist()
-        rows.append(text(text_len) + [VISION_START] + [IMAGE] * 4 + [VISION_END] + text(3)
-                    + [VISION_START] + [VIDEO] * 12 + [VISION_END] + text(text_len))
+        rows.append(
+            text(text_len)
+            + [VISION_START]
+            + [IMAGE] * 4
+            + [VISION_END]
+            + text(3)
+            + [VISION_START]
+            + [VIDEO] * 12
+            + [VISION_END]
+            + text(text_len)
+        )
     input_ids = torch.tensor(rows)
     return dict(
         input_ids=input_ids,

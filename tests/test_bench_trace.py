@@ -15,9 +15,13 @@ def _kernel(name, ts, dur, stream=7):
 def test_busy_idle_and_overlap_are_the_hand_counted_intervals(tmp_path):
     # compute on two streams: [0, 10) and [5, 20) overlap -> busy 20; then [30, 40) -> busy 30 over a 50 us span
     # communication [15, 50): 5 us under [5, 20), 10 us under [30, 40) -> 15 overlapped
-    events = [_kernel("sm90_xmma_gemm_bf16", 0, 10), _kernel("chunk_gated_delta_rule_fwd_kernel_h", 5, 15, 8),
-              _kernel("triton_poi_fused_mul_0", 30, 10), _kernel("ncclDevKernel_AllGather_RING_LL", 15, 35, 9),
-              {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 100}]
+    events = [
+        _kernel("sm90_xmma_gemm_bf16", 0, 10),
+        _kernel("chunk_gated_delta_rule_fwd_kernel_h", 5, 15, 8),
+        _kernel("triton_poi_fused_mul_0", 30, 10),
+        _kernel("ncclDevKernel_AllGather_RING_LL", 15, 35, 9),
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 100},
+    ]
     path = tmp_path / "t.json.gz"
     with gzip.open(path, "wt") as f:
         json.dump({"traceEvents": events}, f)
@@ -28,14 +32,22 @@ def test_busy_idle_and_overlap_are_the_hand_counted_intervals(tmp_path):
     assert s["compute_idle_ms"] == pytest.approx(20e-3)
     assert s["communication_ms"] == pytest.approx(35e-3)
     assert s["communication_overlapped_ms"] == pytest.approx(15e-3)
-    assert s["by_kind_ms"] == pytest.approx({"communication": 35e-3, "matrix products": 10e-3,
-                                             "gated delta rule (fla)": 15e-3, "other": 10e-3})
-    assert [k["name"] for k in s["by_kernel"]][:2] == ["ncclDevKernel_AllGather_RING_LL",
-                                                       "chunk_gated_delta_rule_fwd_kernel_h"]
-    assert {k["name"]: k["ms"] for k in s["by_kernel"]} == pytest.approx({
-        "ncclDevKernel_AllGather_RING_LL": 35e-3, "chunk_gated_delta_rule_fwd_kernel_h": 15e-3,
-        "sm90_xmma_gemm_bf16": 10e-3, "triton_poi_fused_mul_0": 10e-3})
-    assert "triton_poi_fused_mul_0" in format_summary(s).split("kind \"other\"")[1]
+    assert s["by_kind_ms"] == pytest.approx(
+        {"communication": 35e-3, "matrix products": 10e-3, "gated delta rule (fla)": 15e-3, "other": 10e-3}
+    )
+    assert [k["name"] for k in s["by_kernel"]][:2] == [
+        "ncclDevKernel_AllGather_RING_LL",
+        "chunk_gated_delta_rule_fwd_kernel_h",
+    ]
+    assert {k["name"]: k["ms"] for k in s["by_kernel"]} == pytest.approx(
+        {
+            "ncclDevKernel_AllGather_RING_LL": 35e-3,
+            "chunk_gated_delta_rule_fwd_kernel_h": 15e-3,
+            "sm90_xmma_gemm_bf16": 10e-3,
+            "triton_poi_fused_mul_0": 10e-3,
+        }
+    )
+    assert "triton_poi_fused_mul_0" in format_summary(s).split('kind "other"')[1]
 
 
 def test_kernel_names_fall_into_kinds():

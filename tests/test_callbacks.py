@@ -2,24 +2,32 @@
 
 import lightning as L
 import torch
+from test_stages import built, corpus, fixed_batch
 from torch.utils.data import DataLoader
 
 from ivl.callbacks.freezing import LayerFreezing
 from ivl.callbacks.lora import LoRAInjection
 from ivl.stages import InstructModule
-from test_stages import built, corpus, fixed_batch
 
 
 def trainer(callbacks, steps):
-    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+    return L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
 
 
 def test_layer_freezing_freezes_then_unfreezes_on_schedule(tmp_path):
     module = built(InstructModule(teacher="tiny", window=64, trainable=[".*"]))
     vision_before = {n: p.clone() for n, p in module.model.visual.named_parameters()}
-    freezing = LayerFreezing(patterns=[r"model\.visual"], module_types=["SlidingWindowAttention"],
-                             unfreeze_at_epoch={1: [r"model\.visual"]})
+    freezing = LayerFreezing(
+        patterns=[r"model\.visual"], module_types=["SlidingWindowAttention"], unfreeze_at_epoch={1: [r"model\.visual"]}
+    )
     batch = fixed_batch(corpus(tmp_path))
     trainer([freezing], steps=2).fit(module, DataLoader([batch] * 2, batch_size=None))  # epoch 0 only
     assert all(torch.equal(p, vision_before[n]) for n, p in module.model.visual.named_parameters())
@@ -39,7 +47,8 @@ def test_lora_injection_trains_only_adapters(tmp_path):
     module = InstructModule(teacher="tiny", window=64, trainable=[".*"])  # same seed: the same weights
     batch = fixed_batch(corpus(tmp_path))
     trainer([LoRAInjection(r=4, target_modules=["q_proj", "v_proj"])], steps=3).fit(
-        module, DataLoader([batch] * 3, batch_size=None))
+        module, DataLoader([batch] * 3, batch_size=None)
+    )
     names = {n for n, p in module.model.named_parameters() if p.requires_grad}
     assert names and all("lora_" in n for n in names)
     changed = {n for n, p in module.model.named_parameters() if "lora_" in n and "lora_B" in n and p.abs().sum() > 0}
@@ -70,8 +79,15 @@ def test_a_stage_fit_stops_at_its_first_logged_non_finite_loss(tmp_path):
 
     module = InstructModule(teacher="tiny", window=64, trainable=[".*"], lr=1e30, warmup_ratio=0.0)
     batch = fixed_batch(corpus(tmp_path))
-    fit = L.Trainer(max_steps=20, accelerator="cpu", logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=4)
+    fit = L.Trainer(
+        max_steps=20,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=4,
+    )
     with pytest.raises(FloatingPointError, match=r"training loss is (nan|inf) at step (4|8|12|16)\b"):
         fit.fit(module, DataLoader([batch] * 20, batch_size=None))
     assert fit.global_step < 20
@@ -85,9 +101,17 @@ def test_progress_prints_plain_lines_when_the_output_is_not_a_terminal(tmp_path,
 
     module = InstructModule(teacher="tiny", window=64)
     batch = fixed_batch(corpus(tmp_path))
-    fit = L.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False,
-                    enable_model_summary=False, log_every_n_steps=1, val_check_interval=3, num_sanity_val_steps=0,
-                    callbacks=[ProgressBar(every_n_steps=2, every_seconds=3600)])
+    fit = L.Trainer(
+        max_steps=6,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        val_check_interval=3,
+        num_sanity_val_steps=0,
+        callbacks=[ProgressBar(every_n_steps=2, every_seconds=3600)],
+    )
     fit.fit(module, DataLoader([batch] * 6, batch_size=None), DataLoader([batch], batch_size=None))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ivl: ")]
     train = [line for line in lines if "| step " in line]

@@ -5,12 +5,12 @@ import weakref
 
 import pytest
 import torch
+from test_training_at_scale import with_random_adapters
 
-from ivl.model import cheap_recompute
-from ivl.model.cheap_recompute import cheap, recording_cheap_activations
+from ivl.model.training import cheap_recompute
+from ivl.model.training.cheap_recompute import cheap, recording_cheap_activations
 from ivl.stages import distributed
 from ivl.stages.models import load_student
-from test_training_at_scale import with_random_adapters
 
 
 def counted(fn, calls):
@@ -22,7 +22,7 @@ def counted(fn, calls):
     return run
 
 
-def test_a_remembered_output_is_not_kept_by_autograd_and_is_recomputed_once():
+def test_a_marked_output_is_not_kept_by_autograd_and_is_recomputed_once():
     calls = []
     double = cheap(counted(lambda x: x * 2, calls))
     x = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
@@ -45,7 +45,7 @@ def test_a_remembered_output_is_not_kept_by_autograd_and_is_recomputed_once():
     torch.testing.assert_close(w.grad, w2.grad, rtol=0, atol=0)
 
 
-def test_a_recipe_of_a_remembered_output_recomputes_it_through_its_own_recipe():
+def test_a_recipe_of_a_marked_output_recomputes_it_through_its_own_recipe():
     calls = []
     double = cheap(counted(lambda x: x * 2, calls))
     sine = cheap(counted(torch.sin, calls))
@@ -162,7 +162,8 @@ def test_in_mixers_mode_the_checkpointed_mixers_outputs_are_not_held_during_the_
     held = []
     for block in model.lm.layers:
         block.mlp.register_forward_pre_hook(
-            lambda *_: held.append({e[1].__name__ for e in cheap_recompute._recorders()[-1].outputs.values()}))
+            lambda *_: held.append({e[1].__name__ for e in cheap_recompute._recorders()[-1].outputs.values()})
+        )
     model.head_losses(**packed_300()).ce.backward()
     assert held == [{"rms_norm"}] * len(model.lm.layers)  # the mixer's and MLP's input norms, nothing from inside
 
@@ -215,10 +216,16 @@ def test_on_the_gpu_kept_blocks_also_recompute_the_kernels_qk_norms_and_fla_conv
 def test_the_benchmarks_transformer_layers_recompute_their_norms_and_swiglu_with_identical_gradients(monkeypatch):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from ivl.bench.train import recompute_cheap_in_decoder_layer
+    from ivl.bench.baseline_stage import recompute_cheap_in_decoder_layer
 
-    config = Qwen2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = Qwen2Config(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     plain = Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa").double()
     kept = copy.deepcopy(plain)
     recompute_cheap_in_decoder_layer(kept.model.layers[1])

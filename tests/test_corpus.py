@@ -5,9 +5,9 @@ import json
 import tarfile
 
 import pytest
+from media_files import write_image, write_video
 
 from ivl.data import BadSample, CorpusSpec, read_corpus
-from media_files import write_image, write_video
 
 EXPECTED_USER = [{"type": "image"}, {"type": "text", "text": "What color is it?"}]
 
@@ -36,12 +36,22 @@ def test_llava_jsonl_and_json(tmp_path):
 def test_sharegpt_messages_and_qwen_message_lists(tmp_path):
     write_image(tmp_path / "red.png")
     write_video(tmp_path / "clip.mp4", [(255, 0, 0), (0, 0, 255)])
-    sharegpt = {"messages": [{"role": "user", "content": "<image>What color is it?"},
-                             {"role": "assistant", "content": "Red."}], "images": ["red.png"]}
-    qwen = {"messages": [
-        {"role": "user", "content": [{"type": "video", "video": "clip.mp4", "fps": 4.0},
-                                     {"type": "text", "text": "Which color comes first?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "Red."}]}]}
+    sharegpt = {
+        "messages": [{"role": "user", "content": "<image>What color is it?"}, {"role": "assistant", "content": "Red."}],
+        "images": ["red.png"],
+    }
+    qwen = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "video", "video": "clip.mp4", "fps": 4.0},
+                    {"type": "text", "text": "Which color comes first?"},
+                ],
+            },
+            {"role": "assistant", "content": [{"type": "text", "text": "Red."}]},
+        ]
+    }
     a, b = read_corpus(CorpusSpec(str(write_jsonl(tmp_path / "c.jsonl", [sharegpt, qwen]))))
     assert a.messages[0]["content"] == EXPECTED_USER
     assert b.messages[0]["content"][0] == {"type": "video"}
@@ -52,8 +62,10 @@ def test_webdataset_shard(tmp_path):
     image = write_image(tmp_path / "x.png").read_bytes()
     with tarfile.open(tmp_path / "shard-000.tar", "w") as tar:
         for key in ("a", "b"):
-            for name, data in ((f"{key}.png", image), (f"{key}.json", json.dumps(
-                    {"conversations": llava()["conversations"]}).encode())):
+            for name, data in (
+                (f"{key}.png", image),
+                (f"{key}.json", json.dumps({"conversations": llava()["conversations"]}).encode()),
+            ):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
@@ -68,8 +80,10 @@ def test_webdataset_shard(tmp_path):
 def test_compressed_shards_are_read_into_memory(tmp_path):
     image = write_image(tmp_path / "x.png").read_bytes()
     with tarfile.open(tmp_path / "shard-000.tar", "w:gz") as tar:  # gzipped, under a .tar name
-        for name, data in (("a.png", image), ("a.json", json.dumps({"conversations": llava()["conversations"]})
-                                                       .encode())):
+        for name, data in (
+            ("a.png", image),
+            ("a.json", json.dumps({"conversations": llava()["conversations"]}).encode()),
+        ):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -90,12 +104,18 @@ def test_malformed_json_line_names_file_and_line(tmp_path):
 def test_tag_and_media_counts_must_agree(tmp_path):
     two_tags = llava(question="<image> and <image>: what colors?")
     file = write_jsonl(tmp_path / "c.jsonl", [two_tags])
-    with pytest.raises(BadSample, match=r"c\.jsonl:1: conversations\[0\] has <image> tag number 2 but field "
-                                        r"'image' lists 1"):
+    with pytest.raises(
+        BadSample,
+        match=r"c\.jsonl:1: conversations\[0\] has <image> tag number 2 but field "
+        r"'image' lists 1",
+    ):
         read_corpus(CorpusSpec(str(file)))
     no_tag = llava(question="What color is it?")
-    with pytest.raises(BadSample, match=r"c\.jsonl:1: 0 <image> tag\(s\) in 'conversations' but field 'image' "
-                                        r"lists 1"):
+    with pytest.raises(
+        BadSample,
+        match=r"c\.jsonl:1: 0 <image> tag\(s\) in 'conversations' but field 'image' "
+        r"lists 1",
+    ):
         read_corpus(CorpusSpec(str(write_jsonl(tmp_path / "c.jsonl", [no_tag]))))
 
 

@@ -6,11 +6,11 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from media_files import write_image, write_video
+from references import assert_as_accurate, doubled, float64
 
 from ivl.data import BadSample, CorpusSpec, ImageDataModule, Processor, SampleEncoder, VideoDataModule, read_corpus
 from ivl.model import HybridConfig, InfiniteVL, InfiniteVLConfig
-from media_files import write_image, write_video
-from references import assert_as_accurate, doubled, float64
 
 COLORS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}
 
@@ -25,9 +25,15 @@ def color_corpus(folder, n=12, name="c.jsonl"):
     for i in range(n):
         color = list(COLORS)[i % 3]
         write_image(folder / f"{color}.png", COLORS[color])
-        records.append({"image": f"{color}.png", "conversations": [
-            {"from": "human", "value": f"<image>\nQuestion {i}: what color is it?"},
-            {"from": "gpt", "value": color + "." * (i % 4)}]})
+        records.append(
+            {
+                "image": f"{color}.png",
+                "conversations": [
+                    {"from": "human", "value": f"<image>\nQuestion {i}: what color is it?"},
+                    {"from": "gpt", "value": color + "." * (i % 4)},
+                ],
+            }
+        )
     path = folder / name
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     return path
@@ -45,7 +51,7 @@ def test_labels_cover_exactly_the_answers(tmp_path, processor):
 def smollm2_processor():
     from transformers import AutoTokenizer
 
-    from ivl.model.llama_teacher import VISION_TOKENS, smollm2_gguf
+    from ivl.teachers.llama import VISION_TOKENS, smollm2_gguf
 
     path = smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -68,8 +74,10 @@ def test_an_answer_that_starts_with_spaces_is_labelled_whole(tmp_path, request, 
 
 def test_video_sample_carries_timestamps(tmp_path, processor):
     write_video(tmp_path / "clip.mp4", [COLORS["red"], COLORS["blue"]], frames_per_color=8, fps=8)  # 2 s
-    record = {"video": "clip.mp4", "conversations": [{"from": "human", "value": "<video>first color?"},
-                                                      {"from": "gpt", "value": "red"}]}
+    record = {
+        "video": "clip.mp4",
+        "conversations": [{"from": "human", "value": "<video>first color?"}, {"from": "gpt", "value": "red"}],
+    }
     (tmp_path / "v.jsonl").write_text(json.dumps(record) + "\n")
     [sample] = read_corpus(CorpusSpec(str(tmp_path / "v.jsonl")))
     item = SampleEncoder(processor, video_fps=2.0)(sample)
@@ -108,10 +116,18 @@ def test_bad_samples_are_skipped_counted_and_logged(tmp_path, caplog):
     path = color_corpus(tmp_path, n=6)
     with path.open("a") as f:
         f.write('{"image": "red.png", "conversations": [\n')
-        f.write(json.dumps({"image": "gone.png", "conversations": [{"from": "human", "value": "<image>?"},
-                                                                    {"from": "gpt", "value": "x"}]}) + "\n")
-    dm = ImageDataModule(train=[{"path": str(path)}], pack_tokens=None, batch_size=2, skip_bad_samples=True,
-                         image_max_pixels=56 * 56)
+        f.write(
+            json.dumps(
+                {
+                    "image": "gone.png",
+                    "conversations": [{"from": "human", "value": "<image>?"}, {"from": "gpt", "value": "x"}],
+                }
+            )
+            + "\n"
+        )
+    dm = ImageDataModule(
+        train=[{"path": str(path)}], pack_tokens=None, batch_size=2, skip_bad_samples=True, image_max_pixels=56 * 56
+    )
     dm.setup()
     assert len(dm.bad_at_read) == 1 and "c.jsonl:7: malformed JSON line" in dm.bad_at_read[0]
     loader = dm.train_dataloader()
@@ -127,25 +143,42 @@ def test_bad_samples_are_skipped_counted_and_logged(tmp_path, caplog):
 def test_packed_batches_respect_the_budget_and_leak_nothing(tmp_path):
     dm = ImageDataModule(train=[{"path": str(color_corpus(tmp_path))}], pack_tokens=120, image_max_pixels=56 * 56)
     batches = list(dm.train_dataloader())
-    assert sorted(s for b in batches for s in b["sources"]) == sorted(f"{tmp_path / 'c.jsonl'}:{i}" for i in range(1, 13))
+    assert sorted(s for b in batches for s in b["sources"]) == sorted(
+        f"{tmp_path / 'c.jsonl'}:{i}" for i in range(1, 13)
+    )
     assert all(b["input_ids"].shape[1] <= 120 for b in batches) and any(len(b["sources"]) > 1 for b in batches)
     torch.manual_seed(0)
-    model = InfiniteVL(InfiniteVLConfig(
-        text=HybridConfig.tiny(vocab_size=151936, window=8),
-        vision=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                    fullatt_block_indexes=[0]))).eval()
+    model = InfiniteVL(
+        InfiniteVLConfig(
+            text=HybridConfig.tiny(vocab_size=151936, window=8),
+            vision=dict(
+                depth=1,
+                hidden_size=32,
+                intermediate_size=64,
+                num_heads=2,
+                out_hidden_size=64,
+                fullatt_block_indexes=[0],
+            ),
+        )
+    ).eval()
     batch = next(b for b in batches if len(b["sources"]) > 1)
     cu = batch["cu_seqlens"].tolist()
     exact_model = float64(model)
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
-                       image_grid_thw=batch["image_grid_thw"], cu_seqlens=batch["cu_seqlens"]).logits
+        packed = model(
+            input_ids=batch["input_ids"],
+            pixel_values=batch["pixel_values"],
+            image_grid_thw=batch["image_grid_thw"],
+            cu_seqlens=batch["cu_seqlens"],
+        ).logits
         patches = (batch["image_grid_thw"].prod(-1)).tolist()
         starts = [sum(patches[:i]) for i in range(len(patches))]
         for i, (a, z) in enumerate(zip(cu[:-1], cu[1:])):
-            inputs = dict(input_ids=batch["input_ids"][:, a:z],
-                          pixel_values=batch["pixel_values"][starts[i]:starts[i] + patches[i]],
-                          image_grid_thw=batch["image_grid_thw"][i:i + 1])
+            inputs = dict(
+                input_ids=batch["input_ids"][:, a:z],
+                pixel_values=batch["pixel_values"][starts[i] : starts[i] + patches[i]],
+                image_grid_thw=batch["image_grid_thw"][i : i + 1],
+            )
             alone = model(**inputs).logits
             assert_as_accurate(packed[:, a:z], alone, exact_model(**doubled(inputs)).logits)
 
@@ -153,8 +186,14 @@ def test_packed_batches_respect_the_budget_and_leak_nothing(tmp_path):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_mid_epoch_gives_the_remaining_batches(tmp_path, workers):
     def module():
-        return ImageDataModule(train=[{"path": str(color_corpus(tmp_path, n=20))}], pack_tokens=None, batch_size=3,
-                               num_workers=workers, seed=7, image_max_pixels=56 * 56)
+        return ImageDataModule(
+            train=[{"path": str(color_corpus(tmp_path, n=20))}],
+            pack_tokens=None,
+            batch_size=3,
+            num_workers=workers,
+            seed=7,
+            image_max_pixels=56 * 56,
+        )
 
     dm = module()
     loader = dm.train_dataloader()
@@ -201,9 +240,16 @@ def fit_killed_and_resumed(datamodule, folder, step: int, epochs: int) -> tuple[
                 raise Killed
 
     def fit(module, callbacks=(), ckpt=None):
-        L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                  enable_model_summary=False, use_distributed_sampler=False, callbacks=list(callbacks),
-                  enable_checkpointing=bool(callbacks)).fit(module, datamodule(), ckpt_path=ckpt)
+        L.Trainer(
+            max_epochs=epochs,
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            use_distributed_sampler=False,
+            callbacks=list(callbacks),
+            enable_checkpointing=bool(callbacks),
+        ).fit(module, datamodule(), ckpt_path=ckpt)
         return module
 
     whole, killed = fit(Record()), Record()
@@ -215,11 +261,23 @@ def fit_killed_and_resumed(datamodule, folder, step: int, epochs: int) -> tuple[
 def test_every_epoch_of_a_fit_is_a_new_shuffle_of_the_whole_corpus(tmp_path):
     """Lightning's fit loop stops after an epoch's last batch without running the loader's generator to its end;
     each epoch must still draw its own order (it once replayed the first epoch's order every epoch)."""
-    dm = ImageDataModule(train=[{"path": str(color_corpus(tmp_path, n=12))}], pack_tokens=None, batch_size=3,
-                         seed=5, image_max_pixels=56 * 56)
+    dm = ImageDataModule(
+        train=[{"path": str(color_corpus(tmp_path, n=12))}],
+        pack_tokens=None,
+        batch_size=3,
+        seed=5,
+        image_max_pixels=56 * 56,
+    )
     module = Record()
-    L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, use_distributed_sampler=False).fit(module, dm)
+    L.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    ).fit(module, dm)
     epochs = [[s for e, batch in module.seen if e == epoch for s in batch] for epoch in range(3)]
     assert all(sorted(order) == sorted(epochs[0]) and len(order) == 12 for order in epochs)
     assert len({tuple(order) for order in epochs}) == 3
@@ -231,8 +289,15 @@ def test_packed_epochs_of_different_lengths_each_train_every_sample(tmp_path):
     fit resumes with exactly the packs it had not trained."""
     from ivl.data import VLDataModule
 
-    records = [{"conversations": [{"from": "human", "value": f"Question {i}?"},
-                                  {"from": "gpt", "value": " ".join(["word"] * (3 + (i * 7) % 40))}]} for i in range(24)]
+    records = [
+        {
+            "conversations": [
+                {"from": "human", "value": f"Question {i}?"},
+                {"from": "gpt", "value": " ".join(["word"] * (3 + (i * 7) % 40))},
+            ]
+        }
+        for i in range(24)
+    ]
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
 
     def datamodule():
@@ -253,8 +318,9 @@ def test_a_fit_saved_at_an_epoch_end_resumes_with_the_whole_next_epoch(tmp_path)
     path = color_corpus(tmp_path, n=12)
 
     def datamodule():
-        return ImageDataModule(train=[{"path": str(path)}], pack_tokens=None, batch_size=3, seed=5,
-                               image_max_pixels=56 * 56)
+        return ImageDataModule(
+            train=[{"path": str(path)}], pack_tokens=None, batch_size=3, seed=5, image_max_pixels=56 * 56
+        )
 
     whole, killed, resumed = fit_killed_and_resumed(datamodule, tmp_path / "ckpt", 4, epochs=2)  # 4 batches an epoch
     assert killed.seen == whole.seen[:4]
@@ -267,8 +333,13 @@ def test_validation_starts_from_its_first_batch_after_a_resume(tmp_path):
     path = color_corpus(tmp_path, n=12)
 
     def module():
-        return ImageDataModule(train=[{"path": str(path)}], val=[{"path": str(path)}], pack_tokens=None,
-                               batch_size=3, image_max_pixels=56 * 56)
+        return ImageDataModule(
+            train=[{"path": str(path)}],
+            val=[{"path": str(path)}],
+            pack_tokens=None,
+            batch_size=3,
+            image_max_pixels=56 * 56,
+        )
 
     dm = module()
     batches = iter(dm.val_dataloader())
@@ -287,8 +358,9 @@ def test_the_shuffle_follows_seed_everything_unless_a_seed_is_given(tmp_path, mo
     path = color_corpus(tmp_path, n=12)
 
     def plan(**kwargs):
-        dm = ImageDataModule(train=[{"path": str(path)}], pack_tokens=None, batch_size=3, image_max_pixels=56 * 56,
-                             **kwargs)
+        dm = ImageDataModule(
+            train=[{"path": str(path)}], pack_tokens=None, batch_size=3, image_max_pixels=56 * 56, **kwargs
+        )
         return dm.train_dataloader().plan(0)
 
     monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
@@ -305,8 +377,13 @@ def test_the_shuffle_follows_seed_everything_unless_a_seed_is_given(tmp_path, mo
 def test_mixture_follows_weights(tmp_path):
     a = color_corpus(tmp_path / "a", n=10)
     b = color_corpus(tmp_path / "b", n=10)
-    dm = ImageDataModule(train=[{"path": str(a), "weight": 3.0}, {"path": str(b), "weight": 1.0}],
-                         pack_tokens=None, batch_size=4, samples_per_epoch=40, image_max_pixels=56 * 56)
+    dm = ImageDataModule(
+        train=[{"path": str(a), "weight": 3.0}, {"path": str(b), "weight": 1.0}],
+        pack_tokens=None,
+        batch_size=4,
+        samples_per_epoch=40,
+        image_max_pixels=56 * 56,
+    )
     dm.setup()
     plan = dm.train_dataloader().plan(0)
     indices = [i for batch in plan for i in batch]
@@ -316,9 +393,13 @@ def test_mixture_follows_weights(tmp_path):
 def test_video_datamodule_batches(tmp_path):
     for i, (first, second) in enumerate([("red", "blue"), ("blue", "green")]):
         write_video(tmp_path / f"v{i}.mp4", [COLORS[first], COLORS[second]], frames_per_color=4, fps=4)
-    records = [{"video": f"v{i}.mp4", "conversations": [{"from": "human", "value": "<video>Which color first?"},
-                                                          {"from": "gpt", "value": c}]}
-               for i, c in enumerate(["red", "blue"])]
+    records = [
+        {
+            "video": f"v{i}.mp4",
+            "conversations": [{"from": "human", "value": "<video>Which color first?"}, {"from": "gpt", "value": c}],
+        }
+        for i, c in enumerate(["red", "blue"])
+    ]
     (tmp_path / "v.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     dm = VideoDataModule(train=[{"path": str(tmp_path / "v.jsonl")}], pack_tokens=512, video_max_pixels=56 * 56)
     [batch] = list(dm.train_dataloader())

@@ -4,8 +4,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
 from ivl.data import CorpusSpec, read_corpus
 from ivl.data.corpus import Media
@@ -37,8 +37,9 @@ def test_video_order_answers_match_the_pixels(corpus):
     for record in records(corpus / "videos" / "train.jsonl") + records(corpus / "videos" / "val.jsonl"):
         if record["task"] != "video-order":
             continue
-        frames, _ = load_video(Media("video", path=str(corpus / "videos" / record["video"]), options={"nframes": 8}),
-                               "test")
+        frames, _ = load_video(
+            Media("video", path=str(corpus / "videos" / record["video"]), options={"nframes": 8}), "test"
+        )
         background = frames[0].astype(int)
         changed = next(f for f in frames if np.abs(f.astype(int) - background).max() > 60).astype(int)
         mask = np.abs(changed - background).max(-1) > 60
@@ -63,8 +64,9 @@ def test_chart_answers_match_the_bars_and_the_real_stock_data(corpus):
             continue
         a, b = record["conversations"][0]["value"].split("higher, ")[1].split("?")[0].split(" or ")
         pixels = np.asarray(Image.open(corpus / "documents" / record["image"]).convert("RGB")).astype(int)
-        heights = [int((np.abs(pixels - colour).sum(-1) < 60).any(1).sum()) for colour in ((48, 96, 208),
-                                                                                            (208, 96, 48))]
+        heights = [
+            int((np.abs(pixels - colour).sum(-1) < 60).any(1).sum()) for colour in ((48, 96, 208), (208, 96, 48))
+        ]
         assert min(heights) > 0
         assert record["answer"] == (a if heights[0] > heights[1] else b), record["image"]
         i, j = tickers.index(record["answer"]), tickers.index(b if record["answer"] == a else a)

@@ -1,4 +1,4 @@
-"""The decode engine (ivl.model.generation) and the chat layer on it (ivl.serve.engine), in-process on the tiny
+"""The decode engine (ivl.model.decoding.generation) and the chat layer on it (ivl.serve.engine), in-process on the tiny
 model: one path for generate(), chat requests and live sessions; continuous batching (joining mid-batch, chunked
 prefill between decode steps, cancelling, several copies); log-probabilities; structured output; sessions."""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ivl.data.processing import Processor
-from ivl.model.generation import Sampling
+from ivl.model.decoding.generation import Sampling
 from ivl.serve.engine import ChatEngine, Prompt
 from ivl.serve.loading import tiny_random_model
 from ivl.serve.sessions import PREFIX, SessionError, SessionStore, VideoSession
@@ -163,16 +163,28 @@ def test_copies_sample_with_their_own_seeds_and_greedy_copies_agree(tiny):
     def collect(delta):
         texts[delta.index] += delta.text
 
-    chat.engine.run_until_done([chat.sequence(Prompt(text, sampling=Sampling(max_tokens=6, temperature=1.5, seed=3),
-                                                      n=3), collect)])
+    chat.engine.run_until_done(
+        [chat.sequence(Prompt(text, sampling=Sampling(max_tokens=6, temperature=1.5, seed=3), n=3), collect)]
+    )
     again = [""] * 3
-    chat.engine.run_until_done([chat.sequence(
-        Prompt(text, sampling=Sampling(max_tokens=6, temperature=1.5, seed=3), n=3),
-        lambda d: again.__setitem__(d.index, again[d.index] + d.text))])
+    chat.engine.run_until_done(
+        [
+            chat.sequence(
+                Prompt(text, sampling=Sampling(max_tokens=6, temperature=1.5, seed=3), n=3),
+                lambda d: again.__setitem__(d.index, again[d.index] + d.text),
+            )
+        ]
+    )
     assert texts == again and len(set(texts)) == 3
     greedy = [""] * 2
-    chat.engine.run_until_done([chat.sequence(Prompt(text, sampling=Sampling(max_tokens=6), n=2),
-                                              lambda d: greedy.__setitem__(d.index, greedy[d.index] + d.text))])
+    chat.engine.run_until_done(
+        [
+            chat.sequence(
+                Prompt(text, sampling=Sampling(max_tokens=6), n=2),
+                lambda d: greedy.__setitem__(d.index, greedy[d.index] + d.text),
+            )
+        ]
+    )
     assert greedy[0] == greedy[1] == reference(model, processor, text, 6)
 
 
@@ -181,8 +193,9 @@ def test_log_probabilities_are_those_of_the_model_distribution(tiny):
     text = chat_text(processor, "hi")
     tokens = []
     chat = ChatEngine(model, processor, capacity=1)
-    chat.engine.run_until_done([chat.sequence(Prompt(text, sampling=Sampling(max_tokens=3, logprobs=2)),
-                                              tokens.append)])
+    chat.engine.run_until_done(
+        [chat.sequence(Prompt(text, sampling=Sampling(max_tokens=3, logprobs=2)), tokens.append)]
+    )
     ids = processor(text)["input_ids"]
     for delta in tokens[:2]:
         [entry] = delta.logprobs
@@ -191,8 +204,9 @@ def test_log_probabilities_are_those_of_the_model_distribution(tiny):
         chosen = int(expected.argmax())
         assert entry["token"] == processor.decode([chosen])
         assert entry["logprob"] == pytest.approx(float(expected[chosen]), abs=1e-4)
-        assert [t["logprob"] for t in entry["top_logprobs"]] == pytest.approx(expected.topk(2).values.tolist(),
-                                                                              abs=1e-4)
+        assert [t["logprob"] for t in entry["top_logprobs"]] == pytest.approx(
+            expected.topk(2).values.tolist(), abs=1e-4
+        )
         ids = torch.cat([ids, torch.tensor([[chosen]])], dim=1)
 
 
@@ -200,9 +214,12 @@ def test_json_schema_output_is_valid_and_follows_the_schema(tiny):
     from ivl.serve.structured import FormatError, constraint_for
 
     model, processor = tiny
-    schema = {"type": "object", "properties": {"color": {"enum": ["red", "green"]},
-                                               "n": {"type": "integer", "minimum": 0, "maximum": 99}},
-              "required": ["color", "n"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"color": {"enum": ["red", "green"]}, "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["color", "n"],
+        "additionalProperties": False,
+    }
     fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
     constraint = constraint_for(fmt, processor.tokenizer, model.lm.config.vocab_size)
     chat = ChatEngine(model, processor, capacity=2)
@@ -211,8 +228,11 @@ def test_json_schema_output_is_valid_and_follows_the_schema(tiny):
     value = json.loads(out)  # a random model, held to the schema: valid, complete JSON
     assert set(value) == {"color", "n"} and value["color"] in ("red", "green") and 0 <= value["n"] <= 99
     with pytest.raises(FormatError, match="json_schema.schema is not a schema"):
-        constraint_for({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}},
-                       processor.tokenizer, model.lm.config.vocab_size)
+        constraint_for(
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}},
+            processor.tokenizer,
+            model.lm.config.vocab_size,
+        )
 
 
 def test_generate_decodes_many_rows_through_few_slots(tiny):
@@ -228,6 +248,7 @@ def test_generate_decodes_many_rows_through_few_slots(tiny):
 
 
 # ---- live sessions -----------------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def sessions(tiny):
@@ -265,8 +286,7 @@ def test_a_question_leaves_the_stream_where_it_was_and_a_bad_push_changes_nothin
     with pytest.raises(SessionError, match="must all have one size.*waits for its pair"):
         session.push([np.full((84, 84, 3), 1, np.uint8)] * 2)
     assert (session.frames, session.patches, session.max_position, len(session.pending)) == state
-    assert all(torch.equal(a, b) for a, b in zip(cache, (t for layer in session.cache.layers
-                                                        for t in layer.tensors())))
+    assert all(torch.equal(a, b) for a, b in zip(cache, (t for layer in session.cache.layers for t in layer.tensors())))
     assert ask() == first
 
 
@@ -285,17 +305,18 @@ def test_session_store_limits_and_expiry(sessions):
 def test_streamed_text_is_the_whole_answer_decoded_at_once():
     """Token by token, with multi-byte characters split across tokens, random ids and a stop string held back:
     the pieces add up to the tokenizer's decode of the whole answer (the reference), cut at the stop string."""
-    from ivl.model.generation import Token
+    from ivl.model.decoding.generation import Token
     from ivl.serve.engine import _Text
 
     processor = Processor.from_pretrained()
     rng = np.random.default_rng(0)
-    answers = [processor.tokenizer.encode("Grüße, 世界! 🎉🦙 naïve café — done."),
-               rng.integers(0, 151000, 200).tolist()]
+    answers = [
+        processor.tokenizer.encode("Grüße, 世界! 🎉🦙 naïve café — done."),
+        rng.integers(0, 151000, 200).tolist(),
+    ]
     for ids in answers:
         text = _Text(processor, Sampling())
-        pieces = [text.take(Token(0, t, finish=None if i < len(ids) - 1 else "length"))[0]
-                  for i, t in enumerate(ids)]
+        pieces = [text.take(Token(0, t, finish=None if i < len(ids) - 1 else "length"))[0] for i, t in enumerate(ids)]
         assert "".join(pieces) == processor.decode(ids, skip_special_tokens=True)
     ids = processor.tokenizer.encode("one two three STOP four")
     text = _Text(processor, Sampling(stop=["STOP"]))

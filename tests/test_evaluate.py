@@ -21,9 +21,19 @@ ANIMALS = {"A": "cat", "B": "dog", "C": "bird", "D": "fish"}
 
 # ---- scoring ---------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("raw, normalised", [("Two dogs.", "2 dogs"), ("the 1,000 people", "1000 people"),
-                                             ("A cat; sat", "cat sat"), ("coca-cola", "coca cola"),
-                                             ("Yes!", "yes"), ("3.14", "3.14"), ("I dont know", "i don't know")])
+
+@pytest.mark.parametrize(
+    "raw, normalised",
+    [
+        ("Two dogs.", "2 dogs"),
+        ("the 1,000 people", "1000 people"),
+        ("A cat; sat", "cat sat"),
+        ("coca-cola", "coca cola"),
+        ("Yes!", "yes"),
+        ("3.14", "3.14"),
+        ("I dont know", "i don't know"),
+    ],
+)
 def test_vqa_normalisation(raw, normalised):
     assert scoring.normalise_vqa(raw) == normalised
 
@@ -43,9 +53,19 @@ def test_anls():
     assert scoring.anls("  Hello   World ", ["hello world"]) == 1.0
 
 
-@pytest.mark.parametrize("target, prediction, right", [
-    ("50", "52", True), ("50", "53", False), ("0.5", "50%", True), ("50%", "50", False), ("0", "0", True),
-    ("0", "0.0", False), ("1,000", "1000", False), ("Yes", "yes", True)])
+@pytest.mark.parametrize(
+    "target, prediction, right",
+    [
+        ("50", "52", True),
+        ("50", "53", False),
+        ("0.5", "50%", True),
+        ("50%", "50", False),
+        ("0", "0", True),
+        ("0", "0.0", False),
+        ("1,000", "1000", False),
+        ("Yes", "yes", True),
+    ],
+)
 def test_chartqa_relaxed_accuracy(target, prediction, right):
     assert scoring.relaxed_accuracy(prediction, [target]) == float(right)
 
@@ -57,11 +77,26 @@ def test_exact_match():
 
 # ---- reading answers -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("output, letter", [
-    ("A", "A"), ("A.", "A"), ("(A)", "A"), ("**B**", "B"), ("B) dog", "B"), ("Answer: C", "C"),
-    ("The answer is A", "A"), ("The answer is a dog", "A"), ("A and B", None), ("dog", "B"),
-    ("a dog and a cat", None), ("", None), ("Z", None),
-    ("Option A is correct because the image shows a cat sitting on a mat", None)])
+
+@pytest.mark.parametrize(
+    "output, letter",
+    [
+        ("A", "A"),
+        ("A.", "A"),
+        ("(A)", "A"),
+        ("**B**", "B"),
+        ("B) dog", "B"),
+        ("Answer: C", "C"),
+        ("The answer is A", "A"),
+        ("The answer is a dog", "A"),
+        ("A and B", None),
+        ("dog", "B"),
+        ("a dog and a cat", None),
+        ("", None),
+        ("Z", None),
+        ("Option A is correct because the image shows a cat sitting on a mat", None),
+    ],
+)
 def test_reading_a_choice(output, letter):
     assert answers.read_choice(output, ANIMALS) == letter
 
@@ -73,6 +108,7 @@ def test_reading_a_choice_edge_cases():
 
 # ---- prompts -------------------------------------------------------------------------------------------------
 
+
 def test_circular_rotations_move_labels_as_vlmevalkit():
     assert prompts.rotate(ANIMALS, 1) == {"A": "dog", "B": "bird", "C": "fish", "D": "cat"}
     assert prompts.rotate(ANIMALS, 2) == {"A": "bird", "B": "fish", "C": "cat", "D": "dog"}
@@ -81,8 +117,9 @@ def test_circular_rotations_move_labels_as_vlmevalkit():
 
 def test_prompt_texts():
     mcq = Item("1", "What animal?", ["B"], options={"A": "cat", "B": "dog"})
-    assert prompts.text(mcq, "mcq") == ("Question: What animal?\nOptions:\nA. cat\nB. dog\n"
-                                 "Please select the correct answer from the options above. \n")
+    assert prompts.text(mcq, "mcq") == (
+        "Question: What animal?\nOptions:\nA. cat\nB. dog\nPlease select the correct answer from the options above. \n"
+    )
     hinted = Item("1", "What animal?", ["B"], hint="Look closely.", options={"A": "cat", "B": "dog"})
     assert prompts.text(hinted, "mcq").startswith("Hint: Look closely.\nQuestion: What animal?\n")
     vqa = Item("2", "What is written?", ["stop"])
@@ -91,6 +128,7 @@ def test_prompt_texts():
 
 
 # ---- TSV files -------------------------------------------------------------------------------------------------
+
 
 def b64_png(color=(255, 0, 0), size=(28, 28)) -> str:
     buffer = io.BytesIO()
@@ -109,12 +147,37 @@ MCQ_COLUMNS = ["index", "image", "question", "hint", "A", "B", "C", "D", "answer
 
 def mcq_rows():
     red = b64_png((255, 0, 0))
-    return [{"index": 1, "image": red, "question": "Which colour?", "A": "red", "B": "blue", "C": "green",
-             "answer": "A", "category": "colour"},
-            {"index": 2, "image": "1", "question": "Is it red?", "A": "yes", "B": "no", "answer": "A",
-             "category": "colour"},  # the image of row 1, as VLMEvalKit stores repeated images
-            {"index": 3, "image": b64_png((0, 0, 255)), "question": "Which colour?", "hint": "A primary colour.",
-             "A": "red", "B": "blue", "answer": "B", "category": "hue"}]
+    return [
+        {
+            "index": 1,
+            "image": red,
+            "question": "Which colour?",
+            "A": "red",
+            "B": "blue",
+            "C": "green",
+            "answer": "A",
+            "category": "colour",
+        },
+        {
+            "index": 2,
+            "image": "1",
+            "question": "Is it red?",
+            "A": "yes",
+            "B": "no",
+            "answer": "A",
+            "category": "colour",
+        },  # the image of row 1, as VLMEvalKit stores repeated images
+        {
+            "index": 3,
+            "image": b64_png((0, 0, 255)),
+            "question": "Which colour?",
+            "hint": "A primary colour.",
+            "A": "red",
+            "B": "blue",
+            "answer": "B",
+            "category": "hue",
+        },
+    ]
 
 
 def test_reading_a_vlmevalkit_tsv(tmp_path):
@@ -123,8 +186,11 @@ def test_reading_a_vlmevalkit_tsv(tmp_path):
     assert items[1].images[0].getpixel((0, 0)) == (255, 0, 0)
     assert items[0].options == {"A": "red", "B": "blue", "C": "green"} and items[1].options == {"A": "yes", "B": "no"}
     assert items[2].hint == "A primary colour."
-    vqa = write_tsv(tmp_path / "v.tsv", [{"index": 7, "image": b64_png(), "question": "q",
-                                          "answer": "['cat', 'cat', 'dog']"}], ["index", "image", "question", "answer"])
+    vqa = write_tsv(
+        tmp_path / "v.tsv",
+        [{"index": 7, "image": b64_png(), "question": "q", "answer": "['cat', 'cat', 'dog']"}],
+        ["index", "image", "question", "answer"],
+    )
     assert read_tsv(vqa)[0][0].answers == ["cat", "cat", "dog"]
 
 
@@ -144,13 +210,17 @@ def test_bad_tsvs_name_file_row_and_column(tmp_path):
         read_tsv(write_tsv(tmp_path / "c.tsv", rows, MCQ_COLUMNS))
     items, skipped = read_tsv(write_tsv(tmp_path / "c.tsv", rows, MCQ_COLUMNS), skip_bad=True)
     assert len(items) == 2 and len(skipped) == 1 and "index 1" in skipped[0]
-    video = write_tsv(tmp_path / "d.tsv", [{"index": 1, "video": "clip.mp4", "question": "q", "answer": "a"}],
-                      ["index", "video", "question", "answer"])
+    video = write_tsv(
+        tmp_path / "d.tsv",
+        [{"index": 1, "video": "clip.mp4", "question": "q", "answer": "a"}],
+        ["index", "video", "question", "answer"],
+    )
     with pytest.raises(BadRow, match="column video: no file"):
         read_tsv(video, media_root=tmp_path)
 
 
 # ---- the runner ------------------------------------------------------------------------------------------------
+
 
 class ScriptedEngine:
     """Stands in for the model: answers each prompt by a rule over its text, and counts what it was asked."""
@@ -168,8 +238,11 @@ class ScriptedEngine:
 def test_runner_scores_resumes_and_evaluates_circularly(tmp_path):
     tsv = write_tsv(tmp_path / "mini.tsv", mcq_rows(), MCQ_COLUMNS)
     # right on the original option order only: "red" is always at A there, "blue" at B for row 3
-    truth = {"Which colour?\nOptions:\nA. red\nB. blue\nC. green": "A", "Is it red?\nOptions:\nA. yes\nB. no": "A",
-             "Which colour?\nOptions:\nA. red\nB. blue\nPlease": "B"}
+    truth = {
+        "Which colour?\nOptions:\nA. red\nB. blue\nC. green": "A",
+        "Is it red?\nOptions:\nA. yes\nB. no": "A",
+        "Which colour?\nOptions:\nA. red\nB. blue\nPlease": "B",
+    }
     engine = ScriptedEngine(lambda text: next((v for k, v in truth.items() if k in text), "I am not sure"))
     scores = evaluate_file(engine, tsv, tmp_path / "out", Options(batch_size=2))
     assert scores["metric"] == "mcq" and scores["score"] == 1.0 and scores["items"] == 3
@@ -194,13 +267,33 @@ def test_cli_on_the_tiny_model_writes_scores_and_logs_to_mlflow(tmp_path):
 
     tiny_random_model().save_pretrained(tmp_path / "model")
     tsv = write_tsv(tmp_path / "mini.tsv", mcq_rows(), MCQ_COLUMNS)
-    vqa = write_tsv(tmp_path / "words.tsv", [{"index": 1, "image": b64_png(), "question": "Colour?",
-                                              "answer": "['red', 'red', 'crimson']"}],
-                    ["index", "image", "question", "answer"])
+    vqa = write_tsv(
+        tmp_path / "words.tsv",
+        [{"index": 1, "image": b64_png(), "question": "Colour?", "answer": "['red', 'red', 'crimson']"}],
+        ["index", "image", "question", "answer"],
+    )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    done = subprocess.run([sys.executable, "-m", "ivl.evaluate", "--model", str(tmp_path / "model"), "--data",
-                           str(tsv), str(vqa), "--max-new-tokens", "4", "--out", str(tmp_path / "eval"),
-                           "--mlflow", uri], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ivl.evaluate",
+            "--model",
+            str(tmp_path / "model"),
+            "--data",
+            str(tsv),
+            str(vqa),
+            "--max-new-tokens",
+            "4",
+            "--out",
+            str(tmp_path / "eval"),
+            "--mlflow",
+            uri,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| mini | auto | mcq |" in done.stdout and "| words | auto | vqa |" in done.stdout
     scores = json.loads((tmp_path / "eval" / "mini" / "scores.json").read_text())
@@ -208,8 +301,20 @@ def test_cli_on_the_tiny_model_writes_scores_and_logs_to_mlflow(tmp_path):
     mlflow.set_tracking_uri(uri)
     run = mlflow.search_runs(experiment_names=["ivl-eval"], output_format="list")[0]
     assert run.data.metrics["eval/mini/score"] == pytest.approx(scores["score"])
-    missing = subprocess.run([sys.executable, "-m", "ivl.evaluate", "--model", str(tmp_path / "model"),
-                              "--data", str(tmp_path / "nope.tsv")], capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ivl.evaluate",
+            "--model",
+            str(tmp_path / "model"),
+            "--data",
+            str(tmp_path / "nope.tsv"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode != 0 and "nope.tsv: no such file" in missing.stderr
 
 
@@ -224,16 +329,23 @@ def test_video_benchmarks_sweep_frame_counts_and_plot(tmp_path):
 
     for i in range(2):
         _clip(tmp_path / f"clip{i}.mp4", ["red", "blue", "green"][: 2 + i], random.Random(i))
-    tsv = write_tsv(tmp_path / "clips.tsv", [{"index": i, "video": f"clip{i}.mp4", "question": "How many squares?",
-                                              "answer": ["two", "three"][i]} for i in range(2)],
-                    ["index", "video", "question", "answer"])
+    tsv = write_tsv(
+        tmp_path / "clips.tsv",
+        [
+            {"index": i, "video": f"clip{i}.mp4", "question": "How many squares?", "answer": ["two", "three"][i]}
+            for i in range(2)
+        ],
+        ["index", "video", "question", "answer"],
+    )
     small = Processor(Processor.from_pretrained().tokenizer, video_min_pixels=56 * 56, video_max_pixels=56 * 56)
     engine = ChatEngine(tiny_random_model(), small)
     seen = []
     generate = engine.generate
     engine.generate = lambda prompts: (seen.append([len(v) for p in prompts for v in p.videos]), generate(prompts))[1]
-    results = [evaluate_file(engine, tsv, tmp_path / f"{n}", Options(frames=n, media_root=tmp_path,
-                                                                    max_new_tokens=2)) for n in (4, 6)]
+    results = [
+        evaluate_file(engine, tsv, tmp_path / f"{n}", Options(frames=n, media_root=tmp_path, max_new_tokens=2))
+        for n in (4, 6)
+    ]
     assert seen == [[4, 4], [6, 6]]  # frames sampled per video, as asked
     assert [r["frames"] for r in results] == [4, 6] and all(r["items"] == 2 for r in results)
     assert score_against_frames(results, tmp_path / "frames.png").stat().st_size > 1000
@@ -252,14 +364,29 @@ def test_lmms_eval_adapter_generates_what_the_model_generates(tmp_path):
     lm = InfiniteVLLMM(pretrained=str(tmp_path / "model"), device="cpu", batch_size="2", max_new_tokens=5)
     image = Image.new("RGB", (56, 56), (10, 200, 30))
     lm.task_dict = {"colours": {"test": [{"image": image}, {"image": image}]}}
-    requests = [Instance("generate_until", (f"<image>\nWhat colour? ({i})", {"max_new_tokens": 5, "until": ["\n\n"]},
-                                            lambda doc: [doc["image"]], i, "colours", "test"), i,
-                         {"task": "colours", "doc_id": i, "repeats": 1}) for i in range(2)]
+    requests = [
+        Instance(
+            "generate_until",
+            (
+                f"<image>\nWhat colour? ({i})",
+                {"max_new_tokens": 5, "until": ["\n\n"]},
+                lambda doc: [doc["image"]],
+                i,
+                "colours",
+                "test",
+            ),
+            i,
+            {"task": "colours", "doc_id": i, "repeats": 1},
+        )
+        for i in range(2)
+    ]
     outputs = lm.generate_until(requests)
     processor = Processor.from_pretrained(tmp_path / "model")
     for i, output in enumerate(outputs):
-        chat = processor.apply_chat_template([{"role": "user", "content": [
-            {"type": "image"}, {"type": "text", "text": f"What colour? ({i})"}]}], add_generation_prompt=True)
+        chat = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"What colour? ({i})"}]}],
+            add_generation_prompt=True,
+        )
         reference = lm.engine.model.generate(**processor(chat, images=[image]), max_new_tokens=5)
         assert output == processor.decode(reference[0])
     assert manifest().simple_class_path == "ivl.evaluate.lmms.InfiniteVLLMM"
@@ -285,8 +412,9 @@ def test_the_stage_cli_test_runs_benchmarks_like_python_m_ivl_evaluate(tmp_path)
     dm = EvalDataModule([str(tsv)], batch_size=2, max_new_tokens=4, circular=True, out=str(tmp_path / "cli"))
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     (metrics,) = trainer.test(module, datamodule=dm)
-    alone = evaluate_file(ChatEngine(module.model.eval(), dm.processor), tsv, tmp_path / "alone",
-                          Options(max_new_tokens=4, circular=True))
+    alone = evaluate_file(
+        ChatEngine(module.model.eval(), dm.processor), tsv, tmp_path / "alone", Options(max_new_tokens=4, circular=True)
+    )
     assert metrics["eval/mini/score"] == pytest.approx(alone["score"])
     assert json.loads((tmp_path / "cli" / "mini" / "scores.json").read_text())["categories"] == alone["categories"]
     cli_rows = [json.loads(x) for x in (tmp_path / "cli" / "mini" / "predictions.jsonl").read_text().splitlines()]
@@ -349,8 +477,11 @@ def test_a_killed_cli_evaluation_resumes_from_its_partial_records(tmp_path, monk
     folder.joinpath("partial-rank0.jsonl").write_text("\n".join(rows[:2]) + "\n")  # killed after two questions
     asked = []
     generate = datamodule.generate
-    monkeypatch.setattr(datamodule, "generate", lambda engine, jobs, benchmark, options: (
-        asked.extend(jobs), generate(engine, jobs, benchmark, options))[1])
+    monkeypatch.setattr(
+        datamodule,
+        "generate",
+        lambda engine, jobs, benchmark, options: (asked.extend(jobs), generate(engine, jobs, benchmark, options))[1],
+    )
     assert run() == first and len(asked) == 1
     assert folder.joinpath("predictions.jsonl").read_text().splitlines() == rows
 
@@ -362,20 +493,48 @@ def test_two_cli_processes_score_every_question_once(tmp_path):
     from pathlib import Path
 
     repo = Path(__file__).parents[1]
-    tsv = write_tsv(tmp_path / "mini.tsv", mcq_rows() + [dict(r, index=r["index"] + 10) for r in mcq_rows()],
-                    MCQ_COLUMNS)
+    tsv = write_tsv(
+        tmp_path / "mini.tsv", mcq_rows() + [dict(r, index=r["index"] + 10) for r in mcq_rows()], MCQ_COLUMNS
+    )
     from ivl.serve.launch import free_port
 
     launched = ("LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR")  # this process is no rank of it
-    env = {**{k: v for k, v in os.environ.items() if k not in launched}, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "OMP_NUM_THREADS": "1",
-           "MASTER_PORT": str(free_port())}  # not Lightning's fixed default, which another run may hold
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in launched},
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "OMP_NUM_THREADS": "1",
+        "MASTER_PORT": str(free_port()),
+    }  # not Lightning's fixed default, which another run may hold
     for devices in (1, 2):
         done = subprocess.run(
-            [sys.executable, "-m", "ivl.experiments", "test", "--config", str(repo / "experiments" / "demo.yaml"),
-             "--trainer.devices", str(devices), "--trainer.strategy", "ddp" if devices > 1 else "auto",
-             "--data", "ivl.evaluate.EvalDataModule", "--data.benchmarks", f"[{tsv}]", "--data.batch_size", "2",
-             "--data.max_new_tokens", "3", "--data.out", str(tmp_path / f"out{devices}")],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+            [
+                sys.executable,
+                "-m",
+                "ivl.experiments",
+                "test",
+                "--config",
+                str(repo / "experiments" / "demo.yaml"),
+                "--trainer.devices",
+                str(devices),
+                "--trainer.strategy",
+                "ddp" if devices > 1 else "auto",
+                "--data",
+                "ivl.evaluate.EvalDataModule",
+                "--data.benchmarks",
+                f"[{tsv}]",
+                "--data.batch_size",
+                "2",
+                "--data.max_new_tokens",
+                "3",
+                "--data.out",
+                str(tmp_path / f"out{devices}"),
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
     one, two = (tmp_path / f"out{d}" / "mini" / "predictions.jsonl" for d in (1, 2))
     assert len(one.read_text().splitlines()) == 6 and two.read_text() == one.read_text()

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_stages import corpus
 
 from ivl.model import InfiniteVL
-from test_stages import corpus
 
 TESTS = Path(__file__).parent
 
@@ -56,13 +56,30 @@ data:
 
 def fit(root: Path, corpus_path: Path, devices: int, *extra: str, killed: bool = False, config: str = CONFIG) -> None:
     (root / "config.yaml").write_text(config.format(root=root, corpus=corpus_path))
-    inherited = {k: v for k, v in os.environ.items()  # not a process group this test process may have set up
-                 if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")}
-    env = {**inherited, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "ivl.experiments", "fit", "--config", str(root / "config.yaml"),
-               "--trainer.devices", str(devices), "--trainer.callbacks+=fsdp_run.RecordStepLosses",
-               "--trainer.callbacks.path", str(root / "losses.jsonl"), *extra]
+    inherited = {
+        k: v
+        for k, v in os.environ.items()  # not a process group this test process may have set up
+        if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
+    }
+    env = {
+        **inherited,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "ivl.experiments",
+        "fit",
+        "--config",
+        str(root / "config.yaml"),
+        "--trainer.devices",
+        str(devices),
+        "--trainer.callbacks+=fsdp_run.RecordStepLosses",
+        "--trainer.callbacks.path",
+        str(root / "losses.jsonl"),
+        *extra,
+    ]
     done = subprocess.run(command, env=env, cwd=root, timeout=600, capture_output=True, text=True)
     # gloo's threads can abort a CPU process at interpreter exit, after the run has finished and written
     # everything ("terminate called without an active exception"): not a failure of the run.
@@ -78,13 +95,16 @@ def gpus(n: int) -> list:
     return [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < n, reason=f"needs {n} CUDA GPUs")]
 
 
-@pytest.mark.parametrize("accelerator, before, after", [
-    ("cpu", 2, 1),
-    ("cpu", 1, 2),
-    pytest.param("gpu", 2, 1, marks=gpus(2)),
-    pytest.param("gpu", 4, 2, marks=gpus(4)),
-    pytest.param("gpu", 2, 4, marks=gpus(4)),
-])
+@pytest.mark.parametrize(
+    "accelerator, before, after",
+    [
+        ("cpu", 2, 1),
+        ("cpu", 1, 2),
+        pytest.param("gpu", 2, 1, marks=gpus(2)),
+        pytest.param("gpu", 4, 2, marks=gpus(4)),
+        pytest.param("gpu", 2, 4, marks=gpus(4)),
+    ],
+)
 def test_fsdp_run_killed_resumes_on_another_number_of_processes(tmp_path, accelerator, before, after):
     """Killed after step 2 on ``before`` processes, resumed on ``after``: the global batch (one sample per process
     and micro-batch) stays the same through gradient accumulation, and so do the losses."""
@@ -100,8 +120,17 @@ def test_fsdp_run_killed_resumes_on_another_number_of_processes(tmp_path, accele
         return ("--trainer.accumulate_grad_batches", str(world // devices))
 
     fit(full, corpus_path, before, *on, *accumulate(before))
-    fit(killed, corpus_path, before, *on, *accumulate(before), "--trainer.callbacks+=fsdp_run.KillAt",
-        "--trainer.callbacks.step", "2", killed=True)
+    fit(
+        killed,
+        corpus_path,
+        before,
+        *on,
+        *accumulate(before),
+        "--trainer.callbacks+=fsdp_run.KillAt",
+        "--trainer.callbacks.step",
+        "2",
+        killed=True,
+    )
     assert sorted(losses(killed)) == [1, 2] and not (killed / "model").exists()  # really stopped after step 2
     assert (killed / "checkpoints" / "last.ckpt").is_dir()  # a distributed (DCP) checkpoint folder
     fit(killed, corpus_path, after, *on, *accumulate(after), "--ckpt_path", str(killed / "checkpoints" / "last.ckpt"))
@@ -110,8 +139,9 @@ def test_fsdp_run_killed_resumes_on_another_number_of_processes(tmp_path, accele
     assert sorted(expected) == [1, 2, 3, 4] and sorted(got) == [1, 2, 3, 4]
     # GPUs: fla's and FlexAttention's float32 products run on tensor cores (TF32), so rounding differs more
     tolerance = dict(rtol=1e-4, atol=1e-5) if accelerator == "cpu" else dict(rtol=2e-3, atol=1e-3)
-    torch.testing.assert_close(torch.tensor([got[s] for s in (1, 2, 3, 4)]),
-                               torch.tensor([expected[s] for s in (1, 2, 3, 4)]), **tolerance)
+    torch.testing.assert_close(
+        torch.tensor([got[s] for s in (1, 2, 3, 4)]), torch.tensor([expected[s] for s in (1, 2, 3, 4)]), **tolerance
+    )
     assert expected[4] < expected[1]
 
     # both exports are plain checkpoints of the same trained weights
@@ -120,9 +150,12 @@ def test_fsdp_run_killed_resumes_on_another_number_of_processes(tmp_path, accele
         torch.testing.assert_close(x, y, **tolerance, msg=name)
 
 
-LORA_BF16 = CONFIG.replace("ivl.stages.InstructModule", "ivl.stages.LongContextModule").replace(
-    "    trainable: [\".*\"]\n", "    lora_r: 4\n").replace("param_dtype: float32", "param_dtype: bfloat16").replace(
-    "max_steps: 4", "max_steps: 2")
+LORA_BF16 = (
+    CONFIG.replace("ivl.stages.InstructModule", "ivl.stages.LongContextModule")
+    .replace('    trainable: [".*"]\n', "    lora_r: 4\n")
+    .replace("param_dtype: float32", "param_dtype: bfloat16")
+    .replace("max_steps: 4", "max_steps: 2")
+)
 
 
 def test_fsdp_lora_fit_in_bf16_exports_float32_merged_onto_the_bf16_stored_base(tmp_path):

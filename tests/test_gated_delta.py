@@ -1,9 +1,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from references import naive_gated_delta
 
 from ivl.kernels.gated_delta import gated_delta_rule
-from references import naive_gated_delta
 
 
 def make_inputs(B=2, T=100, H=3, K=8, V=12, requires_grad=False):

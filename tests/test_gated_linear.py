@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from ivl.kernels.gated_linear import gated_linear_attention
-from ivl.kernels.gated_linear import gated_linear_step
+from ivl.kernels.gated_linear import gated_linear_attention, gated_linear_step
 
 
 def naive(q, k, v, g, scale, state=None):
@@ -55,17 +54,19 @@ def test_packed_sequences_equal_separate_calls(decay):
     o, s = gated_linear_attention(q, k, v, g, initial_state=s0, output_final_state=True, cu_seqlens=cu)
     for n in range(3):
         a, b = cu[n].item(), cu[n + 1].item()
-        ref_o, ref_s = naive(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b] if g is not None else None, 8**-0.5,
-                             s0[n:n + 1])
+        ref_o, ref_s = naive(
+            q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b] if g is not None else None, 8**-0.5, s0[n : n + 1]
+        )
         torch.testing.assert_close(o[:, a:b].double(), ref_o, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(s[n:n + 1].double(), ref_s, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(s[n : n + 1].double(), ref_s, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("decay", ["channel", "head", "none"])
 def test_step_continues_the_chunked_state(decay):
     q, k, v, g = inputs(decay, T=20)
-    _, state = gated_linear_attention(q[:, :19], k[:, :19], v[:, :19], g[:, :19] if g is not None else None,
-                                      output_final_state=True)
+    _, state = gated_linear_attention(
+        q[:, :19], k[:, :19], v[:, :19], g[:, :19] if g is not None else None, output_final_state=True
+    )
     o = gated_linear_step(q[:, 19:], k[:, 19:], v[:, 19:], g[:, 19:] if g is not None else None, 8**-0.5, state)
     ref_o, ref_s = naive(q, k, v, g, 8**-0.5)
     torch.testing.assert_close(o[:, 0].double(), ref_o[:, -1], rtol=1e-4, atol=1e-4)
@@ -100,8 +101,9 @@ def test_only_a_trained_per_head_decay_at_the_miscompiled_tile_avoids_fla(monkey
     assert may_run(64, head, grad=False) and may_run(64, channel, grad=True)
 
 
-@pytest.mark.parametrize("K, V, runs_fla", [(16, 32, False), (16, 256, False), (64, 32, False), (64, 64, True),
-                                           (128, 256, True)])
+@pytest.mark.parametrize(
+    "K, V, runs_fla", [(16, 32, False), (16, 256, False), (64, 32, False), (64, 64, True), (128, 256, True)]
+)
 def test_per_channel_decay_below_fla_s_smallest_tiles_takes_the_pytorch_path(K, V, runs_fla):
     """fla's chunk_gla crashed on H100s at K 16, V 32 (its tiles: keys 32 or 64, values 64 or 128); smaller
     shapes than its tiles run the PyTorch path, training or not; the 4B and SmolLM2 shapes keep fla."""

@@ -3,17 +3,20 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
-from ivl.kernels.gated_delta import gated_delta_rule
-from ivl.kernels.window_attention import sliding_window_attention
-from ivl.kernels._fla import fla_gated_backward_is_refused, fla_gated_delta
-from ivl.kernels.gated_delta import _chunked, _varlen
-from ivl.kernels.window_attention import _sdpa, band_mask, sliding_window_attention_after_prefix
-from ivl.model.gated_deltanet import _l2norm
-from ivl.model.layers import apply_rotary, gated_rms_norm, rms_norm, silu_mul
-from ivl.model.short_convolution import ShortConvolution, _causal_conv_silu
-from ivl.model import HybridConfig, HybridLM
 from references import naive_gated_delta, naive_gated_delta_varlen
+
+from ivl.kernels._fla import fla_gated_backward_is_refused, fla_gated_delta
+from ivl.kernels.gated_delta import _chunked, _varlen, gated_delta_rule
+from ivl.kernels.window_attention import (
+    _sdpa,
+    band_mask,
+    sliding_window_attention,
+    sliding_window_attention_after_prefix,
+)
+from ivl.model import HybridConfig, HybridLM
+from ivl.model.layers import apply_rotary, gated_rms_norm, rms_norm, silu_mul
+from ivl.model.mixers.gated_deltanet import _l2norm
+from ivl.model.mixers.short_convolution import ShortConvolution, _causal_conv_silu
 
 pytestmark = pytest.mark.gpu
 
@@ -154,7 +157,7 @@ def test_padded_batch_window_attention_on_gpu_matches_each_row_on_the_cpu(dtype,
     lengths = [768, 86, 300, 2]
     mask = torch.zeros(B, T, dtype=torch.long)
     for b, n in enumerate(lengths):
-        mask[b, T - n:] = 1
+        mask[b, T - n :] = 1
     q, k, v = torch.randn(B, T, Hq, D), torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)
     w = torch.randn(B, T, Hq, D)
     leaves = [t.to("cuda", dtype).requires_grad_() for t in (q, k, v)]
@@ -163,13 +166,13 @@ def test_padded_batch_window_attention_on_gpu_matches_each_row_on_the_cpu(dtype,
     assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
     for b, n in enumerate(lengths):
         real = slice(T - n, T)
-        alone = [t[b:b + 1, real].clone().requires_grad_() for t in (q, k, v)]
+        alone = [t[b : b + 1, real].clone().requires_grad_() for t in (q, k, v)]
         ref = _sdpa(*alone, band_mask(n, window, None, "cpu"), D**-0.5)
-        ref_grads = torch.autograd.grad((ref * w[b:b + 1, real]).sum(), alone)
-        assert rel_err(out[b:b + 1, real].cpu(), ref) < tol
-        assert not out[b, :T - n].any()
+        ref_grads = torch.autograd.grad((ref * w[b : b + 1, real]).sum(), alone)
+        assert rel_err(out[b : b + 1, real].cpu(), ref) < tol
+        assert not out[b, : T - n].any()
         for g, r in zip(grads, ref_grads):
-            assert rel_err(g[b:b + 1, real].cpu(), r) < 2 * tol
+            assert rel_err(g[b : b + 1, real].cpu(), r) < 2 * tol
 
 
 @pytest.mark.parametrize("window", [1024, None])
@@ -193,9 +196,13 @@ def test_fused_functions_match_eager_on_gpu():
     tail = torch.randn(2, 3, 96, device="cuda", dtype=torch.bfloat16)
     pos = torch.tensor([0, 1, 0, 1, 2] * 60, device="cuda")
     cases = [
-        (rms_norm, (x, w.bfloat16(), 1e-6)), (gated_rms_norm, (x, gate, w, 1e-6)), (silu_mul, (x, gate)),
-        (apply_rotary, (x, cos[None].expand(2, -1, -1), sin[None].expand(2, -1, -1))), (_l2norm, (x,)),
-        (_causal_conv_silu, (xc, tail, cw, None)), (_causal_conv_silu, (xc, None, cw, pos)),
+        (rms_norm, (x, w.bfloat16(), 1e-6)),
+        (gated_rms_norm, (x, gate, w, 1e-6)),
+        (silu_mul, (x, gate)),
+        (apply_rotary, (x, cos[None].expand(2, -1, -1), sin[None].expand(2, -1, -1))),
+        (_l2norm, (x,)),
+        (_causal_conv_silu, (xc, tail, cw, None)),
+        (_causal_conv_silu, (xc, None, cw, pos)),
         (_causal_conv_silu, (xc[:, :1], tail, cw, None)),
     ]
     for fn, args in cases:
@@ -207,8 +214,7 @@ def test_fused_functions_match_eager_on_gpu():
 def test_short_convolution_fla_path_matches_tap_loop(case):
     """fla's causal conv (prefill and training on CUDA) against our tap loop, outputs, new tails and gradients."""
     conv = ShortConvolution(256, 4).cuda()
-    x = torch.randn(1 if case == "packed" else 2, 2 if case == "short" else 300, 256, device="cuda",
-                    requires_grad=True)
+    x = torch.randn(1 if case == "packed" else 2, 2 if case == "short" else 300, 256, device="cuda", requires_grad=True)
     tail = torch.randn(x.shape[0], 3, 256, device="cuda") if case == "tail" else None
     cu = torch.tensor([0, 100, 101, 300], dtype=torch.int32, device="cuda") if case == "packed" else None
     pos = None
@@ -245,8 +251,10 @@ def test_hybrid_lm_cached_decoding_on_gpu():
     assert rel_err(torch.cat(pieces, 1), full) < 1e-3
 
 
-@pytest.mark.parametrize("N, K, bias", [(12320, 2048, False), (2048, 11008, False), (2560, 2048, True),
-                                        (151936, 2048, False), (1000, 300, True)])
+@pytest.mark.parametrize(
+    "N, K, bias",
+    [(12320, 2048, False), (2048, 11008, False), (2560, 2048, True), (151936, 2048, False), (1000, 300, True)],
+)
 def test_gemv_matches_float32_product(N, K, bias):
     from ivl.kernels.gemv import linear
 
@@ -292,12 +300,11 @@ def test_gemv_inside_compiled_function_and_cuda_graph():
         assert rel_err(static_out, reference) < 1e-2
 
 
-
 def test_gated_deltanet_projecting_at_once_on_gpu_matches_one_by_one(monkeypatch):
     """The training path (two products, one fla convolution over q, k and v) against the per-projection one, on
     fla's kernels: outputs and every parameter's gradient, packed sequences."""
-    import ivl.model.gated_deltanet as gdn
-    from ivl.model.gated_deltanet import GatedDeltaNet
+    import ivl.model.mixers.gated_deltanet as gdn
+    from ivl.model.mixers.gated_deltanet import GatedDeltaNet
 
     torch.manual_seed(0)
     layer = GatedDeltaNet(HybridConfig.tiny(), 1).cuda()
@@ -342,8 +349,9 @@ def test_gated_linear_attention_on_gpu_matches_the_pytorch_path(decay, dtype, to
     def run(device, dt):
         leaves = [t.to(device, dt).requires_grad_() if t is not None else None for t in (q, k, v, g)]
         s0 = h0.to(device).requires_grad_()
-        o, s = gated_linear_attention(*leaves, initial_state=s0, output_final_state=True,
-                                      cu_seqlens=cu.to(device) if cu is not None else None)
+        o, s = gated_linear_attention(
+            *leaves, initial_state=s0, output_final_state=True, cu_seqlens=cu.to(device) if cu is not None else None
+        )
         ((o.float() * w.to(device)).sum() + s.sum()).backward()
         return [o.float().cpu(), s.cpu()], [t.grad.float().cpu() for t in (*leaves, s0) if t is not None]
 
@@ -381,7 +389,7 @@ def test_short_convolution_backward_kernel_matches_float64_and_fla(W, dtype, tol
     divide the shape), against autograd through the tap loop in float64, and no worse than fla's own backward."""
     from ivl.kernels import conv_backward
     from ivl.kernels._fla import fla_causal_conv1d
-    from ivl.model.short_convolution import _ConvSilu, sequence_positions, short_convolution
+    from ivl.model.mixers.short_convolution import _ConvSilu, sequence_positions, short_convolution
 
     assert conv_backward.ENABLED
     T, C = 4099, 8192 + 40
@@ -400,5 +408,4 @@ def test_short_convolution_backward_kernel_matches_float64_and_fla(W, dtype, tol
     fla = torch.autograd.grad(fla_causal_conv1d()(x, weight=w, activation="silu", **packed_args)[0], [x, w], dy)
     for name, a, f, r in zip(("dx", "dw"), ours, fla, reference):
         assert a.dtype == dtype and a.shape == r.shape, name
-        assert rel_err(a, r) < tol and rel_err(a, r) <= 1.5 * rel_err(f, r) + 1e-6, (name, rel_err(a, r),
-                                                                                   rel_err(f, r))
+        assert rel_err(a, r) < tol and rel_err(a, r) <= 1.5 * rel_err(f, r) + 1e-6, (name, rel_err(a, r), rel_err(f, r))

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
-from ivl.model import convert_qwen2_5_vl
 from teacher import image_video_prompt, tiny_teacher
 from test_vlm import MODEL_INPUTS, randomise_gdn
+
+from ivl.model import convert_qwen2_5_vl
 
 pytestmark = pytest.mark.gpu
 
@@ -50,10 +50,12 @@ def test_infinitevl_gpu_matches_cpu():
 def test_cached_generate_on_gpu_equals_cpu():
     student = randomise_gdn(convert_qwen2_5_vl(tiny_teacher(), window=12)[0])
     inputs = {k: v for k, v in image_video_prompt().items() if k in MODEL_INPUTS}
-    _, cpu_scores = student.generate(**inputs, max_new_tokens=16, stop_token_ids=[], prefill_chunk=7,
-                                     return_scores=True)
-    gpu_tokens, gpu_scores = student.cuda().generate(**to(inputs, "cuda"), max_new_tokens=16, stop_token_ids=[],
-                                                     prefill_chunk=7, return_scores=True)
+    _, cpu_scores = student.generate(
+        **inputs, max_new_tokens=16, stop_token_ids=[], prefill_chunk=7, return_scores=True
+    )
+    gpu_tokens, gpu_scores = student.cuda().generate(
+        **to(inputs, "cuda"), max_new_tokens=16, stop_token_ids=[], prefill_chunk=7, return_scores=True
+    )
     # fp32 on the GPU multiplies in TF32 inside fla's kernels: the same 5e-3 as the forward test above
     assert_same_generation(gpu_tokens, gpu_scores, cpu_scores, tol=5e-3, min_agree=8)
 
@@ -61,8 +63,9 @@ def test_cached_generate_on_gpu_equals_cpu():
 def test_cuda_graph_generate_equals_dynamic_generate():
     student = randomise_gdn(convert_qwen2_5_vl(tiny_teacher(), window=12)[0]).cuda()
     inputs = to({k: v for k, v in image_video_prompt(batch=2).items() if k in MODEL_INPUTS}, "cuda")
-    graphed, graphed_scores = student.generate(**inputs, max_new_tokens=16, stop_token_ids=[],
-                                               decoder="cuda_graph", return_scores=True)
+    graphed, graphed_scores = student.generate(
+        **inputs, max_new_tokens=16, stop_token_ids=[], decoder="cuda_graph", return_scores=True
+    )
     dynamic, dynamic_scores = student.generate(**inputs, max_new_tokens=16, stop_token_ids=[], return_scores=True)
     # step 0 comes from the prefill; every later step is a graph replay
     assert_same_generation(graphed, graphed_scores, dynamic_scores, tol=1e-3, min_agree=8)
@@ -79,9 +82,17 @@ def test_host_waits_for_the_gpu_a_fixed_number_of_times_per_step_whatever_the_de
     from ivl.stages.distributed import checkpoint_blocks
 
     def syncs_per_step(num_layers):
-        config = HybridConfig.tiny(hidden_size=256, num_layers=num_layers, num_attention_heads=4, head_dim=64,
-                                   mrope_section=[8, 12, 12], gdn_num_heads=2, gdn_head_k_dim=128,
-                                   gdn_head_v_dim=128, window=64)
+        config = HybridConfig.tiny(
+            hidden_size=256,
+            num_layers=num_layers,
+            num_attention_heads=4,
+            head_dim=64,
+            mrope_section=[8, 12, 12],
+            linear_num_heads=2,
+            linear_head_k_dim=128,
+            linear_head_v_dim=128,
+            window=64,
+        )
         lm = HybridLM(config).cuda().to(torch.bfloat16)
         checkpoint_blocks(lm, "blocks")
         ids = torch.randint(0, config.vocab_size, (1, 1024), device="cuda")
@@ -96,8 +107,11 @@ def test_host_waits_for_the_gpu_a_fixed_number_of_times_per_step_whatever_the_de
 
         def record(message, *args, **kwargs):
             if "synchroniz" in str(message):
-                frames = [f for f in traceback.extract_stack()[:-1] if "/ivl/" in f.filename or "/fla/" in f.filename
-                          or "/kernels/" in f.filename]
+                frames = [
+                    f
+                    for f in traceback.extract_stack()[:-1]
+                    if "/ivl/" in f.filename or "/fla/" in f.filename or "/kernels/" in f.filename
+                ]
                 origins.append(f"{frames[-1].filename.split('/')[-1]}:{frames[-1].lineno}" if frames else "torch")
 
         with warnings.catch_warnings():

@@ -6,12 +6,12 @@ from unittest import mock
 
 import pytest
 import torch
+from teacher import image_video_prompt, tiny_teacher
 
 from ivl.kernels import packed_bounds
 from ivl.model import convert_qwen2_5_vl
 from ivl.stages import host_batch
 from ivl.stages.base import MODEL_INPUTS
-from teacher import image_video_prompt, tiny_teacher
 
 
 @pytest.fixture(scope="module")
@@ -22,14 +22,22 @@ def student():
 def packed_batch():
     torch.manual_seed(0)
     a, b = image_video_prompt(text_len=4), image_video_prompt(text_len=9)
-    batch = {k: torch.cat([a[k], b[k]], dim=1 if k == "input_ids" else 0)
-             for k in ("input_ids", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
-                       "second_per_grid_ts")}
+    batch = {
+        k: torch.cat([a[k], b[k]], dim=1 if k == "input_ids" else 0)
+        for k in (
+            "input_ids",
+            "pixel_values",
+            "image_grid_thw",
+            "pixel_values_videos",
+            "video_grid_thw",
+            "second_per_grid_ts",
+        )
+    }
     n = a["input_ids"].shape[1]
     batch["cu_seqlens"] = torch.tensor([0, n, batch["input_ids"].shape[1]], dtype=torch.int32)
     labels = batch["input_ids"].clone()
     # answers: the rest of each sample, and the first token of the second (which nothing in the first predicts)
-    labels[:, :6] = labels[:, n + 1:n + 8] = -100
+    labels[:, :6] = labels[:, n + 1 : n + 8] = -100
     batch["labels"] = labels
     return batch
 
@@ -48,14 +56,18 @@ def padded_batch(pad: int):
 
 def losses_and_grads(student, batch):
     student.zero_grad()
-    out = student.head_losses(labels=batch["labels"], label_positions=batch.get("label_positions"),
-                              **{k: batch[k] for k in MODEL_INPUTS if k in batch})
+    out = student.head_losses(
+        labels=batch["labels"],
+        label_positions=batch.get("label_positions"),
+        **{k: batch[k] for k in MODEL_INPUTS if k in batch},
+    )
     out.ce.backward()
     return out, {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("make", [packed_batch, lambda: padded_batch(0), lambda: padded_batch(3)],
-                         ids=["packed", "all-ones-mask", "padded"])
+@pytest.mark.parametrize(
+    "make", [packed_batch, lambda: padded_batch(0), lambda: padded_batch(3)], ids=["packed", "all-ones-mask", "padded"]
+)
 def test_host_prepared_batch_trains_exactly_like_the_raw_batch(student, make):
     raw = make()
     prepared = host_batch.arrived(host_batch.prepare(make(), student.position_ids))

@@ -1,8 +1,8 @@
 import pytest
 import torch
+from references import assert_as_accurate, float64
 
 from ivl.model import HybridConfig, HybridLM
-from references import assert_as_accurate, float64
 
 
 def tiny_lm(**overrides) -> HybridLM:
@@ -100,13 +100,23 @@ def left_padded(model, rows: list[torch.Tensor], chunk: int | None) -> torch.Ten
     ids, mask = torch.zeros(len(rows), T, dtype=torch.long), torch.zeros(len(rows), T, dtype=torch.long)
     positions = torch.zeros(len(rows), T, dtype=torch.long)
     for b, row in enumerate(rows):
-        ids[b, T - row.shape[1]:], mask[b, T - row.shape[1]:] = row, 1
-        positions[b, T - row.shape[1]:] = torch.arange(row.shape[1])
+        ids[b, T - row.shape[1] :], mask[b, T - row.shape[1] :] = row, 1
+        positions[b, T - row.shape[1] :] = torch.arange(row.shape[1])
     if chunk is None:
         return model(ids, position_ids=positions, attention_mask=mask)
     cache = model.new_cache()
-    return torch.cat([model(ids[:, a:a + chunk], position_ids=positions[:, a:a + chunk],
-                            attention_mask=mask[:, a:a + chunk], cache=cache) for a in range(0, T, chunk)], dim=1)
+    return torch.cat(
+        [
+            model(
+                ids[:, a : a + chunk],
+                position_ids=positions[:, a : a + chunk],
+                attention_mask=mask[:, a : a + chunk],
+                cache=cache,
+            )
+            for a in range(0, T, chunk)
+        ],
+        dim=1,
+    )
 
 
 @pytest.mark.parametrize("chunk", [None, 5])
@@ -121,7 +131,7 @@ def test_left_padded_batch_equals_unpadded_rows(chunk):
         exact_model = float64(model)
         for b, row in enumerate(rows):
             alone = model(row)
-            assert_as_accurate(batched[b, T - row.shape[1]:], alone[0], exact_model(row)[0])
+            assert_as_accurate(batched[b, T - row.shape[1] :], alone[0], exact_model(row)[0])
 
 
 @pytest.mark.parametrize("chunk", [None, 5])
@@ -129,7 +139,7 @@ def test_undefined_attention_at_padding_never_reaches_the_prompt(monkeypatch, ch
     """Where a padding query's window holds only padding, CUDA's masked attention may return NaN (uninitialised
     output; pytorch#110213). Simulated here: every padding query of the masked path gets NaN. The real tokens must
     still give what each prompt gives alone (NaN * 0 is NaN, so masking by multiplication would not do)."""
-    import ivl.model.attention as attention
+    import ivl.model.mixers.attention as attention
 
     exact = attention.attention_at_positions
 
@@ -148,4 +158,4 @@ def test_undefined_attention_at_padding_never_reaches_the_prompt(monkeypatch, ch
     with torch.no_grad():
         batched = left_padded(model, rows, chunk)
         for b, row in enumerate(rows):
-            torch.testing.assert_close(batched[b, T - row.shape[1]:], model(row)[0], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(batched[b, T - row.shape[1] :], model(row)[0], rtol=1e-4, atol=1e-4)

@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 
 from ivl.model import HybridConfig
-from ivl.model.gated_deltanet import GatedDeltaNet
-from ivl.model.short_convolution import ShortConvolution
 from ivl.model.layers import MultimodalRotaryEmbedding, apply_rotary
+from ivl.model.mixers.gated_deltanet import GatedDeltaNet
+from ivl.model.mixers.short_convolution import ShortConvolution
 
 
 def test_short_convolution_matches_conv1d():
@@ -51,9 +51,10 @@ def test_text_positions_reduce_to_plain_rope():
     out = apply_rotary(x, cos, sin)
     freqs = theta ** (-torch.arange(0, D, 2).double() / D)
     angle = pos[:, None].double() * freqs  # [T, D/2]
-    z = torch.complex(x[..., : D // 2].double(), x[..., D // 2 :].double()) * torch.polar(
-        torch.ones_like(angle), angle
-    )[None, :, None]
+    z = (
+        torch.complex(x[..., : D // 2].double(), x[..., D // 2 :].double())
+        * torch.polar(torch.ones_like(angle), angle)[None, :, None]
+    )
     torch.testing.assert_close(out.double(), torch.cat([z.real, z.imag], -1), rtol=1e-5, atol=1e-5)
 
 
@@ -78,7 +79,7 @@ def _gdn_outputs(layer, x, cu_seqlens=None, cache=None):
 def test_long_inputs_project_at_once_and_match_the_per_projection_layer(monkeypatch):
     """Training-length inputs run the six input projections as two products and the three convolutions as one
     call; outputs, gradients and the cache they leave must be those of the layer run projection by projection."""
-    import ivl.model.gated_deltanet as gdn
+    import ivl.model.mixers.gated_deltanet as gdn
     from ivl.model.cache import RecurrentCache
 
     torch.manual_seed(0)

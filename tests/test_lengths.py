@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from ivl.data import CorpusSpec, read_corpus
+from ivl.data.corpus import BadSample
 from ivl.data.demo import build
 from ivl.data.encoding import SampleEncoder
 from ivl.data.lengths import cache_key, cached_lengths, sample_lengths
 from ivl.data.packing import plan_packs
 from ivl.data.processing import Processor
-from ivl.data.corpus import BadSample
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,12 @@ def encoded_length(encoder, sample):
 @pytest.mark.parametrize("subset", ["images", "documents", "videos"])
 @pytest.mark.parametrize("max_tokens, truncation", [(8192, "error"), (40, "truncate"), (40, "error")])
 def test_header_counts_equal_encoded_lengths(demo, subset, max_tokens, truncation):
-    processor = Processor(Processor.from_pretrained().tokenizer, image_max_pixels=28 * 28 * 9,
-                          video_min_pixels=3136, video_max_pixels=3136)
+    processor = Processor(
+        Processor.from_pretrained().tokenizer,
+        image_max_pixels=28 * 28 * 9,
+        video_min_pixels=3136,
+        video_max_pixels=3136,
+    )
     encoder = SampleEncoder(processor, max_tokens=max_tokens, truncation=truncation, video_max_frames=8)
     samples = read_corpus(CorpusSpec(str(demo / subset / "train.jsonl")))
     assert sample_lengths(samples, encoder) == [encoded_length(encoder, s) for s in samples]

@@ -70,8 +70,9 @@ def naive_mamba2(layer, x):
         y = torch.empty(B, nH, P, dtype=x.dtype)
         for h in range(nH):
             g = h // (nH // G)
-            S[:, h] = (dt[:, t, h] * A[h]).exp()[:, None, None] * S[:, h] + \
-                dt[:, t, h, None, None] * xs[:, t, h, :, None] * Bs[:, t, g, None, :]
+            S[:, h] = (dt[:, t, h] * A[h]).exp()[:, None, None] * S[:, h] + dt[:, t, h, None, None] * xs[
+                :, t, h, :, None
+            ] * Bs[:, t, g, None, :]
             y[:, h] = (S[:, h] @ Cs[:, t, g, :, None])[..., 0] + layer.D[h] * xs[:, t, h]
         ys.append(y.reshape(B, inner))
     y = (torch.stack(ys, 1) * F.silu(z)).view(B, T, G, -1)
@@ -96,7 +97,7 @@ def test_cached_chunks_then_decode_equal_the_full_forward(kind):
         full = layer(x)
         cache = layer.new_cache(None)
         pieces = [layer(x[:, a:b], cache=cache) for a, b in ((0, 20), (20, 23), (23, 40))]
-        pieces += [layer(x[:, t:t + 1], cache=cache) for t in range(40, 50)]
+        pieces += [layer(x[:, t : t + 1], cache=cache) for t in range(40, 50)]
     assert_close(torch.cat(pieces, 1), full)
 
 
@@ -124,9 +125,9 @@ def test_left_padded_batch_equals_each_prompt_alone_and_continues_alike(kind):
         step = layer(nxt, cache=cache)
         for row, start in ((0, 0), (1, 7)):
             alone_cache = layer.new_cache(None)
-            alone = layer(x[row:row + 1, start:], cache=alone_cache)
-            assert_close(batch[row:row + 1, start:], alone)
-            assert_close(step[row:row + 1], layer(nxt[row:row + 1], cache=alone_cache))
+            alone = layer(x[row : row + 1, start:], cache=alone_cache)
+            assert_close(batch[row : row + 1, start:], alone)
+            assert_close(step[row : row + 1], layer(nxt[row : row + 1], cache=alone_cache))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -153,7 +154,7 @@ def mixed_lm(dtype=torch.float64) -> HybridLM:
 
 
 def test_static_decode_steps_equal_the_cached_forward_for_every_mixer():
-    from ivl.model.static_cache import StaticCache, decode_step
+    from ivl.model.decoding.static_cache import StaticCache, decode_step
 
     lm = mixed_lm()
     ids = torch.randint(0, 256, (2, 40))
@@ -166,7 +167,7 @@ def test_static_decode_steps_equal_the_cached_forward_for_every_mixer():
         static = StaticCache.from_cache(lm, cache, 2)
         for s in range(30, 40):
             pos = (positions[:, -1] + 1 + s - 30)[None, :, None].expand(3, -1, 1)
-            expected = lm(ids[:, s:s + 1], position_ids=pos, cache=cache)[:, 0]
+            expected = lm(ids[:, s : s + 1], position_ids=pos, cache=cache)[:, 0]
             assert_close(decode_step(lm, static, ids[:, s], pos, torch.tensor(s)), expected)
 
 
@@ -175,9 +176,9 @@ def test_every_block_step_traces_into_one_graph():
     would fail there, so trace every mixer's block here (Dynamo only, on the CPU)."""
     import torch._dynamo
 
-    from ivl.model import static_cache
-    from ivl.model.packing import pack_projections
-    from ivl.model.static_cache import StaticCache
+    from ivl.model.decoding import static_cache
+    from ivl.model.decoding.packing import pack_projections
+    from ivl.model.decoding.static_cache import StaticCache
 
     lm = mixed_lm(torch.float32)
     cache = StaticCache(lm, 1)
@@ -189,8 +190,16 @@ def test_every_block_step_traces_into_one_graph():
         for block, buffers, packed in zip(lm.layers, cache.layers, pack_projections(lm)):
             m = block.mixer
             args = (h, block.mixer_norm.weight, block.mlp_norm.weight, m.step_weights(packed))
-            rest = (cos, sin, torch.tensor([0]), packed["gate_up"], block.mlp.down_proj.weight, 1e-6, type(m).step,
-                    m.step_sizes())
+            rest = (
+                cos,
+                sin,
+                torch.tensor([0]),
+                packed["gate_up"],
+                block.mlp.down_proj.weight,
+                1e-6,
+                type(m).step,
+                m.step_sizes(),
+            )
             expected = static_cache._block_step.eager(*args, {k: t.clone() for k, t in buffers.items()}, *rest)
             torch.testing.assert_close(traced(*args, buffers, *rest), expected)
 
@@ -245,3 +254,47 @@ def test_nan_at_padding_never_enters_the_state(kind):
     with torch.no_grad():
         batch = layer(x, attention_mask=mask)
         assert_close(batch[1:, 7:], layer(x[1:, 7:]))
+
+
+def test_decode_matrices_are_the_weights_each_step_multiplies(monkeypatch):
+    """``decode_matrices`` (what ``ivl.bench gemv`` times) lists exactly the weight matrices every mixer's decode
+    step passes to ``linear``, with the packed shapes it reads them in."""
+    import sys
+    from collections import Counter
+
+    from ivl.model.decoding.packing import pack_projections
+    from ivl.model.decoding.static_cache import StaticCache
+
+    lm = mixed_lm(torch.float32)
+    read = Counter()
+    for module in {sys.modules[type(block.mixer).step.__module__] for block in lm.layers}:
+
+        def recording(x, weight, bias=None, _linear=module.linear):
+            read[tuple(weight.shape)] += 1
+            return _linear(x, weight, bias)
+
+        monkeypatch.setattr(module, "linear", recording)
+    x = torch.randn(2, 1, 64)
+    cos, sin = lm.rotary(torch.zeros(3, 2, 1, dtype=torch.long), x.dtype)
+    with torch.no_grad():
+        for block, buffers, packed in zip(lm.layers, StaticCache(lm, 2).layers, pack_projections(lm)):
+            read.clear()
+            m = block.mixer
+            type(m).step(x, m.step_weights(packed), buffers, cos, sin, torch.tensor([0, 0]), m.step_sizes())
+            assert Counter((d.rows, d.cols) for d in m.decode_matrices()) == read, block.layer_type
+
+
+@pytest.mark.parametrize("kind", ["attention", *KINDS])
+def test_flops_per_token_are_two_per_weight_plus_the_core(kind):
+    config = HybridConfig.preset("infinitevl-4b", linear_mixer=kind if kind != "attention" else "gated_deltanet")
+    with torch.device("meta"):
+        mixer = mixer_class(kind)(config, 0 if kind == "attention" else 1)
+    weights = sum(p.numel() for p in mixer.parameters() if p.dim() == 2)
+    core = mixer.core_flops_per_token(4096)
+    assert core > 0 and mixer.flops_per_token(4096) == 2 * weights + core
+    if kind == "attention":  # over the keys a query sees: more of them with length, never more than the window
+        assert mixer.core_flops_per_token(1024) < core < mixer.core_flops_per_token(65536) < 4 * 16 * 128 * 8192
+    else:  # constant per token once a sequence fills a chunk, smaller within one
+        assert mixer.core_flops_per_token(32768) == core > mixer.core_flops_per_token(16)
+    if kind == "gated_deltanet":  # fla's chunked delta rule: 16 heads of 128 x 256, chunks of 64; 4-tap convolutions
+        assert core == 16 * (6 * 128 * 256 + 2 * 64 * (2 * 128 + 256)) + 2 * 4 * (2 * 2048 + 4096)

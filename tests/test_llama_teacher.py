@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ivl.errors import UsageError
-from ivl.model import llama_teacher
-from ivl.model.llama_teacher import VISION_TOKENS, gguf_architecture, llama_as_qwen2_5_vl, load_llama, smollm2_gguf
+from ivl.teachers import llama as llama_teacher
+from ivl.teachers.llama import VISION_TOKENS, gguf_architecture, llama_as_qwen2_5_vl, load_llama, smollm2_gguf
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +35,11 @@ def test_vision_tokens_are_appended_and_text_tokenizes_as_before(smollm2):
     llama, teacher, tokenizer, original = smollm2
     ids = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
     assert ids == list(range(llama.config.vocab_size, llama.config.vocab_size + 4))
-    assert [teacher.config.vision_start_token_id, teacher.config.image_token_id, teacher.config.video_token_id] == \
-        [ids[0], ids[2], ids[3]]
+    assert [teacher.config.vision_start_token_id, teacher.config.image_token_id, teacher.config.video_token_id] == [
+        ids[0],
+        ids[2],
+        ids[3],
+    ]
     assert [tokenizer(t).input_ids for t in ("Hello world!", "def f(x):\n    return x ** 2")] == original
     assert tokenizer("a <|image_pad|> b").input_ids.count(ids[2]) == 1  # one token, not split into pieces
 
@@ -51,9 +54,10 @@ def test_the_tokenizer_pads_with_the_configs_pad_token_even_where_the_gguf_names
 
 
 def test_written_folder_converts_to_a_student(smollm2, tmp_path, monkeypatch):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
     from ivl.data.processing import Processor
     from ivl.model import convert_qwen2_5_vl
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
     llama, teacher, tokenizer, _ = smollm2
     monkeypatch.setattr(llama_teacher, "load_llama", lambda path: (llama, tokenizer))  # already loaded above
@@ -61,16 +65,19 @@ def test_written_folder_converts_to_a_student(smollm2, tmp_path, monkeypatch):
     folder = llama_teacher.write_teacher(tmp_path / "smollm2")
     reloaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
     processor = Processor.from_pretrained(folder)
-    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
-                                         add_generation_prompt=True)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], add_generation_prompt=True
+    )
     ids = processor(text)["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, teacher(input_ids=ids).logits)
     student, _ = convert_qwen2_5_vl(reloaded, hybrid_ratio=0.25, window=64)
     assert student.config.text.vocab_size == teacher.config.text_config.vocab_size
     assert student.config.text.mrope_section == [8, 12, 12]
-    assert set(student.config.eos_token_ids) == {tokenizer.convert_tokens_to_ids("<|im_end|>"),
-                                                 tokenizer.convert_tokens_to_ids("<|endoftext|>")}
+    assert set(student.config.eos_token_ids) == {
+        tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    }
 
 
 def test_clear_errors_for_a_missing_gguf_package_and_a_non_llama_file(tmp_path, monkeypatch):

@@ -28,15 +28,19 @@ def pins() -> dict[str, list[Version]]:
 
 def test_every_requirement_of_pyproject_is_locked_within_its_range():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = [*project["dependencies"], *(r for extra in LOCKED_EXTRAS for r in project["optional-dependencies"][extra])]
+    wanted = [
+        *project["dependencies"],
+        *(r for extra in LOCKED_EXTRAS for r in project["optional-dependencies"][extra]),
+    ]
     locked = pins()
     for text in wanted:
         requirement = Requirement(text)
         versions = locked.get(canonicalize_name(requirement.name))
         assert versions, f"{requirement.name} is in pyproject.toml but not in constraints.txt: refresh the lock"
         for version in versions:
-            assert requirement.specifier.contains(version, prereleases=True), \
+            assert requirement.specifier.contains(version, prereleases=True), (
                 f"constraints.txt pins {requirement.name}=={version}, outside pyproject's {requirement}"
+            )
 
 
 def test_the_lock_names_the_command_that_refreshes_it_and_the_docs_give_the_same():
@@ -53,8 +57,10 @@ def test_a_run_names_its_lock_and_the_installed_versions_that_differ_from_it(tmp
 
     installed = importlib.metadata.version("packaging")
     lock = tmp_path / "constraints.txt"
-    lock.write_text(f"packaging=={installed}\n    # via x\npyyaml==0.0.1\nnot-installed-here==1.0\n"
-                    "einops==0.0.1 ; python_version < '3'\n")
+    lock.write_text(
+        f"packaging=={installed}\n    # via x\npyyaml==0.0.1\nnot-installed-here==1.0\n"
+        "einops==0.0.1 ; python_version < '3'\n"
+    )
     tags = lock_tags(lock)
     assert tags["lock"].startswith("constraints.txt sha256:")
     assert tags["lock_differs"] == f"pyyaml {importlib.metadata.version('pyyaml')} (locked ==0.0.1)"

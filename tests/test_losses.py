@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
-from ivl.model.losses import linear_cross_entropy, linear_kl_divergence
 from references import assert_as_accurate
+
+from ivl.model.training.losses import linear_cross_entropy, linear_kl_divergence
 
 
 def leaves(*tensors):
@@ -98,8 +98,9 @@ def test_compiled_chunk_losses_on_the_gpu_equal_the_plain_ones(dtype):
     """On CUDA each chunk's softmax, loss, argmax and gradient run compiled (``@fused``), over a vocabulary wide
     enough for looped reductions and several chunks, the last one short."""
     n, vocab, width, T = 1500, 40_000, 64, 2.0
-    hidden, weight = leaves(torch.randn(n, width, device="cuda", dtype=dtype),
-                            torch.randn(vocab, width, device="cuda", dtype=dtype) / 4)
+    hidden, weight = leaves(
+        torch.randn(n, width, device="cuda", dtype=dtype), torch.randn(vocab, width, device="cuda", dtype=dtype) / 4
+    )
     teacher_hidden = torch.randn(n, width, device="cuda", dtype=dtype)
     targets = torch.randint(0, vocab, (n,), device="cuda")
     ce, hits = linear_cross_entropy(hidden, weight, targets, chunk_rows=512)

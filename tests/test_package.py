@@ -67,25 +67,33 @@ def _installed(distribution: str) -> bool:
 def test_the_installed_kernels_distribution_is_what_import_kernels_gives_from_the_repository_root():
     """The real case: transformers (>= 5.25) imports names from Hugging Face's ``kernels``; from the repository
     root that import, transformers' use of it and ivl's own kernels all work in one process."""
-    code = ("import importlib.metadata, pathlib, kernels; "
-            "files = importlib.metadata.distribution('kernels').locate_file(''); "
-            "assert pathlib.Path(kernels.__file__).is_relative_to(files), (kernels.__file__, files); "
-            "import transformers.integrations.hub_kernels, ivl.data.processing; "
-            "from ivl.kernels.gated_delta import gated_delta_rule; "
-            "from ivl.callbacks.mlflow import MLflowTracking; print(kernels.__file__)")
+    code = (
+        "import importlib.metadata, pathlib, kernels; "
+        "files = importlib.metadata.distribution('kernels').locate_file(''); "
+        "assert pathlib.Path(kernels.__file__).is_relative_to(files), (kernels.__file__, files); "
+        "import transformers.integrations.hub_kernels, ivl.data.processing; "
+        "from ivl.kernels.gated_delta import gated_delta_rule; "
+        "from ivl.callbacks.mlflow import MLflowTracking; print(kernels.__file__)"
+    )
     assert "site-packages" in run([sys.executable, "-c", code], cwd=ROOT)
 
 
 def _not_source(folder: str, names: list[str]) -> list[str]:
     at_top = Path(folder) == ROOT
-    return [name for name in names if name in ("__pycache__", "node_modules", ".ivl-cache") or name.endswith(".egg-info")
-            or (at_top and name in (".git", ".venv", "build", "runs", "data", "teachers", "wheels"))]
+    return [
+        name
+        for name in names
+        if name in ("__pycache__", "node_modules", ".ivl-cache")
+        or name.endswith(".egg-info")
+        or (at_top and name in (".git", ".venv", "build", "runs", "data", "teachers", "wheels"))
+    ]
 
 
 def test_every_entry_point_answers_from_the_repository_root():
     """The working directory (or the script's folder, for lightning_app.py) first on sys.path, as a user runs them."""
-    commands = [[sys.executable, "lightning_app.py", "--help"]] + [[sys.executable, "-m", m, "--help"]
-                                                                  for m in ENTRY_POINTS]
+    commands = [[sys.executable, "lightning_app.py", "--help"]] + [
+        [sys.executable, "-m", m, "--help"] for m in ENTRY_POINTS
+    ]
     with ThreadPoolExecutor(2) as pool:
         helps = list(pool.map(lambda command: run(command, cwd=ROOT), commands))
     assert all("usage" in text.lower() for text in helps)
@@ -99,16 +107,22 @@ def wheel_env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
     # from a copy: setuptools writes build/ into the tree it builds, and files left there would reach later wheels
     shutil.copytree(ROOT, tmp / "src", ignore=_not_source)
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp / "dist"), str(tmp / "src")],
-        cwd=tmp, timeout=600)
+    run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp / "dist"), str(tmp / "src")],
+        cwd=tmp,
+        timeout=600,
+    )
     wheel = next((tmp / "dist").glob("ivl-*.whl"))
     venv.create(tmp / "venv", with_pip=False)
     python = tmp / "venv" / "bin" / "python"
     site = Path(run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp).strip())
     borrowed = [p for p in sys.path if p.endswith("site-packages")]
     (site / "borrowed.pth").write_text("\n".join(borrowed) + "\n")
-    run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)], cwd=tmp,
-        timeout=300)
+    run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
+        cwd=tmp,
+        timeout=300,
+    )
     outside = tmp / "elsewhere"
     outside.mkdir()
     return wheel, python, outside
@@ -137,6 +151,8 @@ def test_the_wheel_holds_every_package_and_the_page(wheel_env):
 def test_the_wheel_registers_the_lmms_eval_model(wheel_env):
     pytest.importorskip("lmms_eval")
     wheel, python, outside = wheel_env
-    code = ("import importlib.metadata as m; points = [p for p in m.entry_points(group='lmms_eval.models') "
-            "if p.name == 'ivl']; print(points[0].load().__module__, points[0].load()().model_id)")
+    code = (
+        "import importlib.metadata as m; points = [p for p in m.entry_points(group='lmms_eval.models') "
+        "if p.name == 'ivl']; print(points[0].load().__module__, points[0].load()().model_id)"
+    )
     assert run([str(python), "-c", code], cwd=outside).split() == ["ivl.evaluate.lmms", "ivl"]

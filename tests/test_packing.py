@@ -1,10 +1,10 @@
 """Packed projections: the parameters become row blocks of one matrix without changing what the model computes."""
 
 import torch
+from test_hybrid_lm import tiny_lm
 
 from ivl.model import checkpoint
-from ivl.model.packing import pack_projections
-from test_hybrid_lm import tiny_lm
+from ivl.model.decoding.packing import pack_projections
 
 
 def _logits(model, ids):
@@ -24,8 +24,12 @@ def test_packing_keeps_values_and_makes_parameters_views():
     matrix = packed[1]["mixer_in"]
     rows = [gdn.q_proj, gdn.k_proj, gdn.v_proj, gdn.g_proj, gdn.a_proj, gdn.b_proj]
     assert matrix.shape[0] == sum(layer.weight.shape[0] for layer in rows)
-    torch.testing.assert_close(matrix, torch.cat([before[f"layers.1.mixer.{n}.weight"] for n in
-                                                  ("q_proj", "k_proj", "v_proj", "g_proj", "a_proj", "b_proj")]))
+    torch.testing.assert_close(
+        matrix,
+        torch.cat(
+            [before[f"layers.1.mixer.{n}.weight"] for n in ("q_proj", "k_proj", "v_proj", "g_proj", "a_proj", "b_proj")]
+        ),
+    )
     assert gdn.b_proj.weight.data_ptr() == matrix.data_ptr() + (matrix.shape[0] - gdn.num_heads) * matrix.shape[1] * 4
     torch.testing.assert_close(_logits(model, ids), expected, rtol=0, atol=0)
 

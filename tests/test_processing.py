@@ -20,12 +20,15 @@ def test_bundled_tokenizer_is_qwen2_5(processor):
 
 
 def test_chat_template_is_qwen2_vl_chatml(processor):
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Count the cats."}]},
-                {"role": "assistant", "content": "Two."}]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Count the cats."}]},
+        {"role": "assistant", "content": "Two."},
+    ]
     assert processor.apply_chat_template(messages) == (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Count the cats.<|im_end|>\n"
-        "<|im_start|>assistant\nTwo.<|im_end|>\n")
+        "<|im_start|>assistant\nTwo.<|im_end|>\n"
+    )
 
 
 def test_image_placeholders_expand_to_merged_patches(processor):
@@ -42,8 +45,13 @@ def test_image_placeholders_expand_to_merged_patches(processor):
 def test_still_video_equals_the_image_of_its_frame(processor):
     """An image is a temporal patch of one frame shown twice: a 2-frame video of one frame must match it."""
     frame = np.random.randint(0, 255, (84, 112, 3), dtype=np.uint8)
-    small = Processor(processor.tokenizer, image_min_pixels=84 * 112, image_max_pixels=84 * 112,
-                      video_min_pixels=84 * 112, video_max_pixels=84 * 112)
+    small = Processor(
+        processor.tokenizer,
+        image_min_pixels=84 * 112,
+        image_max_pixels=84 * 112,
+        video_min_pixels=84 * 112,
+        video_max_pixels=84 * 112,
+    )
     video = small.videos([np.stack([frame, frame])], fps=2.0)
     image = small.images([frame])
     torch.testing.assert_close(video["pixel_values_videos"], image["pixel_values"])
@@ -74,15 +82,19 @@ def test_processor_output_runs_through_infinitevl(processor):
     """End to end: chat messages with an image and a video -> processor -> a tiny InfiniteVL -> text."""
     config = InfiniteVLConfig(
         text=HybridConfig.tiny(vocab_size=151936),
-        vision=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                    fullatt_block_indexes=[0]),
+        vision=dict(
+            depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, fullatt_block_indexes=[0]
+        ),
     )
     model = InfiniteVL(config).eval()
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "video"}, {"type": "text", "text": "?"}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     small = Processor(processor.tokenizer, image_max_pixels=56 * 56, video_max_pixels=56 * 56, video_min_pixels=3136)
-    inputs = small([text, "<|vision_start|><|image_pad|><|vision_end|>hi"],
-                   images=[np.zeros((60, 60, 3), np.uint8)] * 2, videos=[np.zeros((4, 60, 60, 3), np.uint8)])
+    inputs = small(
+        [text, "<|vision_start|><|image_pad|><|vision_end|>hi"],
+        images=[np.zeros((60, 60, 3), np.uint8)] * 2,
+        videos=[np.zeros((4, 60, 60, 3), np.uint8)],
+    )
     assert inputs["attention_mask"][1, 0] == 0  # left padding
     tokens = model.generate(**inputs, max_new_tokens=3)
     assert tokens.shape[0] == 2 and isinstance(processor.decode(tokens)[0], str)
@@ -104,9 +116,19 @@ def test_a_saved_model_folder_loads_its_tokenizer_without_transformers_warning_a
 
     from transformers import AutoConfig
 
-    model = InfiniteVL(InfiniteVLConfig(text=HybridConfig.tiny(vocab_size=151936),
-                                        vision=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
-                                                    out_hidden_size=64, fullatt_block_indexes=[0])))
+    model = InfiniteVL(
+        InfiniteVLConfig(
+            text=HybridConfig.tiny(vocab_size=151936),
+            vision=dict(
+                depth=1,
+                hidden_size=32,
+                intermediate_size=64,
+                num_heads=2,
+                out_hidden_size=64,
+                fullatt_block_indexes=[0],
+            ),
+        )
+    )
     model.save_pretrained(tmp_path)
     records = []
     handler = logging.Handler()

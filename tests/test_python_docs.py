@@ -2,9 +2,9 @@
 the corpus reader takes, docstrings read without importing anything."""
 
 import json
+from pydoc_data.topics import topics
 
 import pytest
-from pydoc_data.topics import topics
 
 from ivl.data.corpus import to_sample
 from ivl.data.python_docs import build, chunks, docstring_topics
@@ -21,8 +21,10 @@ def test_chunks_respect_the_limit_and_give_back_the_paragraphs():
 
 def test_split_by_topic_and_records_readable(tmp_path):
     stats = build(tmp_path, max_chars=1_000_000, held_out_fraction=0.2, docstrings=False)
-    records = {split: [json.loads(line) for line in (tmp_path / f"{split}.jsonl").read_text().splitlines()]
-               for split in ("train", "val")}
+    records = {
+        split: [json.loads(line) for line in (tmp_path / f"{split}.jsonl").read_text().splitlines()]
+        for split in ("train", "val")
+    }
     train_topics = {r["topic"] for r in records["train"]}
     val_topics = {r["topic"] for r in records["val"]}
     assert train_topics and val_topics and not train_topics & val_topics
@@ -47,7 +49,8 @@ def test_docstrings_are_read_from_sources_without_importing_them(tmp_path):
     (tmp_path / "pkg" / "__init__.py").write_text('"""The package docstring, long enough to be kept here."""\n')
     (tmp_path / "boom.py").write_text(
         '"""Importing this module would raise, so it is read, not imported."""\n'
-        'raise SystemExit(1)\n\ndef f():\n    """f returns nothing, and says so at length."""\n')
+        'raise SystemExit(1)\n\ndef f():\n    """f returns nothing, and says so at length."""\n'
+    )
     (tmp_path / "broken.py").write_text("def (:\n")
     (tmp_path / "test").mkdir()
     (tmp_path / "test" / "test_x.py").write_text('"""A test module that must be left out of the corpus."""\n')

@@ -1,23 +1,34 @@
 """Multimodal RoPE positions against transformers' Qwen2.5-VL get_rope_index."""
 
 import torch
+from teacher import IMAGE, VIDEO, image_video_prompt, tiny_teacher
 
 from ivl.model.rope_index import multimodal_position_ids
-from teacher import IMAGE, VIDEO, image_video_prompt, tiny_teacher
 
 
 def ours(inputs, **kwargs):
     return multimodal_position_ids(
-        inputs["input_ids"], image_token_id=IMAGE, video_token_id=VIDEO, spatial_merge_size=2, tokens_per_second=2,
-        image_grid_thw=inputs["image_grid_thw"], video_grid_thw=inputs["video_grid_thw"],
-        second_per_grid_ts=inputs["second_per_grid_ts"], **kwargs)
+        inputs["input_ids"],
+        image_token_id=IMAGE,
+        video_token_id=VIDEO,
+        spatial_merge_size=2,
+        tokens_per_second=2,
+        image_grid_thw=inputs["image_grid_thw"],
+        video_grid_thw=inputs["video_grid_thw"],
+        second_per_grid_ts=inputs["second_per_grid_ts"],
+        **kwargs,
+    )
 
 
 def theirs(teacher, inputs, attention_mask=None):
     return teacher.model.get_rope_index(
-        inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
-        video_grid_thw=inputs["video_grid_thw"], second_per_grid_ts=inputs["second_per_grid_ts"],
-        attention_mask=attention_mask)
+        inputs["input_ids"],
+        mm_token_type_ids=inputs["mm_token_type_ids"],
+        image_grid_thw=inputs["image_grid_thw"],
+        video_grid_thw=inputs["video_grid_thw"],
+        second_per_grid_ts=inputs["second_per_grid_ts"],
+        attention_mask=attention_mask,
+    )
 
 
 def test_positions_match_transformers_for_image_and_video():

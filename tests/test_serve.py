@@ -6,9 +6,8 @@ process for the module; the engine and sessions are tested in-process in test_en
 import base64
 import concurrent.futures
 import io
-import time
-
 import json
+import time
 from pathlib import Path
 
 import openai
@@ -30,8 +29,9 @@ def server(tmp_path_factory):
     args = ["--max-context", "2048", "--max-batch-size", "16", "--media-root", str(media), "--max-sessions", "2"]
     log = tmp_path_factory.mktemp("log")
     # started away from the repository, so that a demo model trained there (runs/demo/model) is not served
-    with running_server(*args, log_path=log / "server.log", env={"IVL_API_KEY": KEY, "OMP_NUM_THREADS": "1"},
-                        cwd=log) as (url, proc):
+    with running_server(
+        *args, log_path=log / "server.log", env={"IVL_API_KEY": KEY, "OMP_NUM_THREADS": "1"}, cwd=log
+    ) as (url, proc):
         yield {"url": url, "media": media, "proc": proc}
 
 
@@ -55,25 +55,41 @@ def ask(text, max_tokens=8, **extra):
 
 # ---- the OpenAI client ----------------------------------------------------------------------------------------
 
+
 def test_openai_client_chats_streams_and_lists_models(server):
     c = client(server)
     assert [m.id for m in c.models.list()] == ["ivl-tiny-random"]
     assert c.models.retrieve("ivl-tiny-random").id == "ivl-tiny-random"
     with pytest.raises(openai.NotFoundError):
         c.models.retrieve("gpt-4o")
-    reply = c.chat.completions.create(model="ivl-tiny-random", max_tokens=6, temperature=0,
-                                      messages=[{"role": "user", "content": "Hello!"}])
+    reply = c.chat.completions.create(
+        model="ivl-tiny-random", max_tokens=6, temperature=0, messages=[{"role": "user", "content": "Hello!"}]
+    )
     text = reply.choices[0].message.content
     assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 6
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + 6
-    chunks = list(c.chat.completions.create(model="ivl-tiny-random", max_tokens=6, temperature=0, stream=True,
-                                            messages=[{"role": "user", "content": "Hello!"}]))
+    chunks = list(
+        c.chat.completions.create(
+            model="ivl-tiny-random",
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            messages=[{"role": "user", "content": "Hello!"}],
+        )
+    )
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == text
     assert chunks[-1].choices[0].finish_reason == "length" and all(ch.usage is None for ch in chunks)
     # usage only when asked, as one more chunk with no choices
-    chunks = list(c.chat.completions.create(model="m", max_tokens=6, temperature=0, stream=True,
-                                            stream_options={"include_usage": True},
-                                            messages=[{"role": "user", "content": "Hello!"}]))
+    chunks = list(
+        c.chat.completions.create(
+            model="m",
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": "Hello!"}],
+        )
+    )
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
     assert all(ch.usage is None for ch in chunks[:-1])
     assert chunks[-2].choices[0].finish_reason == "length"
@@ -81,32 +97,73 @@ def test_openai_client_chats_streams_and_lists_models(server):
 
 def test_several_answers_log_probabilities_and_json_schema(server):
     c = client(server)
-    reply = c.chat.completions.create(model="m", max_tokens=5, temperature=1.0, n=3, seed=11, logprobs=True,
-                                      top_logprobs=2, messages=[{"role": "user", "content": "Hi"}])
+    reply = c.chat.completions.create(
+        model="m",
+        max_tokens=5,
+        temperature=1.0,
+        n=3,
+        seed=11,
+        logprobs=True,
+        top_logprobs=2,
+        messages=[{"role": "user", "content": "Hi"}],
+    )
     assert [ch.index for ch in reply.choices] == [0, 1, 2] and reply.usage.completion_tokens == 15
     assert len({ch.message.content for ch in reply.choices}) > 1  # each answer draws its own tokens
     first = reply.choices[0].logprobs.content[0]
     assert first.logprob <= 0 and len(first.top_logprobs) == 2 and bytes(first.bytes).decode() == first.token
-    schema = {"type": "object", "properties": {"color": {"enum": ["red", "green"]}}, "required": ["color"],
-              "additionalProperties": False}
-    reply = c.chat.completions.create(model="m", max_tokens=30, temperature=0, messages=[
-        {"role": "user", "content": "Colour?"}], response_format={"type": "json_schema", "json_schema": {
-            "name": "colour", "schema": schema}})
+    schema = {
+        "type": "object",
+        "properties": {"color": {"enum": ["red", "green"]}},
+        "required": ["color"],
+        "additionalProperties": False,
+    }
+    reply = c.chat.completions.create(
+        model="m",
+        max_tokens=30,
+        temperature=0,
+        messages=[{"role": "user", "content": "Colour?"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "colour", "schema": schema}},
+    )
     assert json.loads(reply.choices[0].message.content)["color"] in ("red", "green")
 
 
 def test_images_by_data_url_and_under_the_media_root(server):
     c = client(server)
     for url in (png_url(), f"file://{server['media'] / 'red.png'}"):
-        reply = c.chat.completions.create(model="m", max_tokens=3, temperature=0, messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What colour?"}]}])
+        reply = c.chat.completions.create(
+            model="m",
+            max_tokens=3,
+            temperature=0,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": url}},
+                        {"type": "text", "text": "What colour?"},
+                    ],
+                }
+            ],
+        )
         assert reply.usage.prompt_tokens > 20 and reply.usage.completion_tokens == 3
 
 
 def test_video_parts_are_frame_lists(server):
-    r = post(server, {"messages": [{"role": "user", "content": [
-        {"type": "video", "video": [png_url(color=(i * 40, 0, 0)) for i in range(4)]},
-        {"type": "text", "text": "What happens?"}]}], "max_tokens": 3, "temperature": 0})
+    r = post(
+        server,
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "video", "video": [png_url(color=(i * 40, 0, 0)) for i in range(4)]},
+                        {"type": "text", "text": "What happens?"},
+                    ],
+                }
+            ],
+            "max_tokens": 3,
+            "temperature": 0,
+        },
+    )
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 3
 
@@ -117,44 +174,111 @@ def test_seeded_sampling_repeats_and_stop_strings_cut(server):
     one = c.chat.completions.create(seed=7, **kwargs).choices[0].message.content
     assert c.chat.completions.create(seed=7, **kwargs).choices[0].message.content == one
     assert len({c.chat.completions.create(seed=s, **kwargs).choices[0].message.content for s in range(4)}) > 1
-    greedy = c.chat.completions.create(model="m", max_tokens=12, temperature=0,
-                                       messages=[{"role": "user", "content": "Tell me"}]).choices[0]
+    greedy = c.chat.completions.create(
+        model="m", max_tokens=12, temperature=0, messages=[{"role": "user", "content": "Tell me"}]
+    ).choices[0]
     stop = greedy.message.content[3:5]
-    cut = c.chat.completions.create(model="m", max_tokens=12, temperature=0, stop=[stop],
-                                    messages=[{"role": "user", "content": "Tell me"}]).choices[0]
+    cut = c.chat.completions.create(
+        model="m", max_tokens=12, temperature=0, stop=[stop], messages=[{"role": "user", "content": "Tell me"}]
+    ).choices[0]
     assert cut.finish_reason == "stop"
     assert cut.message.content == greedy.message.content[: greedy.message.content.find(stop)]
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("body, status, param, says", [
-    ({"model": "m"}, 400, "messages", "`messages` must be a non-empty list"),
-    (ask("hi", max_tokens=0), 400, "max_tokens", "`max_tokens` must be an integer from 1"),
-    (ask("hi", max_tokens=10**6), 400, "max_tokens", "`max_tokens` must be an integer from 1"),
-    (ask("hi", seed=2**70), 400, "seed", "`seed` must be an integer"),
-    (ask("hi", top_logprobs=3), 400, "top_logprobs", "needs `logprobs: true`"),
-    (ask("hi", n=99), 400, "n", "`n` must be an integer from 1"),
-    (ask("hi", stream_options={"include_usage": True}), 400, "stream_options", "only allowed with `stream: true`"),
-    (ask("hi", frequency_penalty=0.5), 400, "frequency_penalty", "`frequency_penalty` is not supported"),
-    (ask("hi", tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools", "`tools` is not supported"),
-    (ask("hi", response_format={"type": "xml"}), 400, "response_format.type", "json_object or json_schema"),
-    ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, 400, "messages[0].content[0].type",
-     "got 'audio'"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
-        "url": "data:text/plain;base64,aGk="}}]}]}, 400, "messages[0].content[0]", "must hold an image"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
-        "url": "data:image/png;base64,!!!"}}]}]}, 400, "messages[0].content[0]", "not valid base64"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
-        "url": png_url((5000, 4000))}}]}]}, 413, "messages[0].content[0]", "pixels are accepted"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]},
-     403, "messages[0].content[0]", "outside the media root"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
-        "url": "http://127.0.0.1:9/x.png"}}]}]}, 400, "messages[0].content[0]", "could not fetch"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_url((448, 448))}}] * 8
-                    }]}, 400, "messages", "over the model's context of 2,048"),
-    ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", "role must be one of"),
-])
+
+@pytest.mark.parametrize(
+    "body, status, param, says",
+    [
+        ({"model": "m"}, 400, "messages", "`messages` must be a non-empty list"),
+        (ask("hi", max_tokens=0), 400, "max_tokens", "`max_tokens` must be an integer from 1"),
+        (ask("hi", max_tokens=10**6), 400, "max_tokens", "`max_tokens` must be an integer from 1"),
+        (ask("hi", seed=2**70), 400, "seed", "`seed` must be an integer"),
+        (ask("hi", top_logprobs=3), 400, "top_logprobs", "needs `logprobs: true`"),
+        (ask("hi", n=99), 400, "n", "`n` must be an integer from 1"),
+        (ask("hi", stream_options={"include_usage": True}), 400, "stream_options", "only allowed with `stream: true`"),
+        (ask("hi", frequency_penalty=0.5), 400, "frequency_penalty", "`frequency_penalty` is not supported"),
+        (ask("hi", tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools", "`tools` is not supported"),
+        (ask("hi", response_format={"type": "xml"}), 400, "response_format.type", "json_object or json_schema"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "audio"}]}]},
+            400,
+            "messages[0].content[0].type",
+            "got 'audio'",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGk="}}],
+                    }
+                ]
+            },
+            400,
+            "messages[0].content[0]",
+            "must hold an image",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,!!!"}}],
+                    }
+                ]
+            },
+            400,
+            "messages[0].content[0]",
+            "not valid base64",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_url((5000, 4000))}}]}
+                ]
+            },
+            413,
+            "messages[0].content[0]",
+            "pixels are accepted",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}
+                ]
+            },
+            403,
+            "messages[0].content[0]",
+            "outside the media root",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}],
+                    }
+                ]
+            },
+            400,
+            "messages[0].content[0]",
+            "could not fetch",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_url((448, 448))}}] * 8}
+                ]
+            },
+            400,
+            "messages",
+            "over the model's context of 2,048",
+        ),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", "role must be one of"),
+    ],
+)
 def test_bad_requests_get_openais_error_shape_naming_the_field(server, body, status, param, says):
     r = post(server, body)
     assert r.status_code == status, r.text
@@ -175,8 +299,12 @@ def test_a_bad_request_fails_alone_and_never_a_batch(server):
 
 def test_malformed_json_form_bodies_unknown_routes_and_methods_get_openais_shape(server):
     headers = {"Authorization": f"Bearer {KEY}"}
-    for data, kind in ((b"{not json", "application/json"), (b"messages=hi", "application/x-www-form-urlencoded"),
-                       (b"", "application/json"), (json.dumps(ask("hi")).encode(), "text/plain")):
+    for data, kind in (
+        (b"{not json", "application/json"),
+        (b"messages=hi", "application/x-www-form-urlencoded"),
+        (b"", "application/json"),
+        (json.dumps(ask("hi")).encode(), "text/plain"),
+    ):
         r = requests.post(server["url"] + "/v1/chat/completions", data=data, headers={**headers, "Content-Type": kind})
         assert r.status_code == 400 and "could not parse the JSON body" in r.json()["error"]["message"]
     r = requests.get(server["url"] + "/v1/completions", headers=headers)
@@ -200,6 +328,7 @@ def test_the_api_key_is_checked_in_constant_time_and_never_read_from_a_url(serve
 
 # ---- load --------------------------------------------------------------------------------------------------------
 
+
 def test_concurrent_requests_get_what_they_get_alone(server):
     prompts = ["Hello!", "What is 2 + 2?", "Name a colour.", "Write a haiku about the sea, please."]
     alone = {p: post(server, ask(p, 10)).json()["choices"][0]["message"]["content"] for p in prompts}
@@ -215,13 +344,21 @@ def test_concurrent_requests_get_what_they_get_alone(server):
 def test_a_client_leaving_mid_stream_frees_its_slot(tmp_path):
     """One slot: a request queued behind an abandoned 2,000-token stream waits for all of it unless the stream's
     slot is freed when its client leaves."""
-    with running_server("--max-batch-size", "1", "--max-tokens", "2000", log_path=tmp_path / "server.log",
-                        env={"OMP_NUM_THREADS": "1"}, cwd=tmp_path) as (url, _):
+    with running_server(
+        "--max-batch-size",
+        "1",
+        "--max-tokens",
+        "2000",
+        log_path=tmp_path / "server.log",
+        env={"OMP_NUM_THREADS": "1"},
+        cwd=tmp_path,
+    ) as (url, _):
         start = time.time()
         requests.post(url + "/v1/chat/completions", json=ask("Go on", 200), timeout=120).raise_for_status()
         per_token = (time.time() - start) / 200
-        with requests.post(url + "/v1/chat/completions", json=ask("Go on and on", 2000, stream=True), stream=True,
-                           timeout=60) as r:
+        with requests.post(
+            url + "/v1/chat/completions", json=ask("Go on and on", 2000, stream=True), stream=True, timeout=60
+        ) as r:
             lines = r.iter_lines()
             next(lines)
             next(lines)
@@ -232,27 +369,41 @@ def test_a_client_leaving_mid_stream_frees_its_slot(tmp_path):
 
 # ---- video sessions over HTTP ----------------------------------------------------------------------------------
 
+
 def test_video_session_open_push_ask_close_and_its_limits(server):
     s = post(server, {"op": "open"}, path="/v1/sessions").json()["session"]
     frames = [png_url((56, 56), (i * 20, 0, 0)) for i in range(5)]
     pushed = post(server, {"op": "push", "session": s, "frames": frames}, path="/v1/sessions").json()
     assert pushed["frames"] == 5
-    answer = post(server, {"op": "ask", "session": s, "question": "What changes?", "max_tokens": 4},
-                  path="/v1/sessions").json()
+    answer = post(
+        server, {"op": "ask", "session": s, "question": "What changes?", "max_tokens": 4}, path="/v1/sessions"
+    ).json()
     assert answer["frames"] == 5 and answer["completion_tokens"] <= 4 and isinstance(answer["answer"], str)
     # a question leaves the stream where it was: the same question again gets the same greedy answer
-    again = post(server, {"op": "ask", "session": s, "question": "What changes?", "max_tokens": 4, "temperature": 0},
-                 path="/v1/sessions").json()
-    first = post(server, {"op": "ask", "session": s, "question": "What changes?", "max_tokens": 4, "temperature": 0},
-                 path="/v1/sessions").json()
+    again = post(
+        server,
+        {"op": "ask", "session": s, "question": "What changes?", "max_tokens": 4, "temperature": 0},
+        path="/v1/sessions",
+    ).json()
+    first = post(
+        server,
+        {"op": "ask", "session": s, "question": "What changes?", "max_tokens": 4, "temperature": 0},
+        path="/v1/sessions",
+    ).json()
     assert again["answer"] == first["answer"]
     # refused calls change nothing: a frame of another size than the one waiting for its pair, a huge seed
     wrong = post(server, {"op": "push", "session": s, "frames": [png_url((84, 84))]}, path="/v1/sessions")
     assert wrong.status_code == 400 and "one size" in wrong.json()["error"]["message"]
     huge = post(server, {"op": "ask", "session": s, "question": "?", "seed": 2**64}, path="/v1/sessions")
     assert huge.status_code == 400 and huge.json()["error"]["param"] == "seed"
-    assert post(server, {"op": "ask", "session": s, "question": "What changes?", "max_tokens": 4, "temperature": 0},
-                path="/v1/sessions").json() == first
+    assert (
+        post(
+            server,
+            {"op": "ask", "session": s, "question": "What changes?", "max_tokens": 4, "temperature": 0},
+            path="/v1/sessions",
+        ).json()
+        == first
+    )
     others = [post(server, {"op": "open"}, path="/v1/sessions") for _ in range(2)]
     assert others[0].status_code == 200 and others[1].status_code == 429
     assert "sessions are open" in others[1].json()["error"]["message"]
@@ -262,17 +413,26 @@ def test_video_session_open_push_ask_close_and_its_limits(server):
     post(server, {"op": "close", "session": others[0].json()["session"]}, path="/v1/sessions")
 
 
-@pytest.mark.parametrize("data, kind", [(b"", "application/json"), (b"{oops", "application/json"),
-                                        (b"op=open", "application/x-www-form-urlencoded"),
-                                        (b'["open"]', "application/json"), (b'{"op": "fly"}', "application/json"),
-                                        (b'{"op": "open", "extra": 1}', "application/json")])
+@pytest.mark.parametrize(
+    "data, kind",
+    [
+        (b"", "application/json"),
+        (b"{oops", "application/json"),
+        (b"op=open", "application/x-www-form-urlencoded"),
+        (b'["open"]', "application/json"),
+        (b'{"op": "fly"}', "application/json"),
+        (b'{"op": "open", "extra": 1}', "application/json"),
+    ],
+)
 def test_malformed_session_calls_are_4xx(server, data, kind):
-    r = requests.post(server["url"] + "/v1/sessions", data=data,
-                      headers={"Authorization": f"Bearer {KEY}", "Content-Type": kind})
+    r = requests.post(
+        server["url"] + "/v1/sessions", data=data, headers={"Authorization": f"Bearer {KEY}", "Content-Type": kind}
+    )
     assert r.status_code == 400 and r.json()["error"]["message"], r.text
 
 
 # ---- the baseline: Qwen2.5-VL converted exactly, on the same engine ----------------------------------------------
+
 
 def test_the_baseline_serves_the_teachers_own_greedy_answers(tmp_path):
     """--baseline: a transformers Qwen2.5-VL folder, every layer full attention, on the same engine: its answers are
@@ -280,9 +440,9 @@ def test_the_baseline_serves_the_teachers_own_greedy_answers(tmp_path):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from ivl.data.processing import Processor
-    from ivl.model.teachers import TINY_TEACHER
     from ivl.serve.engine import ChatEngine, Prompt, Sampling
     from ivl.serve.loading import load_baseline
+    from ivl.teachers.qwen2_5_vl import TINY_TEACHER
 
     torch.manual_seed(0)
     teacher = Qwen2_5_VLForConditionalGeneration._from_config(Qwen2_5_VLConfig(**TINY_TEACHER))
@@ -291,8 +451,10 @@ def test_the_baseline_serves_the_teachers_own_greedy_answers(tmp_path):
     model, processor, name = load_baseline(tmp_path / "teacher", dtype="float32")
     assert set(model.lm.config.layer_types) == {"attention"} and model.lm.config.window is None
     chat = ChatEngine(model, processor, capacity=2, max_context=256)
-    texts = [processor.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True)
-             for c in ("hello", "a longer question for the other row")]
+    texts = [
+        processor.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True)
+        for c in ("hello", "a longer question for the other row")
+    ]
     out = ["", ""]
     for step in chat.generate([Prompt(t, sampling=Sampling(max_tokens=n)) for t, n in zip(texts, (4, 7))]):
         for i, delta in enumerate(step):
@@ -300,7 +462,7 @@ def test_the_baseline_serves_the_teachers_own_greedy_answers(tmp_path):
                 out[i] += delta.text
     for text, n, got in zip(texts, (4, 7), out):
         inputs = processor(text)
-        alone = teacher.generate(**inputs, max_new_tokens=n, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        alone = teacher.generate(**inputs, max_new_tokens=n, do_sample=False)[0, inputs["input_ids"].shape[1] :]
         assert processor.decode(alone, skip_special_tokens=True) == got
 
 

@@ -60,15 +60,20 @@ def browser():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with running_server("--max-context", "2048", log_path=tmp_path_factory.mktemp("log") / "server.log",
-                        env={"IVL_API_KEY": KEY, "OMP_NUM_THREADS": "1"}) as (url, _):
+    with running_server(
+        "--max-context",
+        "2048",
+        log_path=tmp_path_factory.mktemp("log") / "server.log",
+        env={"IVL_API_KEY": KEY, "OMP_NUM_THREADS": "1"},
+    ) as (url, _):
         yield url
 
 
 def api_answer(url, content) -> str:
     body = {"messages": [{"role": "user", "content": content}], "max_tokens": 256, "temperature": 0}
-    response = requests.post(url + "/v1/chat/completions", json=body, timeout=120,
-                             headers={"Authorization": f"Bearer {KEY}"})
+    response = requests.post(
+        url + "/v1/chat/completions", json=body, timeout=120, headers={"Authorization": f"Bearer {KEY}"}
+    )
     response.raise_for_status()
     return response.json()["choices"][0]["message"]["content"]
 
@@ -88,8 +93,13 @@ def test_a_message_with_an_image_streams_the_answer_the_api_gives(browser, serve
     assert page.locator(".msg.user img").count() == 1
 
     data_url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
-    expected = api_answer(server, [{"type": "image_url", "image_url": {"url": data_url}},
-                                   {"type": "text", "text": "What colour is this picture?"}])
+    expected = api_answer(
+        server,
+        [
+            {"type": "image_url", "image_url": {"url": data_url}},
+            {"type": "text", "text": "What colour is this picture?"},
+        ],
+    )
     assert expected and answer.text_content() == expected
     if os.environ.get("IVL_PAGE_SCREENSHOT"):
         page.screenshot(path=os.environ["IVL_PAGE_SCREENSHOT"])
@@ -103,7 +113,7 @@ def webm(path: Path, frames: int = 40) -> Path:
         stream.width, stream.height, stream.pix_fmt = 128, 96, "yuv420p"
         for i in range(frames):
             pixels = np.full((96, 128, 3), 30, np.uint8)
-            pixels[30:60, 3 * i:3 * i + 30] = (240, 200, 0)
+            pixels[30:60, 3 * i : 3 * i + 30] = (240, 200, 0)
             container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
         container.mux(stream.encode())
     return path
@@ -115,8 +125,9 @@ def test_a_video_file_streams_into_a_session_that_answers(browser, server, tmp_p
     page.goto(f"{server}/")
     page.set_input_files("#file", str(webm(tmp_path / "clip.webm")))
     # frames go to the session two at a time, twice a second; the status line counts them
-    page.wait_for_function("document.getElementById('status').textContent.includes('frames in the session')",
-                           timeout=60_000)
+    page.wait_for_function(
+        "document.getElementById('status').textContent.includes('frames in the session')", timeout=60_000
+    )
     page.fill("#ask", "What moves?")
     page.click("#askButton")
     page.wait_for_function("document.getElementById('answers').textContent.includes('A (after')", timeout=120_000)

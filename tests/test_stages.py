@@ -7,13 +7,13 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from media_files import write_image
+from references import assert_as_accurate, doubled, float64
 from torch.utils.data import DataLoader
 
 from ivl.data import ImageDataModule
 from ivl.model import InfiniteVL
 from ivl.stages import DistillModule, InstructModule, LongContextModule
-from media_files import write_image
-from references import assert_as_accurate, doubled, float64
 
 COLORS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}
 
@@ -23,16 +23,29 @@ def corpus(folder, n=6):
     for i in range(n):
         color = list(COLORS)[i % 3]
         write_image(folder / f"{color}.png", COLORS[color])
-        records.append({"image": f"{color}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat color is it?"}, {"from": "gpt", "value": color}]})
+        records.append(
+            {
+                "image": f"{color}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat color is it?"},
+                    {"from": "gpt", "value": color},
+                ],
+            }
+        )
     path = folder / "c.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     return path
 
 
 def datamodule(path, packed=True, **kwargs):
-    return ImageDataModule(train=[{"path": str(path)}], val=[{"path": str(path)}], image_max_pixels=56 * 56,
-                           pack_tokens=1024 if packed else None, batch_size=2, **kwargs)
+    return ImageDataModule(
+        train=[{"path": str(path)}],
+        val=[{"path": str(path)}],
+        image_max_pixels=56 * 56,
+        pack_tokens=1024 if packed else None,
+        batch_size=2,
+        **kwargs,
+    )
 
 
 def fixed_batch(path, packed=True):
@@ -56,8 +69,15 @@ def built(module):
 
 def fit_on(module, batch, steps=8):
     losses = Losses()
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[losses])
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[losses],
+    )
     trainer.fit(module, train_dataloaders=DataLoader([batch] * steps, batch_size=None))
     return losses.losses
 
@@ -85,8 +105,9 @@ def test_layerwise_distillation_trains_only_gdn_and_leaves_the_teacher(tmp_path)
 
 
 def test_end_to_end_distillation_kl_falls(tmp_path):
-    module = built(DistillModule(teacher="tiny", window=64, layerwise_steps=0, lr=3e-3, warmup_ratio=0.0,
-                                 trainable=[r"lm\..*"]))
+    module = built(
+        DistillModule(teacher="tiny", window=64, layerwise_steps=0, lr=3e-3, warmup_ratio=0.0, trainable=[r"lm\..*"])
+    )
     batch = fixed_batch(corpus(tmp_path), packed=False)
     assert module.phase() == "end_to_end"
     losses = fit_on(module, batch)
@@ -102,8 +123,15 @@ def test_phases_switch_after_layerwise_steps(tmp_path):
             phases.append(pl_module.phase())
 
     batch = fixed_batch(corpus(tmp_path), packed=False)
-    L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, callbacks=[Record()]).fit(module, DataLoader([batch] * 4, batch_size=None))
+    L.Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Record()],
+    ).fit(module, DataLoader([batch] * 4, batch_size=None))
     assert phases == ["layerwise", "layerwise", "end_to_end", "end_to_end"]
 
 
@@ -146,12 +174,19 @@ def test_interrupted_fit_resumes_with_the_same_losses(tmp_path):
 
     def run(max_steps, folder, ckpt_path=None, interrupt=False):
         losses = Losses()
-        checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / folder, save_last=True,
-                                                         every_n_train_steps=1)
-        trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-                            enable_model_summary=False, num_sanity_val_steps=0,
-                            callbacks=[losses, checkpoint] + ([Interrupt()] if interrupt else []),
-                            limit_val_batches=0)
+        checkpoint = L.pytorch.callbacks.ModelCheckpoint(
+            dirpath=tmp_path / folder, save_last=True, every_n_train_steps=1
+        )
+        trainer = L.Trainer(
+            max_steps=max_steps,
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            callbacks=[losses, checkpoint] + ([Interrupt()] if interrupt else []),
+            limit_val_batches=0,
+        )
         torch.manual_seed(0)
         module = InstructModule(teacher="tiny", window=64, lr=3e-3, warmup_ratio=0.0)
         dm = ImageDataModule(train=[{"path": str(path)}], image_max_pixels=56 * 56, pack_tokens=None, batch_size=2)
@@ -169,11 +204,22 @@ def test_checkpoints_carry_the_data_position(tmp_path):
     """Lightning stores the loader's position in the checkpoint (without it a resumed epoch would restart)."""
     path = corpus(tmp_path, n=12)
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
-    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[checkpoint], limit_val_batches=0)
+    trainer = L.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[checkpoint],
+        limit_val_batches=0,
+    )
     module = InstructModule(teacher="tiny", window=64)
-    trainer.fit(module, datamodule=ImageDataModule(train=[{"path": str(path)}], image_max_pixels=56 * 56,
-                                                   pack_tokens=None, batch_size=2))
+    trainer.fit(
+        module,
+        datamodule=ImageDataModule(
+            train=[{"path": str(path)}], image_max_pixels=56 * 56, pack_tokens=None, batch_size=2
+        ),
+    )
     state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["loops"]["fit_loop"]["state_dict"]
     assert state["combined_loader"] == [{"epoch": 0, "consumed": 3}]
 
@@ -193,18 +239,28 @@ def test_accuracy_is_exact_match_of_greedy_generation(tmp_path):
         ids, labels = batch["input_ids"][0, a:z], batch["labels"][0, a:z]
         start = int((labels != -100).nonzero()[0])
         answer = labels[start:]
-        pixels = batch["pixel_values"][sum(patches[:i]):sum(patches[:i + 1])]
-        generated = model.generate(input_ids=ids[None, :start], pixel_values=pixels,
-                                   image_grid_thw=batch["image_grid_thw"][i:i + 1], max_new_tokens=len(answer),
-                                   stop_token_ids=[])
+        pixels = batch["pixel_values"][sum(patches[:i]) : sum(patches[: i + 1])]
+        generated = model.generate(
+            input_ids=ids[None, :start],
+            pixel_values=pixels,
+            image_grid_thw=batch["image_grid_thw"][i : i + 1],
+            max_new_tokens=len(answer),
+            stop_token_ids=[],
+        )
         assert bool(correct[i]) == torch.equal(generated[0], answer)
 
 
 def test_each_distillation_phase_trains_its_own_parameters_in_one_fit(tmp_path):
     """One fit, two phases, two parameter sets: the optimiser holds both, each step updates only its phase's."""
-    module = DistillModule(teacher="tiny", window=64, layerwise_steps=2, lr=1e-2, warmup_ratio=0.0,
-                           layerwise_trainable=[r"lm\.layers\.{gdn}\.mixer\.q_proj\..*"],
-                           trainable=[r"lm\.layers\.{gdn}\.mlp\..*"])
+    module = DistillModule(
+        teacher="tiny",
+        window=64,
+        layerwise_steps=2,
+        lr=1e-2,
+        warmup_ratio=0.0,
+        layerwise_trainable=[r"lm\.layers\.{linear}\.mixer\.q_proj\..*"],
+        trainable=[r"lm\.layers\.{linear}\.mlp\..*"],
+    )
     snapshots = []
 
     class Snapshot(Callback):
@@ -215,8 +271,15 @@ def test_each_distillation_phase_trains_its_own_parameters_in_one_fit(tmp_path):
             self.on_train_batch_start(trainer, pl_module, None, None)
 
     batch = fixed_batch(corpus(tmp_path), packed=False)
-    L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, callbacks=[Snapshot()]).fit(module, DataLoader([batch] * 4, batch_size=None))
+    L.Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Snapshot()],
+    ).fit(module, DataLoader([batch] * 4, batch_size=None))
 
     def changed(a, b):
         return {n for n in a if not torch.equal(a[n], b[n])}
@@ -233,9 +296,15 @@ def test_lora_injection_export_loads_back_to_the_same_logits(tmp_path):
 
     module = InstructModule(teacher="tiny", window=64, lr=3e-3, warmup_ratio=0.0, save_dir=str(tmp_path / "out"))
     batch = fixed_batch(corpus(tmp_path))
-    L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, callbacks=[LoRAInjection(r=4)]).fit(
-        module, DataLoader([batch] * 3, batch_size=None))
+    L.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[LoRAInjection(r=4)],
+    ).fit(module, DataLoader([batch] * 3, batch_size=None))
     inputs = module.model_inputs(batch)
     with torch.no_grad():
         trained = module.model.eval()(**inputs).logits
@@ -252,8 +321,15 @@ def test_export_carries_the_pixel_budgets_the_model_was_trained_with(tmp_path):
 
     dm = datamodule(corpus(tmp_path), video_max_pixels=28 * 28 * 4)
     module = InstructModule(teacher="tiny", window=64, warmup_ratio=0.0, save_dir=str(tmp_path / "out"))
-    L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, limit_val_batches=0).fit(module, datamodule=dm)
+    L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    ).fit(module, datamodule=dm)
     saved = Processor.from_pretrained(tmp_path / "out")
     assert saved.image_size == {"shortest_edge": dm.processor.image_size["shortest_edge"], "longest_edge": 56 * 56}
     assert saved.video_size["longest_edge"] == 28 * 28 * 4
@@ -261,8 +337,9 @@ def test_export_carries_the_pixel_budgets_the_model_was_trained_with(tmp_path):
 
 def test_weight_decay_spares_norms_biases_and_gates(tmp_path):
     """One step at lr ~ 0 with a huge decay: matrices shrink, vectors (norms, biases, A_log, dt_bias) do not."""
-    module = built(InstructModule(teacher="tiny", window=64, trainable=[".*"], lr=1e-6, weight_decay=1e4,
-                                  warmup_ratio=0.0))
+    module = built(
+        InstructModule(teacher="tiny", window=64, trainable=[".*"], lr=1e-6, weight_decay=1e4, warmup_ratio=0.0)
+    )
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
     fit_on(module, fixed_batch(corpus(tmp_path)), steps=1)
     for name, p in module.model.named_parameters():
@@ -279,8 +356,16 @@ def test_fused_adamw_is_used_unless_lightnings_amp_would_refuse_to_clip_its_grad
     for the GPU's)."""
     module = InstructModule(teacher="tiny", window=64, warmup_ratio=0.0)
     module.adamw_fused = True
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", precision=precision, gradient_clip_val=1.0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        precision=precision,
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, train_dataloaders=DataLoader([fixed_batch(corpus(tmp_path))], batch_size=None))
     assert trainer.global_step == 1
     assert trainer.optimizers[0].defaults["fused"] == (precision == "32-true")
@@ -301,8 +386,9 @@ def test_distillation_validation_compares_student_and_teacher_on_held_out_answer
     with torch.no_grad():
         for batch in batches:
             student = module.model(**module.model_inputs(batch)).logits.double()
-            teacher = module.teacher(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values",
-                                                              "image_grid_thw")}).logits.double()
+            teacher = module.teacher(
+                **{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+            ).logits.double()
             targets = batch["labels"][:, 1:]
             at = targets != -100
             s, t = student[:, :-1][at], teacher[:, :-1][at]
@@ -311,8 +397,9 @@ def test_distillation_validation_compares_student_and_teacher_on_held_out_answer
             agree += (s.argmax(-1) == t.argmax(-1)).sum().item()
             answers += at.sum().item()
             real = batch["attention_mask"].bool()
-            kl += F.kl_div(student[real].log_softmax(-1), teacher[real].log_softmax(-1), log_target=True,
-                           reduction="sum").item()
+            kl += F.kl_div(
+                student[real].log_softmax(-1), teacher[real].log_softmax(-1), log_target=True, reduction="sum"
+            ).item()
             tokens += real.sum().item()
     assert got["val/ppl"] == pytest.approx(math.exp(nll / answers), rel=1e-4)
     assert got["val/teacher_ppl"] == pytest.approx(math.exp(teacher_nll / answers), rel=1e-4)
@@ -325,8 +412,33 @@ def test_a_student_with_nothing_to_distil_is_still_validated(tmp_path):
     of the science sweeps); `fit` refuses it."""
     batches = list(datamodule(corpus(tmp_path, n=2), packed=False).train_dataloader())[:1]
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-    got = trainer.validate(DistillModule(teacher="tiny", window=64, hybrid_ratio=1.0),
-                           DataLoader(batches, batch_size=None))[0]
+    got = trainer.validate(
+        DistillModule(teacher="tiny", window=64, hybrid_ratio=1.0), DataLoader(batches, batch_size=None)
+    )[0]
     assert {"val/ppl", "val/teacher_ppl", "val/kl_to_teacher", "val/top1_agreement"} <= set(got)
     with pytest.raises(ValueError, match="no linear-mixer layer"):
         trainer.fit(DistillModule(teacher="tiny", window=64, hybrid_ratio=1.0), DataLoader(batches, batch_size=None))
+
+
+def test_settings_written_with_old_names_still_work():
+    """``gdn_init`` and a ``{gdn}`` pattern (the names before ``linear_init`` and ``{linear}``) give what the new
+    names give, each with one line naming the new one."""
+    new = built(
+        InstructModule(
+            teacher="tiny", window=64, linear_init="attention", trainable=[r"lm\.layers\.{linear}\.mixer\.q_proj\..*"]
+        )
+    )
+    with pytest.warns(FutureWarning) as record:
+        old = built(
+            InstructModule(
+                teacher="tiny", window=64, gdn_init="attention", trainable=[r"lm\.layers\.{gdn}\.mixer\.q_proj\..*"]
+            )
+        )
+    lines = [str(w.message) for w in record if issubclass(w.category, FutureWarning)]
+    assert len(lines) == 2 and all("\n" not in line for line in lines)
+    assert any("'gdn_init' is renamed 'linear_init'" in line for line in lines)
+    assert any("'{gdn}' is renamed '{linear}'" in line for line in lines)
+    assert old.hparams.linear_init == "attention" and "gdn_init" not in old.hparams
+    trains = {n for n, p in new.model.named_parameters() if p.requires_grad}
+    assert trains == {n for n, p in old.model.named_parameters() if p.requires_grad} and len(trains) == 3
+    assert torch.equal(old.model.lm.layers[1].mixer.k_proj.weight, new.model.lm.layers[1].mixer.k_proj.weight)

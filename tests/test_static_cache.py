@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-
-from ivl.model.static_cache import StaticCache, decode_step
 from test_hybrid_lm import tiny_lm
+
+from ivl.model.decoding.static_cache import StaticCache, decode_step
 
 
 @pytest.mark.parametrize("prefill", [5, 40])  # the window (16) fills during decoding / was full before it
@@ -43,13 +43,17 @@ def test_pool_slots_are_streams_of_their_own_loaded_without_their_padding_and_mo
         mask = torch.ones(1, pad + ids.shape[1], dtype=torch.long)
         mask[:, :pad] = 0
         ids = torch.cat([torch.zeros(1, pad, dtype=torch.long), ids], 1)
-        model(ids, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), attention_mask=mask if pad else None,
-              cache=cache)
+        model(ids, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), attention_mask=mask if pad else None, cache=cache)
         return cache
 
     def step(static, tokens, positions, indices):
-        return decode_step(model, static, torch.tensor(tokens), torch.tensor(positions)[None, :, None].expand(3, -1, 1),
-                           torch.tensor(indices))
+        return decode_step(
+            model,
+            static,
+            torch.tensor(tokens),
+            torch.tensor(positions)[None, :, None].expand(3, -1, 1),
+            torch.tensor(indices),
+        )
 
     with torch.no_grad():
         alone = StaticCache.from_cache(model, prefilled(prompt))
@@ -96,8 +100,9 @@ def test_decode_step_captures_in_a_cuda_graph(linear_mixer):
             pos.fill_(s)
             index.fill_(s)
             graph.replay()
-            expected = model(ids[:, s:s + 1], position_ids=torch.full((3, B, 1), s, device="cuda"),
-                             cache=reference)[:, 0]
+            expected = model(ids[:, s : s + 1], position_ids=torch.full((3, B, 1), s, device="cuda"), cache=reference)[
+                :, 0
+            ]
             torch.testing.assert_close(logits, expected, rtol=1e-3, atol=1e-3)
 
 
@@ -111,6 +116,7 @@ def test_compiled_decode_step_at_4b_layer_shapes_in_bf16():
 
     from ivl.model.config import HybridConfig
     from ivl.model.lm import HybridLM
+
     torch.manual_seed(0)
     config = HybridConfig.preset("infinitevl-4b", num_layers=4, vocab_size=1024, window=64)
     reference = HybridLM(config).cuda().eval()
@@ -124,8 +130,8 @@ def test_compiled_decode_step_at_4b_layer_shapes_in_bf16():
         static = StaticCache.from_cache(model, cache, B)
         for s in range(prefill, prefill + steps):
             pos = torch.full((3, B, 1), s, device="cuda")
-            exact = reference(ids[:, s:s + 1], position_ids=pos, cache=ref_cache)[:, 0]
-            modules = model(ids[:, s:s + 1], position_ids=pos, cache=cache)[:, 0].float()
+            exact = reference(ids[:, s : s + 1], position_ids=pos, cache=ref_cache)[:, 0]
+            modules = model(ids[:, s : s + 1], position_ids=pos, cache=cache)[:, 0].float()
             got = decode_step(model, static, ids[:, s], pos, torch.tensor(s, device="cuda")).float()
             err, module_err = ((t - exact).norm() / exact.norm() for t in (got, modules))
             assert err < max(1.5 * module_err, 1e-2), (s, err.item(), module_err.item())
@@ -137,7 +143,7 @@ def test_captured_slot_decoders_serve_batch_after_batch_as_the_dynamic_cache_dec
     """The engine's scheme on the GPU: a pool of slots and one graph per power-of-two bucket, refilled for each
     batch (3 rows in a bucket of 4, then 3 and 2 other rows of other lengths, left padding and placeholders
     included), replaying the logits of the dynamic cache's cached forward."""
-    from ivl.model.generation import SlotDecoder
+    from ivl.model.decoding.generation import SlotDecoder
 
     torch.manual_seed(0)
     model = tiny_lm().cuda()
@@ -155,9 +161,15 @@ def test_captured_slot_decoders_serve_batch_after_batch_as_the_dynamic_cache_dec
             for r in range(rows):
                 slots.pool.load(r, cache.select_rows(torch.tensor([r], device="cuda")), shifts[r])
             for s in range(8):
-                got = slots(ids[:, length + s].tolist(), (positions[:, -1] + 1 + s).tolist(),
-                            [length + s - shifts[r] for r in range(rows)])
-                expected = model(ids[:, length + s:length + s + 1], cache=reference,
-                                 position_ids=(positions[:, -1:] + 1 + s)[None].expand(3, -1, 1))[:, 0]
+                got = slots(
+                    ids[:, length + s].tolist(),
+                    (positions[:, -1] + 1 + s).tolist(),
+                    [length + s - shifts[r] for r in range(rows)],
+                )
+                expected = model(
+                    ids[:, length + s : length + s + 1],
+                    cache=reference,
+                    position_ids=(positions[:, -1:] + 1 + s)[None].expand(3, -1, 1),
+                )[:, 0]
                 torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
     assert sorted(slots.graphs) == [2, 4]

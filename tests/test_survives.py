@@ -43,9 +43,18 @@ class Logged(BoringModel):
 
 
 def boring_fit(tmp_path, steps, callbacks, logger=False, **trainer):
-    fit = L.Trainer(max_steps=steps, accelerator="cpu", logger=logger, enable_progress_bar=False,
-                    enable_model_summary=False, log_every_n_steps=1, default_root_dir=tmp_path,
-                    plugins=[AtomicCheckpointIO()], callbacks=callbacks, **trainer)
+    fit = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=logger,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        default_root_dir=tmp_path,
+        plugins=[AtomicCheckpointIO()],
+        callbacks=callbacks,
+        **trainer,
+    )
     fit.fit(Logged(), DataLoader(RandomDataset(32, 64), batch_size=2))
     return fit
 
@@ -63,6 +72,7 @@ class At(Callback):
 
 # ---- a real MLflow server that goes away ---------------------------------------------------------------------
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -76,10 +86,26 @@ class Server:
 
     def start(self):
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder / 'db.sqlite'}",
-             "--default-artifact-root", str(self.folder / "artifacts"), "--host", "127.0.0.1", "--port",
-             str(self.port), "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{self.folder / 'db.sqlite'}",
+                "--default-artifact-root",
+                str(self.folder / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.time() + 60
         while time.time() < deadline:
             try:
@@ -118,8 +144,9 @@ def test_a_tracking_server_killed_mid_fit_and_restarted_gets_every_metric(tmp_pa
 
 
 def test_a_tracking_server_that_stays_gone_costs_seconds_and_the_metrics_wait_in_a_file(tmp_path, server, capfd):
-    logger = BufferedMLFlowLogger(experiment_name="gone", tracking_uri=server.uri, final_patience=2,
-                                  local_dir=str(tmp_path / "local"))
+    logger = BufferedMLFlowLogger(
+        experiment_name="gone", tracking_uri=server.uri, final_patience=2, local_dir=str(tmp_path / "local")
+    )
     started = time.time()
     boring_fit(tmp_path, 20, [At([5], lambda s: server.kill())], logger=logger)
     assert time.time() - started < 40  # the unpatched logger waited minutes in urllib3's retries, twice
@@ -134,11 +161,14 @@ def test_a_tracking_server_that_stays_gone_costs_seconds_and_the_metrics_wait_in
 
 def test_the_unreachable_server_at_the_start_stops_the_fit_at_once_in_one_line(tmp_path):
     logger = BufferedMLFlowLogger(experiment_name="never", tracking_uri=f"http://127.0.0.1:{free_port()}")
-    with pytest.raises(UsageError, match=r"does not answer; start it, or set MLFLOW_TRACKING_URI .*nothing was trained"):
+    with pytest.raises(
+        UsageError, match=r"does not answer; start it, or set MLFLOW_TRACKING_URI .*nothing was trained"
+    ):
         boring_fit(tmp_path, 2, [], logger=logger)
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------
+
 
 def _writer(folder: str, ready) -> None:
     """Rewrites last.ckpt (64 MB) in a loop, as a long fit does, with TMPDIR on another folder."""
@@ -160,7 +190,7 @@ def test_checkpoint_writes_killed_at_twenty_random_moments_always_leave_one_that
     rng = random.Random(0)
     fork = multiprocessing.get_context("fork")
     steps = []
-    for trial in range(20):
+    for _ in range(20):
         ready = fork.Event()
         writer = fork.Process(target=_writer, args=(str(folder), ready))
         writer.start()
@@ -198,8 +228,11 @@ def test_last_takes_the_newest_checkpoint_that_reads_and_names_the_torn_ones(tmp
     assert "removed" in out and ".last.ckpt.tmp-123" in out and not (folder / ".last.ckpt.tmp-123").exists()
     assert f"skipping {torn}: truncated" in out and "empty (0 bytes)" in out and "no .metadata" in out
     assert f"resuming from {good}" in out
-    with pytest.raises(UsageError, match=r"--ckpt_path .*last.ckpt: truncated .* the newest checkpoint beside it "
-                                         r"that reads completely is .*epoch=0-step=2.ckpt"):
+    with pytest.raises(
+        UsageError,
+        match=r"--ckpt_path .*last.ckpt: truncated .* the newest checkpoint beside it "
+        r"that reads completely is .*epoch=0-step=2.ckpt",
+    ):
         resume_from(str(torn), [folder])
     good.unlink()
     with pytest.raises(UsageError, match=r"no checkpoint in .*checkpoints reads completely \(.*\); leave --ckpt_path"):
@@ -275,12 +308,30 @@ data:
 def cli_fit(root: Path, corpus: Path, *extra: str) -> subprocess.CompletedProcess:
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.yaml").write_text(FIT.format(root=root, corpus=corpus))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "ivl.experiments", "fit", "--config", str(root / "config.yaml"),
-                           "--trainer.callbacks+=fsdp_run.RecordStepLosses", "--trainer.callbacks.path",
-                           str(root / "losses.jsonl"), *extra], env=env, cwd=root, capture_output=True, text=True,
-                          timeout=600)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ivl.experiments",
+            "fit",
+            "--config",
+            str(root / "config.yaml"),
+            "--trainer.callbacks+=fsdp_run.RecordStepLosses",
+            "--trainer.callbacks.path",
+            str(root / "losses.jsonl"),
+            *extra,
+        ],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_sigterm_mid_epoch_saves_and_the_resumed_fit_has_the_losses_of_one_never_stopped(tmp_path):
@@ -289,8 +340,9 @@ def test_sigterm_mid_epoch_saves_and_the_resumed_fit_has_the_losses_of_one_never
     data = corpus(tmp_path / "data", n=10)  # one epoch: 10 batches; stopped at step 3, in its middle
     whole = cli_fit(tmp_path / "whole", data)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    stopped = cli_fit(tmp_path / "stopped", data, "--trainer.callbacks+=fsdp_run.SignalAt",
-                      "--trainer.callbacks.step=3")
+    stopped = cli_fit(
+        tmp_path / "stopped", data, "--trainer.callbacks+=fsdp_run.SignalAt", "--trainer.callbacks.step=3"
+    )
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert "stopped by SIGTERM at step 4" in stopped.stderr + stopped.stdout
     resumed = cli_fit(tmp_path / "stopped", data, "--ckpt_path", "last")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from test_stages import corpus
 
 from ivl.experiments.sweep import main as sweep
-from test_stages import corpus
 
 TESTS = Path(__file__).parent
 
@@ -110,8 +110,9 @@ def test_sweep_nests_children_under_one_parent_survives_a_kill_and_skips_finishe
     assert [r["window"] for r in rows] == ["32", "64"] and all(r["status"] == "FINISHED" for r in rows)
     assert all(0.0 <= float(r["val/accuracy (best)"]) <= 1.0 for r in rows)
     artifacts = [a.path for a in client.list_artifacts(parent.info.run_id)]
-    assert {"summary.csv", "summary.md", "summary.png", "summary_tasks.png", "sweep.yaml", "base.yaml"} <= \
-        set(artifacts)
+    assert {"summary.csv", "summary.md", "summary.png", "summary_tasks.png", "sweep.yaml", "base.yaml"} <= set(
+        artifacts
+    )
     assert all(0.0 <= float(r["val/accuracy/colors"]) <= 1.0 for r in rows)  # per-task columns too
 
     # 3. rerun once more: nothing left to do
@@ -120,17 +121,23 @@ def test_sweep_nests_children_under_one_parent_survives_a_kill_and_skips_finishe
     assert len(runs(workdir)[1]) == 3
 
 
-@pytest.mark.parametrize("body, named", [
-    ("base: base.yaml\ngrid:\n  model.init_args.window: [32]\nsteps: 3\n", "unknown field 'steps'"),
-    ("base: base.yaml\ngrid: {}\n", "`grid:`"),
-    ("base: base.yaml\ngrid:\n  model.init_args.window: []\n", "'model.init_args.window'"),
-    ("base: base.yaml\ngrid:\n  model.init_args.hybrid_ratoi: [0.5]\n", "key 'model.init_args.hybrid_ratoi'"),
-    ("base: base.yaml\ngrid:\n  model.init_args.window: [32, abc]\n", "key 'model.init_args.window'"),
-    ("base: missing.yaml\ngrid:\n  model.init_args.window: [32]\n", "base config 'missing.yaml' not found"),
-    # a missing student whose path names another swept key: the message is about the student
-    ("base: base.yaml\ngrid:\n  model.init_args.student: [runs/02-window=32/model]\noverrides:\n"
-     "  model.init_args.window: 32\n", "key 'model.init_args.student' = 'runs/02-window=32/model'"),
-])
+@pytest.mark.parametrize(
+    "body, named",
+    [
+        ("base: base.yaml\ngrid:\n  model.init_args.window: [32]\nsteps: 3\n", "unknown field 'steps'"),
+        ("base: base.yaml\ngrid: {}\n", "`grid:`"),
+        ("base: base.yaml\ngrid:\n  model.init_args.window: []\n", "'model.init_args.window'"),
+        ("base: base.yaml\ngrid:\n  model.init_args.hybrid_ratoi: [0.5]\n", "key 'model.init_args.hybrid_ratoi'"),
+        ("base: base.yaml\ngrid:\n  model.init_args.window: [32, abc]\n", "key 'model.init_args.window'"),
+        ("base: missing.yaml\ngrid:\n  model.init_args.window: [32]\n", "base config 'missing.yaml' not found"),
+        # a missing student whose path names another swept key: the message is about the student
+        (
+            "base: base.yaml\ngrid:\n  model.init_args.student: [runs/02-window=32/model]\noverrides:\n"
+            "  model.init_args.window: 32\n",
+            "key 'model.init_args.student' = 'runs/02-window=32/model'",
+        ),
+    ],
+)
 def test_bad_sweep_files_fail_before_any_run_naming_the_key(workdir, capfd, body, named):
     assert sweep(["--config", write_sweep(workdir, body)]) == 2
     err = capfd.readouterr().err
@@ -150,7 +157,8 @@ def test_shipped_sweep_files_give_children_that_their_subcommand_accepts(tmp_pat
     from ivl.data import passkey, python_docs
     from ivl.data.demo import build
     from ivl.data.processing import bundled_tokenizer_dir
-    from ivl.experiments.sweep import Sweep, check_child, child_config
+    from ivl.experiments.child_configs import check_child, child_config
+    from ivl.experiments.spec import Sweep
 
     monkeypatch.chdir(tmp_path)  # the configs' relative paths: corpora and the teacher folder are made here
     build(tmp_path / "data" / "demo", seed=0, scale=0.01)
@@ -185,7 +193,7 @@ def test_a_seeded_child_runs_beside_the_modules_own_seed_hyperparameter(workdir)
     file = write_sweep(workdir, "base: base.yaml\ngrid:\n  model.init_args.window: [32]\nseeds: [1]\n")
     assert sweep(["--config", file, "--trainer.max_steps=1"]) == 0
     _, all_runs = runs(workdir)
-    child, = [r for r in all_runs if "mlflow.parentRunId" in r.data.tags]
+    (child,) = [r for r in all_runs if "mlflow.parentRunId" in r.data.tags]
     assert child.info.status == "FINISHED"
     assert child.data.params["seed_everything"] == "1" and child.data.tags["seed"] == "1"
 
@@ -196,8 +204,7 @@ def test_children_sharing_one_gpu_run_at_the_same_time(workdir, capfd, monkeypat
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # the children themselves train on the CPU
     file = write_sweep(workdir, "base: base.yaml\ngrid:\n  model.init_args.window: [32, 64]\n")
     assert sweep(["--config", file, "--parallel", "2", "--per-gpu", "2", "--trainer.max_steps=1"]) == 0
-    events = [line.split(": ")[1] for line in capfd.readouterr().out.splitlines()
-              if line.startswith("[sweep] window=")]
+    events = [line.split(": ")[1] for line in capfd.readouterr().out.splitlines() if line.startswith("[sweep] window=")]
     assert [event[:8] for event in events] == ["starting", "starting", "finished", "finished"]  # both at once
     assert events[0].startswith("starting on GPU 0") and events[1].startswith("starting on GPU 0")
     _, all_runs = runs(workdir)
@@ -205,17 +212,31 @@ def test_children_sharing_one_gpu_run_at_the_same_time(workdir, capfd, monkeypat
 
 
 def test_children_cover_the_grid_for_one_seed_before_the_next():
-    from ivl.experiments.sweep import Sweep
+    from ivl.experiments.spec import Sweep
 
-    spec = Sweep(file=Path("s.yaml"), name="s", base=Path("b.yaml"), grid={"a.x": [1, 2], "a.y": ["p", "q"]},
-                 seeds=[0, 1], overrides={})
+    spec = Sweep(
+        file=Path("s.yaml"),
+        name="s",
+        base=Path("b.yaml"),
+        grid={"a.x": [1, 2], "a.y": ["p", "q"]},
+        seeds=[0, 1],
+        overrides={},
+    )
     assert [(c.values["a.x"], c.values["a.y"], c.seed) for c in spec.children()] == [
-        (1, "p", 0), (1, "q", 0), (2, "p", 0), (2, "q", 0), (1, "p", 1), (1, "q", 1), (2, "p", 1), (2, "q", 1)]
+        (1, "p", 0),
+        (1, "q", 0),
+        (2, "p", 0),
+        (2, "q", 0),
+        (1, "p", 1),
+        (1, "q", 1),
+        (2, "p", 1),
+        (2, "q", 1),
+    ]
     assert [c.folder_name for c in spec.children()][:2] == ["00-x=1,y=p,seed=0", "01-x=1,y=q,seed=0"]
 
 
 def test_plot_labels_cut_swept_paths_to_the_parts_that_tell_them_apart():
-    from ivl.experiments.sweep import tick_labels
+    from ivl.experiments.plots import tick_labels
 
     students = ["runs/sweeps/ratios/02-ratio=0.25/model", "runs/sweeps/ratios/00-ratio=0.0/model", None]
     assert tick_labels(students) == ["…/02-ratio=0.25/model", "…/00-ratio=0.0/model", "None"]

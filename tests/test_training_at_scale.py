@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ivl.model import checkpoint, cheap_recompute
+from ivl.model import checkpoint
+from ivl.model.training import cheap_recompute
 from ivl.stages import distributed, lora
 from ivl.stages.models import load_student, student_config, student_state
 
@@ -111,6 +112,7 @@ def test_the_students_attention_blocks_are_the_ones_kept_first():
 
 # ---- two processes ----------------------------------------------------------------------------------------------
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -151,8 +153,9 @@ def sharded_student(rank, checkpointing="blocks", with_lora=False, param_dtype=t
     distributed.checkpoint_blocks(model.lm, checkpointing)
     if frozen_in is not None:
         distributed.store_frozen_in(model, frozen_in)
-    distributed.shard(model, init_device_mesh("cpu", (2,)), param_dtype=param_dtype,
-                      forward_methods=("head_losses", "block_outputs"))
+    distributed.shard(
+        model, init_device_mesh("cpu", (2,)), param_dtype=param_dtype, forward_methods=("head_losses", "block_outputs")
+    )
     model.to_empty(device="cpu")
     model.reset_buffers()
     state = None
@@ -248,8 +251,9 @@ def _check_frozen_storage(rank, folder):
     bf16: the same loss and adapter gradients, bit for bit, from frozen shards of half the bytes."""
     results = []
     for frozen_in in (None, torch.bfloat16):
-        model = sharded_student(rank, checkpointing="mixers", with_lora=True, param_dtype=torch.bfloat16,
-                                frozen_in=frozen_in)
+        model = sharded_student(
+            rank, checkpointing="mixers", with_lora=True, param_dtype=torch.bfloat16, frozen_in=frozen_in
+        )
         torch.manual_seed(0)  # the same adapters in both (B nonzero, so that A's gradient is not zero either)
         for name, p in sorted(model.named_parameters()):
             if ".lora_" in name:
@@ -259,8 +263,9 @@ def _check_frozen_storage(rank, folder):
         loss.backward()
         frozen = [p for p in model.parameters() if not p.requires_grad]
         grads = {n: p.grad.to_local().clone() for n, p in model.named_parameters() if p.requires_grad}
-        results.append((loss.detach(), grads, {p.to_local().dtype for p in frozen},
-                        sum(p.to_local().nbytes for p in frozen)))
+        results.append(
+            (loss.detach(), grads, {p.to_local().dtype for p in frozen}, sum(p.to_local().nbytes for p in frozen))
+        )
     (loss32, grads32, dtypes32, bytes32), (loss16, grads16, dtypes16, bytes16) = results
     assert dtypes32 == {torch.float32} and dtypes16 == {torch.bfloat16} and bytes16 * 2 == bytes32
     assert torch.equal(loss32, loss16)

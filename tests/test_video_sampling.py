@@ -100,8 +100,9 @@ def test_a_video_shares_one_pixel_budget_across_its_frames(frames, expected_side
 
     from ivl.data.processing import Processor
 
-    processor = Processor(Processor.from_pretrained().tokenizer, video_min_pixels=28 * 28 * 4,
-                          video_total_pixels=28 * 28 * 64)
+    processor = Processor(
+        Processor.from_pretrained().tokenizer, video_min_pixels=28 * 28 * 4, video_total_pixels=28 * 28 * 64
+    )
     budget = processor.frame_size(frames)["longest_edge"]
     assert budget == min(768 * 28 * 28, max(28 * 28 * 64 / frames * 2, int(28 * 28 * 4 * 1.05)))
     h, w = smart_resize(224, 224, factor=28, min_pixels=28 * 28 * 4, max_pixels=budget)

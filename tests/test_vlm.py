@@ -3,13 +3,20 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from references import assert_as_accurate, doubled, float64
+from teacher import image_video_prompt, tiny_teacher
 
 from ivl.model import InfiniteVL, convert_qwen2_5_vl
-from references import assert_as_accurate, doubled, float64
-from teacher import IMAGE, VIDEO, image_video_prompt, tiny_teacher
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
-                "video_grid_thw", "second_per_grid_ts")
+MODEL_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_values_videos",
+    "video_grid_thw",
+    "second_per_grid_ts",
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +59,14 @@ def test_quarter_conversion_keeps_teacher_tensors_and_reports_the_rest_new(teach
     for name, p in t.items():
         if ".visual." in name:
             assert torch.equal(s[name.removeprefix("model.")], p), name
-    torch.testing.assert_close(s["lm.embed_tokens.weight"], t["model.language_model.embed_tokens.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(
+        s["lm.embed_tokens.weight"], t["model.language_model.embed_tokens.weight"], rtol=0, atol=0
+    )
     for i in range(4):
         for part in ("gate_proj", "up_proj", "down_proj"):
-            assert torch.equal(s[f"lm.layers.{i}.mlp.{part}.weight"],
-                               t[f"model.language_model.layers.{i}.mlp.{part}.weight"])
+            assert torch.equal(
+                s[f"lm.layers.{i}.mlp.{part}.weight"], t[f"model.language_model.layers.{i}.mlp.{part}.weight"]
+            )
     assert torch.equal(s["lm.layers.0.mixer.q_proj.weight"], t["model.language_model.layers.0.self_attn.q_proj.weight"])
     new = set(report.new)
     assert new == {n for n in s if n.startswith(("lm.layers.1.mixer.", "lm.layers.2.mixer.", "lm.layers.3.mixer."))}
@@ -70,7 +80,7 @@ def test_quarter_conversion_keeps_teacher_tensors_and_reports_the_rest_new(teach
 
 
 def test_attention_init_copies_q_and_grouped_k(teacher):
-    student, report = convert_qwen2_5_vl(teacher, hybrid_ratio=0.25, gdn_init="attention")
+    student, report = convert_qwen2_5_vl(teacher, hybrid_ratio=0.25, linear_init="attention")
     attn = teacher.model.language_model.layers[2].self_attn
     gdn = student.lm.layers[2].mixer
     assert torch.equal(gdn.q_proj.weight, attn.q_proj.weight)
@@ -79,6 +89,9 @@ def test_attention_init_copies_q_and_grouped_k(teacher):
     for h in range(4):
         assert torch.equal(gdn.k_proj.weight.view(4, 16, 64)[h], k[h // 2])
     assert "lm.layers.2.mixer.k_proj.weight" in report.inherited
+    with pytest.warns(FutureWarning, match="'gdn_init' is renamed 'linear_init'"):  # the old name still works
+        old, _ = convert_qwen2_5_vl(teacher, hybrid_ratio=0.25, gdn_init="attention")
+    assert torch.equal(old.lm.layers[2].mixer.k_proj.weight, gdn.k_proj.weight)
 
 
 def test_conversion_from_a_checkpoint_folder(teacher, tmp_path):
@@ -152,8 +165,9 @@ def test_cached_generate_equals_greedy_full_forwards(teacher, prefill_chunk):
     student = randomise_gdn(convert_qwen2_5_vl(teacher, window=12)[0])  # the window is crossed while decoding
     inputs = student_inputs(image_video_prompt())
     expected_tokens, expected_logits = greedy_by_full_forwards(student, inputs, steps=20)
-    tokens, logits = student.generate(**inputs, max_new_tokens=20, stop_token_ids=[], prefill_chunk=prefill_chunk,
-                                      return_scores=True)
+    tokens, logits = student.generate(
+        **inputs, max_new_tokens=20, stop_token_ids=[], prefill_chunk=prefill_chunk, return_scores=True
+    )
     assert torch.equal(tokens, expected_tokens)
     exact_tokens, exact = greedy_by_full_forwards(float64(student), doubled(inputs), steps=20)
     assert torch.equal(exact_tokens, tokens)
@@ -178,8 +192,7 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(teacher):
     tokens, logits = student.generate(**batch, max_new_tokens=10, stop_token_ids=[], return_scores=True)
     exact_student = float64(student)
     for row, alone in enumerate((a, b)):
-        alone_tokens, alone_logits = student.generate(**alone, max_new_tokens=10, stop_token_ids=[],
-                                                      return_scores=True)
+        alone_tokens, alone_logits = student.generate(**alone, max_new_tokens=10, stop_token_ids=[], return_scores=True)
         assert torch.equal(tokens[row], alone_tokens[0])
         _, exact = exact_student.generate(**doubled(alone), max_new_tokens=10, stop_token_ids=[], return_scores=True)
         assert_as_accurate(logits[row], alone_logits[0], exact[0])
@@ -209,7 +222,7 @@ def test_stop_tokens_end_rows_and_pad_them(teacher):
     stopped = student.generate(**inputs, max_new_tokens=8, stop_token_ids=[stop])
     first = int((free[0] == stop).nonzero()[0])
     assert torch.equal(stopped[0, : first + 1], free[0, : first + 1])
-    assert (stopped[0, first + 1:] == student.config.pad_token_id).all()
+    assert (stopped[0, first + 1 :] == student.config.pad_token_id).all()
 
 
 def test_sampling_respects_top_p_and_seed(teacher):
@@ -219,8 +232,17 @@ def test_sampling_respects_top_p_and_seed(teacher):
     # a nucleus smaller than the top token's mass leaves only the top token: sampling becomes greedy
     nucleus = student.generate(**inputs, max_new_tokens=6, stop_token_ids=[], do_sample=True, top_p=1e-6)
     assert torch.equal(nucleus, greedy)
-    draws = [student.generate(**inputs, max_new_tokens=6, stop_token_ids=[], do_sample=True, temperature=5.0,
-                              generator=torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
+    draws = [
+        student.generate(
+            **inputs,
+            max_new_tokens=6,
+            stop_token_ids=[],
+            do_sample=True,
+            temperature=5.0,
+            generator=torch.Generator().manual_seed(s),
+        )
+        for s in (1, 1, 2)
+    ]
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
 
 
@@ -244,16 +266,29 @@ def test_convert_command_writes_a_loadable_checkpoint(teacher, tmp_path):
     from ivl.convert import main
 
     teacher.save_pretrained(tmp_path / "teacher")
-    main(["--teacher", str(tmp_path / "teacher"), "--out", str(tmp_path / "student"), "--hybrid-ratio", "0.5",
-          "--window", "64"])
+    main(
+        [
+            "--teacher",
+            str(tmp_path / "teacher"),
+            "--out",
+            str(tmp_path / "student"),
+            "--hybrid-ratio",
+            "0.5",
+            "--window",
+            "64",
+        ]
+    )
     student = InfiniteVL.from_pretrained(tmp_path / "student")
     assert student.config.text.layer_types == ["attention", "gated_deltanet"] * 2
     assert student.config.text.window == 64
     t = dict(teacher.named_parameters())
-    assert torch.equal(student.lm.layers[2].mixer.k_proj.weight, t["model.language_model.layers.2.self_attn.k_proj.weight"])
+    assert torch.equal(
+        student.lm.layers[2].mixer.k_proj.weight, t["model.language_model.layers.2.self_attn.k_proj.weight"]
+    )
     report = __import__("json").loads((tmp_path / "student" / "conversion_report.json").read_text())
-    assert report["new_parameters"] == sum(p.numel() for n, p in student.named_parameters()
-                                           if n.startswith(("lm.layers.1.mixer.", "lm.layers.3.mixer.")))
+    assert report["new_parameters"] == sum(
+        p.numel() for n, p in student.named_parameters() if n.startswith(("lm.layers.1.mixer.", "lm.layers.3.mixer."))
+    )
 
 
 def test_a_left_padded_batch_decodes_each_row_as_full_forwards_of_it_alone(teacher):

@@ -1,10 +1,13 @@
 import pytest
 import torch
-
-from ivl.kernels.window_attention import sliding_window_attention
-from ivl.kernels.window_attention import (attention_at_positions, padded_window_attention,
-                                          sliding_window_attention_after_prefix)
 from references import dense_window_attention
+
+from ivl.kernels.window_attention import (
+    attention_at_positions,
+    padded_window_attention,
+    sliding_window_attention,
+    sliding_window_attention_after_prefix,
+)
 
 
 def qkv(B=2, T=23, Hq=4, Hkv=2, D=8):
@@ -71,7 +74,7 @@ def test_a_padded_batch_as_packed_sequences_equals_each_row_alone(window):
     mask = torch.zeros(B, T, dtype=torch.long)
     for b, (n, is_left) in enumerate(zip(lengths, left)):
         if is_left:
-            mask[b, T - n:] = 1
+            mask[b, T - n :] = 1
         else:
             mask[b, :n] = 1
     assert mask.sum(1).tolist() == lengths
@@ -82,13 +85,13 @@ def test_a_padded_batch_as_packed_sequences_equals_each_row_alone(window):
 
     for b in range(B):
         real = mask[b].bool()
-        alone = [t.detach()[b:b + 1, real].double().requires_grad_() for t in (q, k, v)]
+        alone = [t.detach()[b : b + 1, real].double().requires_grad_() for t in (q, k, v)]
         ref = dense_window_attention(*alone, window)
-        (ref * w[b:b + 1, real].double()).sum().backward()
-        torch.testing.assert_close(out[b:b + 1, real].double(), ref, rtol=1e-5, atol=1e-5)
+        (ref * w[b : b + 1, real].double()).sum().backward()
+        torch.testing.assert_close(out[b : b + 1, real].double(), ref, rtol=1e-5, atol=1e-5)
         assert not out[b, ~real].any()
         for g, a in zip(grads, alone):
-            torch.testing.assert_close(g[b:b + 1, real].double(), a.grad, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(g[b : b + 1, real].double(), a.grad, rtol=1e-5, atol=1e-5)
             assert not g[b, ~real].any()
     assert all(torch.isfinite(g).all() for g in grads)
 
@@ -121,5 +124,7 @@ def test_flex_paths_pad_to_whole_blocks_exactly(monkeypatch, cu):
     P = 150  # a chunk of T queries after P cached keys
     kp, vp = torch.randn(1, P + T, 2, 32), torch.randn(1, P + T, 2, 32)
     positions = torch.arange(P + T)
-    torch.testing.assert_close(wa._flex_attention_after_prefix(q, kp, vp, P, 64, 32**-0.5),
-                               attention_at_positions(q, kp, vp, positions[P:], positions, 64))
+    torch.testing.assert_close(
+        wa._flex_attention_after_prefix(q, kp, vp, P, 64, 32**-0.5),
+        attention_at_positions(q, kp, vp, positions[P:], positions, 64),
+    )

@@ -1,9 +1,10 @@
-"""`python -m ivl.bench {layers,gemv,convert,data,inference,stream,profile,train,host,serve}`: the benchmarks behind docs/benchmarks.md."""
+"""`python -m ivl.bench {layers,gemv,convert,data,inference,stream,profile,train,host,serve}`: the benchmarks
+behind docs/benchmarks.md."""
 
 import argparse
 
-from ivl.cuda_allocator import expandable_segments
 from ivl.bench import convert, data, gemv, host, inference, layers, profile, serve, stream, train
+from ivl.cuda_allocator import expandable_segments
 
 
 def main() -> None:
@@ -21,9 +22,18 @@ def main() -> None:
     serve.add_arguments(sub.add_parser("serve", help=serve.__doc__.splitlines()[0]))
     args = parser.parse_args()
     expandable_segments()
-    commands = {"layers": layers.run, "gemv": gemv.run, "convert": convert.run, "data": data.run,
-                "inference": inference.run, "stream": stream.run, "profile": profile.run,
-                "train": train.run, "host": host.run, "serve": serve.run}
+    commands = {
+        "layers": layers.run,
+        "gemv": gemv.run,
+        "convert": convert.run,
+        "data": data.run,
+        "inference": inference.run,
+        "stream": stream.run,
+        "profile": profile.run,
+        "train": train.run,
+        "host": host.run,
+        "serve": serve.run,
+    }
     commands[args.command](args)
 
 

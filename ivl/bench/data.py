@@ -36,16 +36,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     if args.scale:
         return run_scale(args)
-    modules = {"ImageDataModule": (ImageDataModule, "images"), "DocumentDataModule": (DocumentDataModule, "documents"),
-               "VideoDataModule": (VideoDataModule, "videos")}
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores | torch {torch.__version__} | "
-          f"{datetime.date.today()} | packed to {args.pack_tokens} tokens\n")
+    modules = {
+        "ImageDataModule": (ImageDataModule, "images"),
+        "DocumentDataModule": (DocumentDataModule, "documents"),
+        "VideoDataModule": (VideoDataModule, "videos"),
+    }
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores | torch {torch.__version__} | "
+        f"{datetime.date.today()} | packed to {args.pack_tokens} tokens\n"
+    )
     print("| DataModule | workers | samples | setup (length pass) s | epoch s | samples/s | tokens/s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, (cls, subset) in modules.items():
         for workers in args.workers:
-            dm = cls(train=[{"path": str(args.corpus / subset / "train.jsonl")}], pack_tokens=args.pack_tokens,
-                     num_workers=workers)
+            dm = cls(
+                train=[{"path": str(args.corpus / subset / "train.jsonl")}],
+                pack_tokens=args.pack_tokens,
+                num_workers=workers,
+            )
             start = time.perf_counter()
             dm.setup("fit")
             setup_s = time.perf_counter() - start
@@ -55,11 +63,15 @@ def run(args: argparse.Namespace) -> None:
                 samples += len(batch["sources"])
                 tokens += batch["input_ids"].numel()
             epoch_s = time.perf_counter() - start
-            print(f"| {name} | {workers} | {samples} | {setup_s:.1f} | {epoch_s:.1f} | {samples / epoch_s:.0f} | "
-                  f"{tokens / epoch_s:,.0f} |", flush=True)
+            print(
+                f"| {name} | {workers} | {samples} | {setup_s:.1f} | {epoch_s:.1f} | {samples / epoch_s:.0f} | "
+                f"{tokens / epoch_s:,.0f} |",
+                flush=True,
+            )
 
 
 # ---- scale mode ------------------------------------------------------------------------------------------------
+
 
 def scale_corpus(out: Path, n: int) -> Path:
     """N LLaVA-style records over easy-vqa's train images (absolute paths), written once."""
@@ -76,8 +88,18 @@ def scale_corpus(out: Path, n: int) -> Path:
     with path.open("w") as f:
         for i in range(n):
             question, answer, image_id = questions[i % len(questions)]
-            f.write(json.dumps({"image": str(root / "images" / f"{image_id}.png"), "conversations": [
-                {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "image": str(root / "images" / f"{image_id}.png"),
+                        "conversations": [
+                            {"from": "human", "value": f"<image>\n{question}"},
+                            {"from": "gpt", "value": answer},
+                        ],
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
@@ -100,7 +122,7 @@ def scale_video(out: Path, minutes: float, fps: int = 30, size: int = 64) -> Pat
         for i in range(int(minutes * 60 * fps)):
             frame = background.copy()
             x = (i // 4) % (size - 8)
-            frame[20:28, x:x + 8] = 255
+            frame[20:28, x : x + 8] = 255
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
     return path
@@ -127,7 +149,9 @@ def peak_mib():  # VmHWM: this process's own peak (ru_maxrss would include the f
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 """
 
-_SETUP = _PEAK + """
+_SETUP = (
+    _PEAK
+    + """
 import json, time
 from ivl.data import ImageDataModule
 start = time.perf_counter()
@@ -136,8 +160,11 @@ dm.setup("fit")
 batches = len(dm.train_dataloader())
 print(json.dumps({{"seconds": time.perf_counter() - start, "batches": batches, "rss_gib": peak_mib() / 1024}}))
 """
+)
 
-_VIDEO = _PEAK + """
+_VIDEO = (
+    _PEAK
+    + """
 import json, time
 from ivl.data.corpus import Media
 from ivl.data.media import load_video
@@ -147,6 +174,7 @@ frames, rate = load_video(Media("video", path="{path}"), "bench", fps=2.0, max_f
 print(json.dumps({{"seconds": time.perf_counter() - start, "frames": len(frames), "rss_mib": peak_mib(),
                   "rss_before_mib": before}}))
 """
+)
 
 
 def run_scale(args: argparse.Namespace) -> None:
@@ -154,8 +182,10 @@ def run_scale(args: argparse.Namespace) -> None:
 
     from ivl.data import ImageDataModule
 
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores | torch {torch.__version__} | "
-          f"{datetime.date.today()} | {args.scale:,} records, packed to {args.pack_tokens} tokens\n")
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores | torch {torch.__version__} | "
+        f"{datetime.date.today()} | {args.scale:,} records, packed to {args.pack_tokens} tokens\n"
+    )
     start = time.perf_counter()
     corpus = scale_corpus(args.out, args.scale)
     print(f"generated corpus: {corpus} ({time.perf_counter() - start:.0f} s)", flush=True)
@@ -182,6 +212,8 @@ def run_scale(args: argparse.Namespace) -> None:
     video = scale_video(args.out, args.video_minutes)
     print(f"\ngenerated video: {video} ({time.perf_counter() - start:.0f} s)")
     r = _child(_VIDEO.format(path=video))
-    print(f"sampled {r['frames']} frames of the {args.video_minutes:g}-minute video in {r['seconds']:.2f} s, peak "
-          f"RSS {r['rss_mib']:.0f} MiB ({r['rss_mib'] - r['rss_before_mib']:.0f} MiB above the interpreter with "
-          f"its imports)")
+    print(
+        f"sampled {r['frames']} frames of the {args.video_minutes:g}-minute video in {r['seconds']:.2f} s, peak "
+        f"RSS {r['rss_mib']:.0f} MiB ({r['rss_mib'] - r['rss_before_mib']:.0f} MiB above the interpreter with "
+        f"its imports)"
+    )

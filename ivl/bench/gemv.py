@@ -15,32 +15,35 @@ import datetime
 import itertools
 import math
 import statistics
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
 
 from ivl.bench.inference import hbm_bandwidth
 from ivl.model import HybridConfig
+from ivl.model.mixers import LINEAR_MIXERS, mixer_class
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="infinitevl-4b")
+    parser.add_argument(
+        "--linear-mixer", choices=LINEAR_MIXERS, help="the mixer of the preset's linear layers (default: the preset's)"
+    )
     parser.add_argument("--sweep", action="store_true", help="also search tile shapes per weight shape")
     parser.add_argument("--replays", type=int, default=20)
 
 
 def decode_shapes(config: HybridConfig) -> list[tuple[str, int, int, int]]:
-    """(name, rows, cols, products per decode step) of every weight matrix a decode step reads."""
-    H, K, V = config.gdn_num_heads, config.gdn_head_k_dim, config.gdn_head_v_dim
-    Hq, Hkv, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    n_attn = config.layer_types.count("attention")
-    n_gdn = config.layer_types.count("gated_deltanet")
+    """(name, rows, cols, products per decode step) of every weight matrix a decode step reads: each mixer's
+    ``decode_matrices`` (one mixer of each kind, built without memory), the MLPs' and the LM head."""
+    shapes = []
+    with torch.device("meta"):
+        for kind, count in Counter(config.layer_types).items():
+            mixer = mixer_class(kind)(config, config.layer_types.index(kind))
+            shapes += [(m.name, m.rows, m.cols, count) for m in mixer.decode_matrices()]
     d, i = config.hidden_size, config.intermediate_size
-    return [
-        ("GDN q/k/v/g/a/b", 2 * H * K + 2 * H * V + 2 * H, d, n_gdn),
-        ("GDN output", d, H * V, n_gdn),
-        ("attention q/k/v", Hq * D + 2 * Hkv * D, d, n_attn),
-        ("attention output", d, Hq * D, n_attn),
+    return shapes + [
         ("MLP gate/up", 2 * i, d, config.num_layers),
         ("MLP down", d, i, config.num_layers),
         ("LM head", config.vocab_size, d, 1),
@@ -74,11 +77,15 @@ def run(args: argparse.Namespace) -> None:
 
     if not torch.cuda.is_available() or not gemv.ENABLED:
         raise SystemExit("ivl.bench gemv times GPU kernels; it needs CUDA and Triton")
-    config = HybridConfig.preset(args.preset)
-    print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | bfloat16 | {datetime.date.today()} | "
-          f"preset {args.preset}, batch 1\n")
+    config = HybridConfig.preset(args.preset, **({"linear_mixer": args.linear_mixer} if args.linear_mixer else {}))
+    print(
+        f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | bfloat16 | {datetime.date.today()} | "
+        f"preset {args.preset} ({config.linear_mixer}), batch 1\n"
+    )
     print(f"device copy: {hbm_bandwidth('cuda') / 1e12:.2f} TB/s (bytes read + written; the decode roofline's)\n")
-    print("| weight | shape | MB | per step | cuBLAS us (TB/s) | Triton us (TB/s), tiles | best swept us (TB/s), tiles |")
+    print(
+        "| weight | shape | MB | per step | cuBLAS us (TB/s) | Triton us (TB/s), tiles | best swept us (TB/s), tiles |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     totals = [0.0, 0.0]
     for name, N, K, count in decode_shapes(config):
@@ -92,7 +99,7 @@ def run(args: argparse.Namespace) -> None:
         if error > 1e-2:
             raise SystemExit(f"{name}: Triton product differs from the float32 product by {error:.2e}")
 
-        def per_product_us(product) -> float:
+        def per_product_us(product, weights=weights, copies=copies) -> float:
             return 1000 * graph_time_ms(lambda: [product(w) for w in weights], args.replays) / copies
 
         cublas = per_product_us(lambda w: F.linear(x, w))
@@ -108,13 +115,13 @@ def run(args: argparse.Namespace) -> None:
                 if not 2048 <= block_n * block_k <= 16384 or block_k > K:
                     continue
                 timed[(block_n, block_k, warps, stages)] = per_product_us(
-                    lambda w: gemv.launch(x, w, None, out, block_n, block_k, warps, stages))
+                    lambda w: gemv.launch(x, w, None, out, block_n, block_k, warps, stages)
+                )
             tiles_best, us = min(timed.items(), key=lambda item: item[1])
             best = f"{us:.1f} ({nbytes / us / 1e6:.2f}), {tiles_best}"
         totals[0] += count * cublas
         totals[1] += count * ours
-        print(f"| {name} | {N} x {K} | {nbytes / 1e6:.1f} | {count} | {cells[0]} | {cells[1]} | {best} |",
-              flush=True)
+        print(f"| {name} | {N} x {K} | {nbytes / 1e6:.1f} | {count} | {cells[0]} | {cells[1]} | {best} |", flush=True)
         del weights
         torch.cuda.empty_cache()
     print(f"\nall products of one decode step: cuBLAS {totals[0] / 1000:.2f} ms, Triton {totals[1] / 1000:.2f} ms")

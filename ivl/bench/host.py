@@ -3,7 +3,7 @@
 Runs forward and backward of the first ``--layers`` blocks of the 4B language model (random weights, bf16, one
 packed batch of two sequences) ``--iters`` times without synchronising, then synchronises: the first time is what
 the host needs to launch the work, the second what the GPU needs to run it. A host time near or above the GPU time
-means the GPU waits for launches (docs/benchmarks.md, "Why the two-GPU hybrid step was slow").
+means the GPU waits for launches.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import time
 
 import torch
 
-import ivl.model.gated_deltanet as gated_deltanet
-from ivl.bench.train import student_config, teacher_config
+import ivl.model.mixers.gated_deltanet as gated_deltanet
+from ivl.bench.random_models import teacher_config
+from ivl.model.convert import student_config
 from ivl.model.lm import HybridLM
 
 
@@ -23,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=4, help="the first N blocks (1 attention + 3 Gated DeltaNet)")
     parser.add_argument("--length", type=int, default=8192, help="tokens per step")
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--one-by-one", action="store_true",
-                        help="run Gated DeltaNet's input projections and convolutions one by one")
+    parser.add_argument(
+        "--one-by-one", action="store_true", help="run Gated DeltaNet's input projections and convolutions one by one"
+    )
     parser.add_argument("--shapes", default="4b", choices=["4b", "tiny"])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
 
@@ -56,6 +58,8 @@ def run(args: argparse.Namespace) -> None:
     host = (time.perf_counter() - start) / args.iters
     sync()
     wall = (time.perf_counter() - start) / args.iters
-    print(f"{args.layers} layers ({', '.join(config.layer_types)}), forward + backward at {T} tokens"
-          f"{', projections one by one' if args.one_by_one else ''}: launched in {host * 1e3:.1f} ms, "
-          f"finished in {wall * 1e3:.1f} ms per step")
+    print(
+        f"{args.layers} layers ({', '.join(config.layer_types)}), forward + backward at {T} tokens"
+        f"{', projections one by one' if args.one_by_one else ''}: launched in {host * 1e3:.1f} ms, "
+        f"finished in {wall * 1e3:.1f} ms per step"
+    )

@@ -19,26 +19,41 @@ from pathlib import Path
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+from ivl.bench.hf_cache import cache_of, with_cache
 from ivl.model import HybridConfig, InfiniteVL, InfiniteVLConfig
-from ivl.model.generation import SlotDecoder
+from ivl.model.decoding.generation import SlotDecoder
 from ivl.model.mixers import LINEAR_MIXERS
-from ivl.model.teachers import QWEN2_5_VL_3B, TINY_TEACHER
 from ivl.model.vision import vision_config_dict
+from ivl.teachers.qwen2_5_vl import QWEN2_5_VL_3B, TINY_TEACHER
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--contexts", type=int, nargs="+",
-                        default=[1024, 4096, 16384, 32768, 65536, 131072, 262144, 524288, 1048576])
+    parser.add_argument(
+        "--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768, 65536, 131072, 262144, 524288, 1048576]
+    )
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--max-batch-tokens", type=int, default=1 << 20,
-                        help="skip batch x context beyond this many prompt tokens (batch 8 stops at 128K)")
-    parser.add_argument("--baseline-max-context", type=int, default=131072,
-                        help="longest context tried on the baseline (its prefill is quadratic)")
+    parser.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=1 << 20,
+        help="skip batch x context beyond this many prompt tokens (batch 8 stops at 128K)",
+    )
+    parser.add_argument(
+        "--baseline-max-context",
+        type=int,
+        default=131072,
+        help="longest context tried on the baseline (its prefill is quadratic)",
+    )
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--prefill-chunk", type=int, default=8192)
     parser.add_argument("--decoder", default="cuda_graph", choices=["dynamic", "static", "cuda_graph"])
-    parser.add_argument("--linear-mixers", nargs="+", default=["gated_deltanet"], choices=list(LINEAR_MIXERS),
-                        help="InfiniteVL's non-attention layers; several values time one model after another")
+    parser.add_argument(
+        "--linear-mixers",
+        nargs="+",
+        default=["gated_deltanet"],
+        choices=list(LINEAR_MIXERS),
+        help="InfiniteVL's non-attention layers; several values time one model after another",
+    )
     parser.add_argument("--shapes", default="4b", choices=["4b", "tiny"], help="tiny: a CPU smoke run")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--plot", type=Path, default=Path("docs/figures/inference.png"))
@@ -48,10 +63,12 @@ def _teacher_config(shapes: str) -> Qwen2_5_VLConfig:
     return Qwen2_5_VLConfig(**(QWEN2_5_VL_3B if shapes == "4b" else TINY_TEACHER))
 
 
-def build_infinitevl(shapes: str, device: str, dtype: torch.dtype,
-                     linear_mixer: str = "gated_deltanet") -> InfiniteVL:
-    text = HybridConfig.preset("infinitevl-4b", linear_mixer=linear_mixer) if shapes == "4b" else HybridConfig.tiny(
-        vocab_size=151936, hidden_size=64, window=256, linear_mixer=linear_mixer)
+def build_infinitevl(shapes: str, device: str, dtype: torch.dtype, linear_mixer: str = "gated_deltanet") -> InfiniteVL:
+    text = (
+        HybridConfig.preset("infinitevl-4b", linear_mixer=linear_mixer)
+        if shapes == "4b"
+        else HybridConfig.tiny(vocab_size=151936, hidden_size=64, window=256, linear_mixer=linear_mixer)
+    )
     vision = vision_config_dict(_teacher_config(shapes).vision_config)
     with torch.device(device):
         model = InfiniteVL(InfiniteVLConfig(text=text, vision=vision))
@@ -61,8 +78,9 @@ def build_infinitevl(shapes: str, device: str, dtype: torch.dtype,
 def build_baseline(shapes: str, device: str, dtype: torch.dtype):
     """transformers' Qwen2.5-VL with the teacher's shapes (3B by default), sdpa attention."""
     with torch.device(device):
-        return Qwen2_5_VLForConditionalGeneration._from_config(_teacher_config(shapes), dtype=dtype,
-                                                                attn_implementation="sdpa").eval()
+        return Qwen2_5_VLForConditionalGeneration._from_config(
+            _teacher_config(shapes), dtype=dtype, attn_implementation="sdpa"
+        ).eval()
 
 
 def _sync(device):
@@ -87,18 +105,19 @@ def time_infinitevl(model, B, T, args):
     # Compile and autotune for this batch's chunk shapes (a first chunk, then one over a cached window) untimed.
     warm = lm.new_cache()
     for a in range(0, min(T, 2 * args.prefill_chunk), args.prefill_chunk):
-        lm.hidden_states(ids[:, a:a + args.prefill_chunk], cache=warm)
+        lm.hidden_states(ids[:, a : a + args.prefill_chunk], cache=warm)
     del warm
     _reset(device)
     _sync(device)
     start = time.perf_counter()
     cache = lm.new_cache()
     for a in range(0, T, args.prefill_chunk):
-        hidden = lm.hidden_states(ids[:, a:a + args.prefill_chunk], cache=cache)
+        hidden = lm.hidden_states(ids[:, a : a + args.prefill_chunk], cache=cache)
     logits = lm.lm_head(hidden[:, -1])
     _sync(device)
     prefill = time.perf_counter() - start
     if args.decoder == "dynamic":
+
         def step(tok, pos, i):
             return lm(tok[:, None], position_ids=pos, cache=cache)[:, -1]
     else:
@@ -109,6 +128,7 @@ def time_infinitevl(model, B, T, args):
 
         def step(tok, pos, i):
             return slots(tok.tolist(), [i] * B, [i] * B)
+
     token = logits.argmax(-1)
     times = []
     for s in range(args.decode_tokens):
@@ -133,14 +153,14 @@ def time_baseline(model, B, T, args):
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     _sync(device)
     prefill = time.perf_counter() - start
-    past, token = out.past_key_values, out.logits[:, -1].argmax(-1)
+    past, token = cache_of(out), out.logits[:, -1].argmax(-1)
     first = token
     times = []
-    for s in range(args.decode_tokens):
+    for _ in range(args.decode_tokens):
         _sync(device)
         t0 = time.perf_counter()
-        out = model(input_ids=token[:, None], past_key_values=past, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1].argmax(-1)
+        out = model(input_ids=token[:, None], **with_cache(past), use_cache=True)
+        past, token = cache_of(out), out.logits[:, -1].argmax(-1)
         _sync(device)
         times.append(time.perf_counter() - t0)
     eager, eager_peak = _median(times), _peak(device)
@@ -226,8 +246,13 @@ class BaselineStaticDecoder:
     def _forward(self):
         self.mask.index_fill_(3, self.kv.index, True)
         masks = {kind: self.mask for kind in set(self.text.config.layer_types)}
-        hidden = self.text(input_ids=self.token[:, None], position_ids=self.position, attention_mask=masks,
-                           past_key_values=self.kv, use_cache=True).last_hidden_state
+        hidden = self.text(
+            input_ids=self.token[:, None],
+            position_ids=self.position,
+            attention_mask=masks,
+            **with_cache(self.kv),
+            use_cache=True,
+        ).last_hidden_state
         return self.model.lm_head(hidden[:, -1])
 
     @torch.no_grad()

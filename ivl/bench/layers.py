@@ -15,13 +15,10 @@ import statistics
 import torch
 
 from ivl.model import HybridConfig
-from ivl.model.attention import SlidingWindowAttention
 from ivl.model.layers import MultimodalRotaryEmbedding
-from ivl.model.mixers import mixer_class
-from ivl.model.short_convolution import short_convolution
-
-LINEAR = {"gdn": ("GDN", "gated_deltanet"), "mamba2": ("Mamba2", "mamba2"), "gla": ("GLA", "gla"),
-          "linear_attention": ("linear attention", "linear_attention")}
+from ivl.model.mixers import ALIASES, LINEAR_MIXERS, canonical_name, mixer_class
+from ivl.model.mixers.attention import SlidingWindowAttention
+from ivl.model.mixers.short_convolution import short_convolution
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,10 +26,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--preset", default="infinitevl-4b")
-    parser.add_argument("--mixers", nargs="+", default=["gdn", "swa", "full"],
-                        choices=[*LINEAR, "swa", "full", "conv", "conv-fla"])
-    parser.add_argument("--conv-channels", type=int, nargs="+", default=None,
-                        help="channels of the conv rows (default: a Gated DeltaNet layer's q, k and v at once)")
+    parser.add_argument(
+        "--mixers",
+        nargs="+",
+        default=["gated_deltanet", "swa", "full"],
+        choices=[*LINEAR_MIXERS, *ALIASES, "swa", "full", "conv", "conv-fla"],
+    )
+    parser.add_argument(
+        "--conv-channels",
+        type=int,
+        nargs="+",
+        default=None,
+        help="channels of the conv rows (default: a Gated DeltaNet layer's q, k and v at once)",
+    )
 
 
 class QKVConvolution(torch.nn.Module):
@@ -40,8 +46,9 @@ class QKVConvolution(torch.nn.Module):
 
     def __init__(self, config: HybridConfig, fla_backward: bool, channels: int | None = None):
         super().__init__()
-        self.in_features = channels or (2 * config.gdn_head_k_dim + config.gdn_head_v_dim) * config.gdn_num_heads
-        self.weight = torch.nn.Parameter(torch.randn(self.in_features, config.gdn_conv_size) / 2)
+        heads, k, v = config.linear_num_heads, config.linear_head_k_dim, config.linear_head_v_dim
+        self.in_features = channels or (2 * k + v) * heads
+        self.weight = torch.nn.Parameter(torch.randn(self.in_features, config.linear_conv_size) / 2)
         self.fla_backward = fla_backward
 
     def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
@@ -73,22 +80,25 @@ def run(args: argparse.Namespace) -> None:
     dtype = getattr(torch, args.dtype)
     config = HybridConfig.preset(args.preset)
     builders = {
-        **{key: (label, lambda kind=kind: mixer_class(kind)(config, 1)) for key, (label, kind) in LINEAR.items()},
+        **{kind: (mixer_class(kind).label, lambda kind=kind: mixer_class(kind)(config, 1)) for kind in LINEAR_MIXERS},
         "swa": (f"SWA (window {config.window})", lambda: SlidingWindowAttention(config, 0)),
         "full": ("full attention", lambda: SlidingWindowAttention(HybridConfig.preset(args.preset, window=None), 0)),
     }
     mixers = {}
     for m in args.mixers:
         if m not in ("conv", "conv-fla"):
-            mixers[builders[m][0]] = builders[m][1]()
+            label, build = builders[canonical_name(m) if m in ALIASES else m]
+            mixers[label] = build()
             continue
         for channels in args.conv_channels or [None]:
             width = f"{channels:,} channels" if channels else "q, k, v"
             whose = "fla's" if m == "conv-fla" else "ivl's"
             mixers[f"short convolution ({width}), {whose} backward"] = QKVConvolution(config, m == "conv-fla", channels)
     rotary = MultimodalRotaryEmbedding(config.head_dim, config.rope_theta, config.mrope_section).cuda()
-    print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | {args.dtype} | "
-          f"{datetime.date.today()} | hidden {config.hidden_size}, batch 1\n")
+    print(
+        f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | {args.dtype} | "
+        f"{datetime.date.today()} | hidden {config.hidden_size}, batch 1\n"
+    )
     print("| layer | " + " | ".join(f"{t // 1024}K fwd / fwd+bwd (ms)" for t in args.lengths) + " |")
     print("| --- |" + " --- |" * len(args.lengths))
     for name, layer in mixers.items():

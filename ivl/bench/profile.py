@@ -14,7 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ivl.bench.inference import build_infinitevl
-from ivl.model.static_cache import StaticCache, decode_step
+from ivl.model.decoding.static_cache import StaticCache, decode_step
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,11 +47,11 @@ def run(args: argparse.Namespace) -> None:
     ids = torch.randint(0, 150000, (B, 3 * T), device="cuda")
     cache = lm.new_cache()
     lm.hidden_states(ids[:, :T], cache=cache)  # fills the window; also compiles and autotunes
-    lm.hidden_states(ids[:, T:2 * T], cache=cache)
+    lm.hidden_states(ids[:, T : 2 * T], cache=cache)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
-        lm.hidden_states(ids[:, 2 * T:], cache=cache)
+        lm.hidden_states(ids[:, 2 * T :], cache=cache)
         torch.cuda.synchronize()
         wall = (time.perf_counter() - start) * 1e3
     _report(f"prefill chunk of {T} tokens", prof, wall, args)

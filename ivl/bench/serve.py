@@ -33,11 +33,13 @@ from PIL import Image
 from ivl.serve.launch import running_server
 
 QUESTION = "Describe the picture in one sentence."
-WORDS = ("time year people way day man thing woman life child world school state family student group country "
-         "problem hand part place case week company system program question work government number night point "
-         "home water room mother area money story fact month lot right study book eye job word business issue "
-         "side kind head house service friend father power hour game line end member law car city community name "
-         "president team minute idea kid body information back parent face others level office door health").split()
+WORDS = (
+    "time year people way day man thing woman life child world school state family student group country "
+    "problem hand part place case week company system program question work government number night point "
+    "home water room mother area money story fact month lot right study book eye job word business issue "
+    "side kind head house service friend father power hour game line end member law car city community name "
+    "president team minute idea kid body information back parent face others level office door health"
+).split()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,25 +51,61 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=4, help="requests per client (closed loop)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=448)
-    parser.add_argument("--rates", type=float, nargs="*", default=[2.0, 8.0],
-                        help="mixed load: Poisson arrival rates (requests/s), a row each; none: no mixed load")
+    parser.add_argument(
+        "--rates",
+        type=float,
+        nargs="*",
+        default=[2.0, 8.0],
+        help="mixed load: Poisson arrival rates (requests/s), a row each; none: no mixed load",
+    )
     parser.add_argument("--mixed-requests", type=int, default=64, help="requests per mixed-load rate")
-    parser.add_argument("--mixed-prompt", type=int, nargs=2, default=[50, 8192], metavar=("MIN", "MAX"),
-                        help="mixed load: prompt words (about one token each), log-uniform")
-    parser.add_argument("--mixed-new", type=int, nargs=2, default=[1, 512], metavar=("MIN", "MAX"),
-                        help="mixed load: max_tokens, uniform")
+    parser.add_argument(
+        "--mixed-prompt",
+        type=int,
+        nargs=2,
+        default=[50, 8192],
+        metavar=("MIN", "MAX"),
+        help="mixed load: prompt words (about one token each), log-uniform",
+    )
+    parser.add_argument(
+        "--mixed-new",
+        type=int,
+        nargs=2,
+        default=[1, 512],
+        metavar=("MIN", "MAX"),
+        help="mixed load: max_tokens, uniform",
+    )
+    parser.add_argument("--step-budget", type=int, default=None, help="the servers' --step-budget (default: theirs)")
     parser.add_argument("--max-context", type=int, default=9216, help="the servers' --max-context (the baseline's KV)")
     parser.add_argument("--frames", type=int, default=200, help="frames pushed into the live session")
     parser.add_argument("--frame-size", type=int, default=448)
-    parser.add_argument("--frames-per-push", type=int, nargs="+", default=[2],
-                        help="frames per push call (one temporal patch is 2): a row per value")
-    parser.add_argument("--random", type=Path, default=None, metavar="DIR",
-                        help="serve random weights at the 4B shapes (tiny with --device cpu), written to DIR once: "
-                             "InfiniteVL converted from a Qwen2.5-VL-3B-shaped teacher, and that teacher as baseline")
-    parser.add_argument("--servers", nargs="+", default=["infinitevl", "baseline"], choices=["infinitevl", "baseline"],
-                        help="which servers to measure (the baseline needs --baseline or --random)")
-    parser.add_argument("--in-process", action="store_true",
-                        help="no server: time the engine per decoder and batch size (first token, ms per step)")
+    parser.add_argument(
+        "--frames-per-push",
+        type=int,
+        nargs="+",
+        default=[2],
+        help="frames per push call (one temporal patch is 2): a row per value",
+    )
+    parser.add_argument(
+        "--random",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="serve random weights at the 4B shapes (tiny with --device cpu), written to DIR once: "
+        "InfiniteVL converted from a Qwen2.5-VL-3B-shaped teacher, and that teacher as baseline",
+    )
+    parser.add_argument(
+        "--servers",
+        nargs="+",
+        default=["infinitevl", "baseline"],
+        choices=["infinitevl", "baseline"],
+        help="which servers to measure (the baseline needs --baseline or --random)",
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="no server: time the engine per decoder and batch size (first token, ms per step)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="append one JSON line per measurement")
 
 
@@ -78,10 +116,14 @@ def _png(size: int, seed: int) -> str:
 
 
 def _body(text: str, image: str | None, max_tokens: int) -> dict:
-    content = ([{"type": "image_url", "image_url": {"url": image}}] if image else []) + [{"type": "text",
-                                                                                         "text": text}]
-    return {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
+    content = ([{"type": "image_url", "image_url": {"url": image}}] if image else []) + [{"type": "text", "text": text}]
+    return {
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
 
 
 def _one_request(url: str, body: dict) -> dict:
@@ -98,8 +140,13 @@ def _one_request(url: str, body: dict) -> dict:
             if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 stamps.append(time.perf_counter() - start)
     end = time.perf_counter() - start
-    return {"ttft": stamps[0] if stamps else end, "latency": end, "gaps": np.diff(stamps).tolist(),
-            "tokens": usage.get("completion_tokens", 0), "prompt_tokens": usage.get("prompt_tokens", 0)}
+    return {
+        "ttft": stamps[0] if stamps else end,
+        "latency": end,
+        "gaps": np.diff(stamps).tolist(),
+        "tokens": usage.get("completion_tokens", 0),
+        "prompt_tokens": usage.get("prompt_tokens", 0),
+    }
 
 
 def _percentile(values, q: float) -> float:
@@ -109,13 +156,18 @@ def _percentile(values, q: float) -> float:
 def summarize(results: list[dict], wall: float) -> dict:
     ttft = [r["ttft"] for r in results]
     gaps = [g for r in results for g in r["gaps"]]
-    return {"requests": len(results), "requests_per_s": len(results) / wall,
-            "tokens_per_s": sum(r["tokens"] for r in results) / wall,
-            "tokens_per_request": statistics.mean(r["tokens"] for r in results),
-            "prompt_tokens_mean": statistics.mean(r["prompt_tokens"] for r in results),
-            "ttft_p50_s": _percentile(ttft, 50), "ttft_p99_s": _percentile(ttft, 99),
-            "itl_p50_ms": 1e3 * _percentile(gaps, 50), "itl_p99_ms": 1e3 * _percentile(gaps, 99),
-            "latency_p50_s": _percentile([r["latency"] for r in results], 50)}
+    return {
+        "requests": len(results),
+        "requests_per_s": len(results) / wall,
+        "tokens_per_s": sum(r["tokens"] for r in results) / wall,
+        "tokens_per_request": statistics.mean(r["tokens"] for r in results),
+        "prompt_tokens_mean": statistics.mean(r["prompt_tokens"] for r in results),
+        "ttft_p50_s": _percentile(ttft, 50),
+        "ttft_p99_s": _percentile(ttft, 99),
+        "itl_p50_ms": 1e3 * _percentile(gaps, 50),
+        "itl_p99_ms": 1e3 * _percentile(gaps, 99),
+        "latency_p50_s": _percentile([r["latency"] for r in results], 50),
+    }
 
 
 def closed_loop(url: str, clients: int, per_client: int, max_tokens: int, image_size: int) -> dict:
@@ -131,14 +183,21 @@ def closed_loop(url: str, clients: int, per_client: int, max_tokens: int, image_
     return {"clients": clients, **summarize(results, time.perf_counter() - start)}
 
 
-def mixed_load(url: str, rate: float, count: int, prompt: tuple[int, int], new: tuple[int, int],
-               image_size: int, seed: int = 0) -> dict:
+def mixed_load(
+    url: str, rate: float, count: int, prompt: tuple[int, int], new: tuple[int, int], image_size: int, seed: int = 0
+) -> dict:
     """``count`` requests arriving as a Poisson process of ``rate`` per second, each sent at its arrival time."""
     rng = np.random.default_rng(seed)
     arrivals = np.cumsum(rng.exponential(1 / rate, count))
     lengths = np.exp(rng.uniform(math.log(prompt[0]), math.log(prompt[1]), count)).astype(int)
-    bodies = [_body(" ".join(rng.choice(WORDS, n)) + "\nSummarise.", _png(image_size, i) if i % 2 else None,
-                    int(rng.integers(new[0], new[1] + 1))) for i, n in enumerate(lengths)]
+    bodies = [
+        _body(
+            " ".join(rng.choice(WORDS, n)) + "\nSummarise.",
+            _png(image_size, i) if i % 2 else None,
+            int(rng.integers(new[0], new[1] + 1)),
+        )
+        for i, n in enumerate(lengths)
+    ]
     results: list[dict | None] = [None] * count
     start = time.perf_counter()
 
@@ -172,10 +231,16 @@ def session(url: str, frames: int, frame_size: int, per_push: int = 2) -> dict:
         call({"op": "ask", "session": sid, "question": "What happened?", "max_tokens": 16, "temperature": 0})
         asks.append(time.perf_counter() - start)
     call({"op": "close", "session": sid})
-    return {"frames": per_push * len(times), "frames_per_push": per_push,
-            "per_frame_p50_ms": 1e3 * _percentile(times, 50), "per_frame_p99_ms": 1e3 * _percentile(times, 99),
-            "ask_first_s": asks[0], "ask_s": asks[1],
-            "cache_kib_first": sizes[0] / 2**10, "cache_kib_last": sizes[-1] / 2**10}
+    return {
+        "frames": per_push * len(times),
+        "frames_per_push": per_push,
+        "per_frame_p50_ms": 1e3 * _percentile(times, 50),
+        "per_frame_p99_ms": 1e3 * _percentile(times, 99),
+        "ask_first_s": asks[0],
+        "ask_s": asks[1],
+        "cache_kib_first": sizes[0] / 2**10,
+        "cache_kib_last": sizes[-1] / 2**10,
+    }
 
 
 def decode_bytes(folder: str, baseline: bool, batch: int, context: int) -> int:
@@ -185,7 +250,7 @@ def decode_bytes(folder: str, baseline: bool, batch: int, context: int) -> int:
     import torch
 
     from ivl.model import InfiniteVL
-    from ivl.model.static_cache import StaticCache
+    from ivl.model.decoding.static_cache import StaticCache
 
     with torch.device("meta"):
         if baseline:
@@ -223,7 +288,7 @@ def random_models(folder: Path, device: str) -> tuple[Path, Path]:
 
     from ivl.data.processing import Processor
     from ivl.model import convert_qwen2_5_vl
-    from ivl.model.teachers import QWEN2_5_VL_3B, TINY_TEACHER
+    from ivl.teachers.qwen2_5_vl import QWEN2_5_VL_3B, TINY_TEACHER
 
     student, teacher_dir = folder / "infinitevl", folder / "qwen2.5-vl"
     if (student / "config.json").exists() and (teacher_dir / "config.json").exists():
@@ -231,8 +296,9 @@ def random_models(folder: Path, device: str) -> tuple[Path, Path]:
     config = Qwen2_5_VLConfig(**(TINY_TEACHER if device == "cpu" else QWEN2_5_VL_3B))
     torch.manual_seed(0)
     with torch.device(device):
-        teacher = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16,
-                                                                  attn_implementation="sdpa").eval()
+        teacher = Qwen2_5_VLForConditionalGeneration._from_config(
+            config, dtype=torch.bfloat16, attn_implementation="sdpa"
+        ).eval()
     converted, _ = convert_qwen2_5_vl(teacher, dtype=torch.bfloat16, device=device)
     processor = Processor.from_pretrained()
     for model, out in ((teacher, teacher_dir), (converted, student)):
@@ -251,9 +317,10 @@ def in_process(args: argparse.Namespace) -> list[dict]:
 
     model, processor, _ = load_model(args.model, args.device, args.dtype if args.device != "cpu" else None)
     image = Image.open(io.BytesIO(base64.b64decode(_png(args.image_size, 0).split(",", 1)[1]))).convert("RGB")
-    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
-                                                                       {"type": "text", "text": QUESTION}]}],
-                                         add_generation_prompt=True)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
+        add_generation_prompt=True,
+    )
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
     def generate(chat, batch, tokens):
@@ -268,8 +335,7 @@ def in_process(args: argparse.Namespace) -> list[dict]:
 
     rows = []
     for decoder in (["cuda_graph"] if args.device == "cuda" else []) + ["static"]:
-        chat = ChatEngine(model, processor, capacity=max(args.clients), decoder=decoder,
-                          max_context=args.max_context)
+        chat = ChatEngine(model, processor, capacity=max(args.clients), decoder=decoder, max_context=args.max_context)
         for batch in args.clients:
             generate(chat, batch, 4)  # compilation, capture of this batch size
             first, step = generate(chat, batch, args.max_tokens)
@@ -309,54 +375,81 @@ def run(args: argparse.Namespace) -> None:
         return
     bandwidth = _bandwidth(args.device)
     rows, mixed, sessions = [], [], []
-    servers = ([("InfiniteVL", args.model, False)] if "infinitevl" in args.servers else []) + \
-        ([("Qwen2.5-VL (same engine)", args.baseline, True)] if args.baseline and "baseline" in args.servers else [])
-    common = ["--device", args.device, "--max-batch-size", str(max(args.clients)), "--max-tokens",
-              str(max(args.max_tokens, 16, args.mixed_new[1])), "--max-context", str(args.max_context)] + \
-        (["--dtype", args.dtype] if args.device != "cpu" else [])
+    servers = ([("InfiniteVL", args.model, False)] if "infinitevl" in args.servers else []) + (
+        [("Qwen2.5-VL (same engine)", args.baseline, True)] if args.baseline and "baseline" in args.servers else []
+    )
+    common = [
+        "--device",
+        args.device,
+        "--max-batch-size",
+        str(max(args.clients)),
+        "--max-tokens",
+        str(max(args.max_tokens, 16, args.mixed_new[1])),
+        "--max-context",
+        str(args.max_context),
+    ] + (["--dtype", args.dtype] if args.device != "cpu" else [])
+    common += ["--step-budget", str(args.step_budget)] if args.step_budget else []
     with tempfile.TemporaryDirectory() as tmp:
         for name, folder, baseline in servers:
             flag = ["--baseline", folder] if baseline else (["--model", folder] if folder else [])
             with running_server(*flag, *common, log_path=Path(tmp) / "server.log", timeout=900) as (url, _):
                 for clients in args.clients:
-                    row = {"server": name, **closed_loop(url, clients, args.requests, args.max_tokens,
-                                                         args.image_size)}
+                    row = {"server": name, **closed_loop(url, clients, args.requests, args.max_tokens, args.image_size)}
                     if folder:
                         row.update(_roofline(row, folder, baseline, bandwidth))
                     rows.append(row)
                     _write(args.out, [row], args.device)
                     print(json.dumps(row), flush=True)
-                for rate in args.rates:
-                    mixed.append({"server": name, **mixed_load(url, rate, args.mixed_requests, args.mixed_prompt,
-                                                               args.mixed_new, args.image_size)})
+                for rate in args.rates if args.mixed_requests > 0 else []:
+                    mixed.append(
+                        {
+                            "server": name,
+                            **mixed_load(
+                                url, rate, args.mixed_requests, args.mixed_prompt, args.mixed_new, args.image_size
+                            ),
+                        }
+                    )
                     _write(args.out, mixed[-1:], args.device)
                     print(json.dumps(mixed[-1]), flush=True)
                 for per_push in args.frames_per_push if not baseline and args.frames else []:
                     sessions.append({"server": name, **session(url, args.frames, args.frame_size, per_push)})
                     _write(args.out, sessions[-1:], args.device)
                     print(json.dumps(sessions[-1]), flush=True)
-    print(f"\n# {args.device} | {datetime.date.today()} | closed loop: {args.max_tokens} new tokens, one "
-          f"{args.image_size}x{args.image_size} image per request, {args.requests} requests per client; "
-          f"measured bandwidth {bandwidth / 1e12:.2f} TB/s\n")
-    print("| server | clients | tokens/s | requests/s | tokens/request | TTFT p50 / p99 s | ITL p50 / p99 ms | "
-          "decode roofline tokens/s (fraction) |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        f"\n# {args.device} | {datetime.date.today()} | closed loop: {args.max_tokens} new tokens, one "
+        f"{args.image_size}x{args.image_size} image per request, {args.requests} requests per client; "
+        f"measured bandwidth {bandwidth / 1e12:.2f} TB/s\n"
+    )
+    print(
+        "| server | clients | tokens/s | requests/s | tokens/request | TTFT p50 / p99 s | ITL p50 / p99 ms | "
+        "decode roofline tokens/s (fraction) |\n| --- | --- | --- | --- | --- | --- | --- | --- |"
+    )
     for r in rows:
-        bound = f"{r['roofline_tokens_per_s']:,.0f} ({r['roofline_fraction']:.0%})" if "roofline_fraction" in r \
-            else ""
-        print(f"| {r['server']} | {r['clients']} | {r['tokens_per_s']:,.0f} | {r['requests_per_s']:.2f} | "
-              f"{r['tokens_per_request']:.1f} | {r['ttft_p50_s']:.3f} / {r['ttft_p99_s']:.3f} | "
-              f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | {bound} |")
+        bound = f"{r['roofline_tokens_per_s']:,.0f} ({r['roofline_fraction']:.0%})" if "roofline_fraction" in r else ""
+        print(
+            f"| {r['server']} | {r['clients']} | {r['tokens_per_s']:,.0f} | {r['requests_per_s']:.2f} | "
+            f"{r['tokens_per_request']:.1f} | {r['ttft_p50_s']:.3f} / {r['ttft_p99_s']:.3f} | "
+            f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | {bound} |"
+        )
     if mixed:
-        print(f"\nmixed load: {args.mixed_requests} requests per rate, prompts of {args.mixed_prompt[0]}-"
-              f"{args.mixed_prompt[1]} words (half with an image), {args.mixed_new[0]}-{args.mixed_new[1]} new tokens\n")
-        print("| server | arrivals/s | tokens/s | requests/s | prompt tokens (mean) | TTFT p50 / p99 s | "
-              "ITL p50 / p99 ms | ITL p99 / p50 |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+        print(
+            f"\nmixed load: {args.mixed_requests} requests per rate, prompts of {args.mixed_prompt[0]}-"
+            f"{args.mixed_prompt[1]} words (half with an image), {args.mixed_new[0]}-{args.mixed_new[1]} new tokens\n"
+        )
+        print(
+            "| server | arrivals/s | tokens/s | requests/s | prompt tokens (mean) | TTFT p50 / p99 s | "
+            "ITL p50 / p99 ms | ITL p99 / p50 |\n| --- | --- | --- | --- | --- | --- | --- | --- |"
+        )
         for r in mixed:
-            print(f"| {r['server']} | {r['rate']:g} | {r['tokens_per_s']:,.0f} | {r['requests_per_s']:.2f} | "
-                  f"{r['prompt_tokens_mean']:,.0f} | {r['ttft_p50_s']:.3f} / {r['ttft_p99_s']:.3f} | "
-                  f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | {r['itl_p99_ms'] / r['itl_p50_ms']:.1f} |")
+            print(
+                f"| {r['server']} | {r['rate']:g} | {r['tokens_per_s']:,.0f} | {r['requests_per_s']:.2f} | "
+                f"{r['prompt_tokens_mean']:,.0f} | {r['ttft_p50_s']:.3f} / {r['ttft_p99_s']:.3f} | "
+                f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | {r['itl_p99_ms'] / r['itl_p50_ms']:.1f} |"
+            )
     for s in sessions:
-        print(f"\nlive session ({s['server']}): {s['frames']} frames of {args.frame_size}x{args.frame_size}, "
-              f"{s['frames_per_push']} per push, {s['per_frame_p50_ms']:.1f} ms per frame (p99 "
-              f"{s['per_frame_p99_ms']:.1f}), cache {s['cache_kib_first']:,.0f} -> {s['cache_kib_last']:,.0f} KiB, "
-              f"a 16-token answer after them {s['ask_s']:.2f} s (the first {s['ask_first_s']:.2f} s)")
+        print(
+            f"\nlive session ({s['server']}): {s['frames']} frames of {args.frame_size}x{args.frame_size}, "
+            f"{s['frames_per_push']} per push, {s['per_frame_p50_ms']:.1f} ms per frame (p99 "
+            f"{s['per_frame_p99_ms']:.1f}), cache {s['cache_kib_first']:,.0f} -> {s['cache_kib_last']:,.0f} KiB, "
+            f"a 16-token answer after them {s['ask_s']:.2f} s (the first {s['ask_first_s']:.2f} s)"
+        )

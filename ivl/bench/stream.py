@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ivl.bench.hf_cache import cache_of, with_cache
 from ivl.bench.inference import _peak, _reset, _sync, build_baseline, build_infinitevl
 
 FRAMES_PER_PATCH = 2
@@ -26,13 +27,18 @@ FRAMES_PER_PATCH = 2
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=10_000)
     parser.add_argument("--frame-size", type=int, default=448, help="square frame side in pixels (multiple of 28)")
-    parser.add_argument("--frames-per-step", type=int, default=8,
-                        help="frames ingested per prefill step (even: whole temporal patches)")
+    parser.add_argument(
+        "--frames-per-step", type=int, default=8, help="frames ingested per prefill step (even: whole temporal patches)"
+    )
     parser.add_argument("--fps", type=float, default=2.0, help="frame rate of the stream (sets the time axis)")
     parser.add_argument("--sample-every", type=int, default=200, help="frames between memory/latency samples")
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--baseline-max-seconds", type=float, default=180.0,
-                        help="stop the baseline after this long (it slows down as its cache grows)")
+    parser.add_argument(
+        "--baseline-max-seconds",
+        type=float,
+        default=180.0,
+        help="stop the baseline after this long (it slows down as its cache grows)",
+    )
     parser.add_argument("--shapes", default="4b", choices=["4b", "tiny"])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--plot", type=Path, default=Path("docs/figures/stream.png"))
@@ -64,8 +70,11 @@ def stream_infinitevl(model, args, dtype):
     cache = lm.new_cache()
 
     def step(t):
-        lm.hidden_states(inputs_embeds=model.visual(pixels, grid_thw=grid_thw).pooler_output[None].to(dtype),
-                         position_ids=_positions(t, args, interval, device), cache=cache)
+        lm.hidden_states(
+            inputs_embeds=model.visual(pixels, grid_thw=grid_thw).pooler_output[None].to(dtype),
+            position_ids=_positions(t, args, interval, device),
+            cache=cache,
+        )
 
     # Untimed: compile and autotune for every shape the stream meets (the window fills over the first steps).
     tokens_per_step = (args.frame_size // 28) ** 2 * args.frames_per_step // FRAMES_PER_PATCH
@@ -85,9 +94,13 @@ def stream_baseline(model, args, dtype):
 
     def step(t):
         embeds = model.model.visual(pixels, grid_thw=grid_thw).pooler_output[None].to(dtype)
-        out = text_model(inputs_embeds=embeds, position_ids=_positions(t, args, interval, device),
-                         past_key_values=state["past"], use_cache=True)
-        state["past"] = out.past_key_values
+        out = text_model(
+            inputs_embeds=embeds,
+            position_ids=_positions(t, args, interval, device),
+            **with_cache(state["past"]),
+            use_cache=True,
+        )
+        state["past"] = cache_of(out)
 
     step(0)  # untimed start-up
     state["past"] = None
@@ -147,9 +160,11 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"--frames-per-step must be even (whole temporal patches); got {args.frames_per_step}")
     tokens = (args.frame_size // 28) ** 2
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-    print(f"# {name} | torch {torch.__version__} | {dtype} | {datetime.date.today()} | frames {args.frame_size}px, "
-          f"{tokens} tokens per {FRAMES_PER_PATCH} frames ({tokens // FRAMES_PER_PATCH} per frame), "
-          f"{args.frames_per_step} frames per step\n")
+    print(
+        f"# {name} | torch {torch.__version__} | {dtype} | {datetime.date.today()} | frames {args.frame_size}px, "
+        f"{tokens} tokens per {FRAMES_PER_PATCH} frames ({tokens // FRAMES_PER_PATCH} per frame), "
+        f"{args.frames_per_step} frames per step\n"
+    )
     main = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
     previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm) if main else None
     results = {}
@@ -182,8 +197,11 @@ def _row(label, result) -> None:
     status = f" ({stopped})" if stopped else ""
     if samples:
         first, last = samples[0], samples[-1]
-        print(f"| {label} | {done}{status} | {fps:.1f} | {first[1]:.1f} / {last[1]:.1f} | {first[2]:.2f} / "
-              f"{last[2]:.2f} | {peak:.2f} |", flush=True)
+        print(
+            f"| {label} | {done}{status} | {fps:.1f} | {first[1]:.1f} / {last[1]:.1f} | {first[2]:.2f} / "
+            f"{last[2]:.2f} | {peak:.2f} |",
+            flush=True,
+        )
     else:
         print(f"| {label} | 0{status} | | | | |", flush=True)
 

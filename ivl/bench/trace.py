@@ -17,8 +17,10 @@ KINDS = (  # first match wins; names as CUDA kernels are called in traces of tor
     ("communication", ("nccl",)),
     ("matrix products", ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas", "splitk")),
     ("attention", ("flash", "flex", "attention", "fmha", "sdpa")),
-    ("gated delta rule (fla)", ("chunk_", "recompute_w_u", "prepare_wy", "solve_tril", "chunk_local_cumsum", "l2norm",
-                                "causal_conv1d")),
+    (
+        "gated delta rule (fla)",
+        ("chunk_", "recompute_w_u", "prepare_wy", "solve_tril", "chunk_local_cumsum", "l2norm", "causal_conv1d"),
+    ),
     ("optimizer", ("adam", "multi_tensor_apply")),
 )
 
@@ -50,7 +52,7 @@ def summarise(trace: dict | str | Path) -> dict:
     """Summary of the GPU kernels of a Chrome trace (a dict, or a path to ``.json`` / ``.json.gz``); times in ms."""
     if not isinstance(trace, dict):
         path = Path(trace)
-        with (gzip.open(path, "rt") if path.suffix == ".gz" else path.open()) as f:
+        with gzip.open(path, "rt") if path.suffix == ".gz" else path.open() as f:
             trace = json.load(f)
     kernels = [e for e in trace.get("traceEvents", []) if e.get("cat") == "kernel" and "dur" in e]
     if not kernels:
@@ -76,18 +78,22 @@ def summarise(trace: dict | str | Path) -> dict:
         "communication_overlapped_ms": _overlap(comm, compute) / 1e3,
         "by_kind_ms": {k: v / 1e3 for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
         # where "other" goes is the next question a summary raises: every kernel, longest total first
-        "by_kernel": [{"name": n, "kind": kind_of(n), "calls": c, "ms": t / 1e3}
-                      for n, (c, t) in sorted(by_name.items(), key=lambda kv: -kv[1][1])],
+        "by_kernel": [
+            {"name": n, "kind": kind_of(n), "calls": c, "ms": t / 1e3}
+            for n, (c, t) in sorted(by_name.items(), key=lambda kv: -kv[1][1])
+        ],
     }
 
 
 def format_summary(summary: dict, top_other: int = 25) -> str:
-    lines = [f"step {summary['step_ms']:.1f} ms over {summary['kernels']} kernels: compute busy "
-             f"{summary['compute_busy_ms']:.1f} ms, idle {summary['compute_idle_ms']:.1f} ms; communication "
-             f"{summary['communication_ms']:.1f} ms, {summary['communication_overlapped_ms']:.1f} ms of it "
-             f"under compute"]
+    lines = [
+        f"step {summary['step_ms']:.1f} ms over {summary['kernels']} kernels: compute busy "
+        f"{summary['compute_busy_ms']:.1f} ms, idle {summary['compute_idle_ms']:.1f} ms; communication "
+        f"{summary['communication_ms']:.1f} ms, {summary['communication_overlapped_ms']:.1f} ms of it "
+        f"under compute"
+    ]
     lines += [f"  {kind:<24} {ms:9.1f} ms" for kind, ms in summary["by_kind_ms"].items()]
-    lines += ["", "  the longest kernels of kind \"other\" (total ms, calls):"]
+    lines += ["", '  the longest kernels of kind "other" (total ms, calls):']
     others = [k for k in summary["by_kernel"] if k["kind"] == "other"][:top_other]
     lines += [f"  {k['ms']:9.1f} ms {k['calls']:6d}  {k['name'][:100]}" for k in others]
     return "\n".join(lines)

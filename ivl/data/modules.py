@@ -275,6 +275,16 @@ class VLDataModule(L.LightningDataModule):
         self.setup("validate")
         return self._loaders.get("val", [])
 
+    # With a DataModule Lightning runs its transfer hooks, not the module's. What a batch needs on the host before
+    # the copy depends on the model it feeds (its multimodal positions): the module being trained prepares it.
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        prepare = getattr(self.trainer.lightning_module, "prepare_batch", None) if self.trainer else None
+        return batch if prepare is None else prepare(batch)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        arrived = getattr(self.trainer.lightning_module, "batch_arrived", None) if self.trainer else None
+        return batch if arrived is None else arrived(batch)
+
     def state_dict(self) -> dict:
         # the training position only: every validation starts from its first batch
         return {"train": self._loaders["train"].state_dict()} if "train" in self._loaders else {}

@@ -17,8 +17,12 @@ from ivl.evaluate.scoring import punctuation
 
 _SEPARATORS = str.maketrans({c: " " for c in ".()[],:;!*#{}"})
 _ANSWER_IS = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
-_REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
-             "I'm sorry, but without the image provided", "Cannot determine the answer")
+_REFUSALS = (
+    "Sorry, I can't help with images of people yet.",
+    "I can't process this file.",
+    "I'm sorry, but without the image provided",
+    "Cannot determine the answer",
+)
 
 
 def read_choice(output: str, options: dict[str, str]) -> str | None:
@@ -43,7 +47,7 @@ def read_choice(output: str, options: dict[str, str]) -> str | None:
 
 
 def read_yes_no(output: str) -> str | None:
-    """"Yes" or "No" when the output has exactly one of the words yes and no (after VQA punctuation processing,
+    """ "Yes" or "No" when the output has exactly one of the words yes and no (after VQA punctuation processing,
     lower-cased), else None: "Yes, there is no dog." and "**Yes**" are unreadable, as in VLMEvalKit."""
     words = punctuation(output.lower()).split()
     if ("yes" in words) != ("no" in words):

@@ -37,9 +37,16 @@ REGISTRY = [
     (r"scienceqa", Benchmark("ScienceQA", **MCQ)),
     (r"ai2d", Benchmark("AI2D", **MCQ)),
     (r"realworldqa", Benchmark("RealWorldQA", **MCQ)),
-    (r"mmmu", Benchmark("MMMU", prompt="mmmu", metric="mcq", headline_split="validation",
-                        note="open questions scored as VLMEvalKit does without a judge: the answer's text in the "
-                             "output")),
+    (
+        r"mmmu",
+        Benchmark(
+            "MMMU",
+            prompt="mmmu",
+            metric="mcq",
+            headline_split="validation",
+            note="open questions scored as VLMEvalKit does without a judge: the answer's text in the output",
+        ),
+    ),
     (r"^mme(?![a-z0-9-])", Benchmark("MME", prompt="plain", metric="yes_no", aggregate="mme")),
     (r"pope", Benchmark("POPE", prompt="plain", metric="yes_no", aggregate="pope")),
     (r"hallusion", Benchmark("HallusionBench", prompt="plain", metric="yes_no", aggregate="hallusion")),
@@ -50,8 +57,15 @@ REGISTRY = [
     (r"ocrvqa", Benchmark("OCRVQA", **VQA, metric="exact")),
     (r"gqa", Benchmark("GQA", **VQA, metric="exact", reduce="mean")),
     (r"ocrbench", Benchmark("OCRBench", prompt="plain", metric="ocrbench", aggregate="ocrbench")),
-    (r"mathvista", Benchmark("MathVista", prompt="plain", metric="mathvista",
-                             note="exact-match part only: the official MathVista score needs a judge model")),
+    (
+        r"mathvista",
+        Benchmark(
+            "MathVista",
+            prompt="plain",
+            metric="mathvista",
+            note="exact-match part only: the official MathVista score needs a judge model",
+        ),
+    ),
 ]
 
 
@@ -60,10 +74,20 @@ def benchmark_for(name: str, items: list[Item], metric: str = "auto") -> Benchma
     score."""
     found = next((b for pattern, b in REGISTRY if re.search(pattern, name.lower())), None)
     if found is None:
-        auto = "mcq" if any(item.multiple_choice for item in items) else (
-            "vqa" if any(item.answers and len(item.answers) > 1 for item in items) else "exact")
+        auto = (
+            "mcq"
+            if any(item.multiple_choice for item in items)
+            else ("vqa" if any(item.answers and len(item.answers) > 1 for item in items) else "exact")
+        )
         found = Benchmark("auto", prompt="mcq" if auto == "mcq" else "vqa", metric=auto)
     if metric != "auto" and metric != found.metric:
-        found = Benchmark(found.name, found.prompt, metric, "mean", found.circular and metric == "mcq",
-                          found.headline_split, found.reduce)
+        found = Benchmark(
+            found.name,
+            found.prompt,
+            metric,
+            "mean",
+            found.circular and metric == "mcq",
+            found.headline_split,
+            found.reduce,
+        )
     return found

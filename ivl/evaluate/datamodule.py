@@ -22,37 +22,66 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from ivl.data.processing import Processor
-from ivl.evaluate.runner import (Options, finish, fingerprint, generate, make_record, metrics_of, plan, resumable,
-                                 write_outputs)
+from ivl.evaluate.runner import (
+    Options,
+    fingerprint,
+    finish,
+    generate,
+    make_record,
+    metrics_of,
+    plan,
+    resumable,
+    write_outputs,
+)
 from ivl.serve.engine import ChatEngine
 
 
 class EvalDataModule(L.LightningDataModule):
     """Args:
-        benchmarks: VLMEvalKit TSV files.
-        metric, circular, batch_size, max_new_tokens, limit, frames, media_root, skip_bad: as ``python -m
-            ivl.evaluate`` (``frames``: one value here).
-        out: where predictions and scores are written.
-        processor: a folder with tokenizer files (the model's), None: the bundled tokenizer; pixel budgets below.
+    benchmarks: VLMEvalKit TSV files.
+    metric, circular, batch_size, max_new_tokens, limit, frames, media_root, skip_bad: as ``python -m
+        ivl.evaluate`` (``frames``: one value here).
+    out: where predictions and scores are written.
+    processor: a folder with tokenizer files (the model's), None: the bundled tokenizer; pixel budgets below.
     """
 
-    def __init__(self, benchmarks: list[str], metric: str = "auto", circular: bool = False, batch_size: int = 8,
-                 max_new_tokens: int = 32, limit: int | None = None, frames: int | None = None,
-                 media_root: str | None = None, skip_bad: bool = False, out: str = "runs/eval",
-                 processor: str | None = None, image_min_pixels: int | None = None,
-                 image_max_pixels: int | None = None, video_max_pixels: int | None = None):
+    def __init__(
+        self,
+        benchmarks: list[str],
+        metric: str = "auto",
+        circular: bool = False,
+        batch_size: int = 8,
+        max_new_tokens: int = 32,
+        limit: int | None = None,
+        frames: int | None = None,
+        media_root: str | None = None,
+        skip_bad: bool = False,
+        out: str = "runs/eval",
+        processor: str | None = None,
+        image_min_pixels: int | None = None,
+        image_max_pixels: int | None = None,
+        video_max_pixels: int | None = None,
+    ):
         super().__init__()
         self._engine: ChatEngine | None = None
         self.benchmarks = [Path(b) for b in benchmarks]
         missing = [str(b) for b in self.benchmarks if not b.is_file()]
         if missing:
             raise FileNotFoundError(f"data.benchmarks: no such file(s) {missing}")
-        self.options = Options(metric=metric, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit,
-                               circular=circular, frames=frames, media_root=Path(media_root) if media_root else None,
-                               skip_bad=skip_bad)
+        self.options = Options(
+            metric=metric,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            limit=limit,
+            circular=circular,
+            frames=frames,
+            media_root=Path(media_root) if media_root else None,
+            skip_bad=skip_bad,
+        )
         self.out = Path(out)
-        pixels = dict(image_min_pixels=image_min_pixels, image_max_pixels=image_max_pixels,
-                      video_max_pixels=video_max_pixels)
+        pixels = dict(
+            image_min_pixels=image_min_pixels, image_max_pixels=image_max_pixels, video_max_pixels=video_max_pixels
+        )
         self.processor = Processor.from_pretrained(processor, **{k: v for k, v in pixels.items() if v})
         self.records: dict[str, list[dict]] = {}
 
@@ -85,7 +114,7 @@ class EvalDataModule(L.LightningDataModule):
             self.records[the_plan.name] = list(done.values()) if rank == 0 else []  # gathered once, at the end
             mine = jobs[rank::world]  # each rank its share; together the whole benchmark
             size = self.options.batch_size
-            batches += [mine[i:i + size] for i in range(0, len(mine), size)]
+            batches += [mine[i : i + size] for i in range(0, len(mine), size)]
         return DataLoader(_Batches(batches), batch_size=None, collate_fn=lambda batch: batch)
 
     def evaluate_batch(self, model, batch: list) -> None:

@@ -37,8 +37,9 @@ def mcq_text(item: Item, rotation: int = 0) -> str:
     prompt = f"Hint: {item.hint}\n" if item.hint else ""
     prompt += f"Question: {item.question}\n"
     if item.options:
-        prompt += "Options:\n" + "".join(f"{label}. {option}\n"
-                                         for label, option in rotate(item.options, rotation).items())
+        prompt += "Options:\n" + "".join(
+            f"{label}. {option}\n" for label, option in rotate(item.options, rotation).items()
+        )
         prompt += MCQ_INSTRUCTION
     return prompt
 

@@ -23,13 +23,33 @@ from ivl.evaluate.benchmarks import Benchmark
 from ivl.evaluate.tsv import Item
 
 COPY = 1_000_000
-MME_PERCEPTION = ["existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
-                  "OCR"]
+MME_PERCEPTION = [
+    "existence",
+    "count",
+    "position",
+    "color",
+    "posters",
+    "celebrity",
+    "scene",
+    "landmark",
+    "artwork",
+    "OCR",
+]
 MME_REASONING = ["commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning"]
-OCRBENCH_TEXT = ["Regular Text Recognition", "Irregular Text Recognition", "Artistic Text Recognition",
-                 "Handwriting Recognition", "Digit String Recognition", "Non-Semantic Text Recognition"]
-OCRBENCH_OTHERS = ["Scene Text-centric VQA", "Doc-oriented VQA", "Key Information Extraction",
-                   "Handwritten Mathematical Expression Recognition"]
+OCRBENCH_TEXT = [
+    "Regular Text Recognition",
+    "Irregular Text Recognition",
+    "Artistic Text Recognition",
+    "Handwriting Recognition",
+    "Digit String Recognition",
+    "Non-Semantic Text Recognition",
+]
+OCRBENCH_OTHERS = [
+    "Scene Text-centric VQA",
+    "Doc-oriented VQA",
+    "Key Information Extraction",
+    "Handwritten Mathematical Expression Recognition",
+]
 
 
 def _mean(values) -> float:
@@ -53,25 +73,36 @@ def units(records: list[dict], items: list[Item], circular: str | None) -> list[
     for r in records:
         group = copy_group(r["index"]) if circular == "copies" else r["index"]
         groups[group if group is not None else r["index"]].append(r["score"])
-    return [(item_by_index[g], float(all(s == 1.0 for s in scores))) for g, scores in groups.items()
-            if g in item_by_index]
+    return [
+        (item_by_index[g], float(all(s == 1.0 for s in scores))) for g, scores in groups.items() if g in item_by_index
+    ]
 
 
 def summarise(records: list[dict], items: list[Item], benchmark: Benchmark, circular: str | None = None) -> dict:
     """Scores of a benchmark from its records; ``circular``: None, "copies" (in the file) or "rotations"."""
     scored = units(records, items, circular)
-    result = {"items": len(scored), "rows": len(records), "circular": circular is not None,
-              "unreadable": sum(r.get("readable") is False for r in records)}
+    result = {
+        "items": len(scored),
+        "rows": len(records),
+        "circular": circular is not None,
+        "unreadable": sum(r.get("readable") is False for r in records),
+    }
     result.update(_breakdown(scored))
     result["score"] = result["overall"]
     headline = ("accuracy", result["overall"], "fraction")
     if benchmark.headline_split and benchmark.headline_split in result["splits"]:
-        headline = (f"{benchmark.headline_split} split", result["splits"][benchmark.headline_split]["overall"],
-                    "fraction")
+        headline = (
+            f"{benchmark.headline_split} split",
+            result["splits"][benchmark.headline_split]["overall"],
+            "fraction",
+        )
     if benchmark.aggregate == "mme":
         result["mme"] = mme_rating(scored)
-        headline = ("perception + reasoning (of 2800)", result["mme"]["perception"] + result["mme"]["reasoning"],
-                    "points")
+        headline = (
+            "perception + reasoning (of 2800)",
+            result["mme"]["perception"] + result["mme"]["reasoning"],
+            "points",
+        )
     elif benchmark.aggregate == "pope":
         result["pope"] = pope_rating(records, items)
         headline = ("F1", result["pope"]["Overall"]["f1"], "fraction")
@@ -97,10 +128,17 @@ def _breakdown(scored: list[tuple[Item, float]]) -> dict:
     splits = {}
     for split in sorted({item.split for item, _ in scored if item.split}):
         rows = [(item, s) for item, s in scored if item.split == split]
-        splits[split] = {"overall": _mean(s for _, s in rows), "categories": by(lambda i: i.category, rows),
-                         "l2_categories": by(lambda i: i.l2_category, rows)}
-    return {"overall": _mean(s for _, s in scored), "splits": splits,
-            "categories": by(lambda i: i.category, scored), "l2_categories": by(lambda i: i.l2_category, scored)}
+        splits[split] = {
+            "overall": _mean(s for _, s in rows),
+            "categories": by(lambda i: i.category, rows),
+            "l2_categories": by(lambda i: i.l2_category, rows),
+        }
+    return {
+        "overall": _mean(s for _, s in scored),
+        "splits": splits,
+        "categories": by(lambda i: i.category, scored),
+        "l2_categories": by(lambda i: i.l2_category, scored),
+    }
 
 
 def mme_rating(scored: list[tuple[Item, float]]) -> dict:
@@ -116,10 +154,12 @@ def mme_rating(scored: list[tuple[Item, float]]) -> dict:
             images[item.row.get("image_path") or item.index].append(score)
         plus = _mean(s[0] * s[1] if len(s) > 1 else 0.0 for s in images.values())
         categories[category] = 100 * (_mean(s for _, s in rows) + plus)
-    return {"perception": sum(categories.get(c, 0.0) for c in MME_PERCEPTION),
-            "reasoning": sum(categories.get(c, 0.0) for c in MME_REASONING),
-            "missing": [c for c in MME_PERCEPTION + MME_REASONING if c not in categories],
-            "categories": categories}
+    return {
+        "perception": sum(categories.get(c, 0.0) for c in MME_PERCEPTION),
+        "reasoning": sum(categories.get(c, 0.0) for c in MME_REASONING),
+        "missing": [c for c in MME_PERCEPTION + MME_REASONING if c not in categories],
+        "categories": categories,
+    }
 
 
 def pope_rating(records: list[dict], items: list[Item]) -> dict:
@@ -129,7 +169,7 @@ def pope_rating(records: list[dict], items: list[Item]) -> dict:
     rows = []
     for r in records:
         item = item_by_index[r["index"]]
-        for category in (item.category.split(",") if item.category else [""]):
+        for category in item.category.split(",") if item.category else [""]:
             rows.append((category, item.answers[0] == "Yes", r["extracted"] == "Yes", r["score"]))
 
     def rate(subset):
@@ -150,6 +190,7 @@ def pope_rating(records: list[dict], items: list[Item]) -> dict:
 def hallusion_rating(scored: list[tuple[Item, float]]) -> dict:
     """aAcc over questions; fAcc over figures (l2-category, set, figure: every question right); qAcc over
     questions asked of several figures (l2-category, set, question). The index is ``..._set_figure_question``."""
+
     def grouped(parts: tuple[int, int]) -> float:
         groups: dict[tuple, list[float]] = defaultdict(list)
         for item, score in scored:

@@ -68,7 +68,8 @@ def plan(tsv: Path, options: Options) -> Plan:
         raise UsageError(f"{tsv}: multiple choice, but row index {bad.index} has no options")
     indices = {item.index for item in items}
     copies = benchmark.metric == "mcq" and any(
-        copy_group(i) is not None and int(i) >= COPY and copy_group(i) in indices for i in indices)
+        copy_group(i) is not None and int(i) >= COPY and copy_group(i) in indices for i in indices
+    )
     circular = "copies" if copies else "rotations" if options.circular and benchmark.metric == "mcq" else None
     if options.limit is not None:
         if copies:  # the first questions with all their copies
@@ -76,17 +77,26 @@ def plan(tsv: Path, options: Options) -> Plan:
             items = [item for item in items if copy_group(item.index) in set(first)]
         else:
             items = items[: options.limit]
-    jobs = [(item, r) for item in items
-            for r in (range(len(item.options)) if circular == "rotations" and item.options else [0])]
+    jobs = [
+        (item, r)
+        for item in items
+        for r in (range(len(item.options)) if circular == "rotations" and item.options else [0])
+    ]
     return Plan(tsv.stem, items, skipped, benchmark, circular, jobs)
 
 
 def fingerprint(plan: Plan, tsv: Path, options: Options, model: str) -> dict:
     """What records are valid for: written beside them, compared when a run resumes."""
     stat = tsv.stat()
-    return {"model": model, "file": f"{tsv.resolve()} ({stat.st_size} bytes, modified {stat.st_mtime_ns})",
-            "prompts": PROMPTS_VERSION, "benchmark": asdict(plan.benchmark), "circular": plan.circular,
-            "max_new_tokens": options.max_new_tokens, "frames": options.frames}
+    return {
+        "model": model,
+        "file": f"{tsv.resolve()} ({stat.st_size} bytes, modified {stat.st_mtime_ns})",
+        "prompts": PROMPTS_VERSION,
+        "benchmark": asdict(plan.benchmark),
+        "circular": plan.circular,
+        "max_new_tokens": options.max_new_tokens,
+        "frames": options.frames,
+    }
 
 
 def model_identity(folder: str | Path) -> str:
@@ -106,15 +116,19 @@ def resumable(out: Path, print_: dict, patterns: tuple[str, ...] = ("predictions
     paths = [path for pattern in patterns for path in sorted(out.glob(pattern))]
     stored = out / "fingerprint.json"
     if paths and not stored.is_file():
-        raise UsageError(f"{out} holds predictions without a fingerprint.json (from an older ivl): pass another "
-                         f"--out, or delete {out} to start over")
+        raise UsageError(
+            f"{out} holds predictions without a fingerprint.json (from an older ivl): pass another "
+            f"--out, or delete {out} to start over"
+        )
     if paths:
         before = json.loads(stored.read_text())
         differs = [key for key in print_ if before.get(key) != print_[key]]
         if differs:
             key = differs[0]
-            raise UsageError(f"{out} holds predictions of another run ({key} was {before.get(key)!r}, is now "
-                             f"{print_[key]!r}); pass another --out, or delete {out} to start over")
+            raise UsageError(
+                f"{out} holds predictions of another run ({key} was {before.get(key)!r}, is now "
+                f"{print_[key]!r}); pass another --out, or delete {out} to start over"
+            )
     stored.write_text(json.dumps(print_, indent=2) + "\n")
     done = {}
     for path in paths:
@@ -131,10 +145,12 @@ def evaluate_file(engine: ChatEngine, tsv: Path, out: Path, options: Options, mo
     the_plan = plan(tsv, options)
     done = resumable(out, fingerprint(the_plan, tsv, options, model))
     todo = [(item, r) for item, r in the_plan.jobs if (item.index, r) not in done]
-    with (out / "predictions.jsonl").open("a") as f, tqdm(total=len(the_plan.jobs), desc=tsv.stem, unit="q",
-                                                          initial=len(the_plan.jobs) - len(todo)) as bar:
+    with (
+        (out / "predictions.jsonl").open("a") as f,
+        tqdm(total=len(the_plan.jobs), desc=tsv.stem, unit="q", initial=len(the_plan.jobs) - len(todo)) as bar,
+    ):
         for start in range(0, len(todo), options.batch_size):
-            batch = todo[start:start + options.batch_size]
+            batch = todo[start : start + options.batch_size]
             for (item, rotation), text in zip(batch, generate(engine, batch, the_plan.benchmark, options)):
                 record = make_record(item, rotation, text, the_plan.benchmark)
                 done[(item.index, rotation)] = record
@@ -152,12 +168,25 @@ def finish(the_plan: Plan, records: list[dict], tsv: Path, options: Options) -> 
     if the_plan.scored:
         scores = summarise(records, the_plan.items, the_plan.benchmark, the_plan.circular)
     else:
-        scores = {"items": len(the_plan.items), "rows": len(records), "circular": the_plan.circular is not None,
-                  "score": None, "predictions_only": True, "headline": None,
-                  "note": "the file has no answer column: predictions.tsv is for the benchmark's server"}
-    scores.update(benchmark=the_plan.name, file=str(tsv), dataset=the_plan.benchmark.name,
-                  metric=the_plan.benchmark.metric, note=scores.get("note") or the_plan.benchmark.note,
-                  skipped=len(the_plan.skipped), skipped_rows=the_plan.skipped[:50], frames=options.frames)
+        scores = {
+            "items": len(the_plan.items),
+            "rows": len(records),
+            "circular": the_plan.circular is not None,
+            "score": None,
+            "predictions_only": True,
+            "headline": None,
+            "note": "the file has no answer column: predictions.tsv is for the benchmark's server",
+        }
+    scores.update(
+        benchmark=the_plan.name,
+        file=str(tsv),
+        dataset=the_plan.benchmark.name,
+        metric=the_plan.benchmark.metric,
+        note=scores.get("note") or the_plan.benchmark.note,
+        skipped=len(the_plan.skipped),
+        skipped_rows=the_plan.skipped[:50],
+        frames=options.frames,
+    )
     return scores
 
 
@@ -181,8 +210,9 @@ def write_vlmevalkit_predictions(path: Path, the_plan: Plan, records: list[dict]
         if rotation:
             shown = prompts.rotate(item.options, rotation)
             row.update(shown)
-            row["index"] = str(int(item.index) + rotation * COPY) if item.index.isdigit() else \
-                f"{item.index}-{rotation}"
+            row["index"] = (
+                str(int(item.index) + rotation * COPY) if item.index.isdigit() else f"{item.index}-{rotation}"
+            )
             if item.answers:
                 row["answer"] = record["reference"]
         row["prediction"] = record["prediction"]
@@ -201,9 +231,11 @@ def generate(engine: ChatEngine, batch: list[tuple[Item, int]], benchmark: Bench
         videos = []
         if item.video is not None:
             try:
-                frames, _ = load_video(Media("video", path=str(item.video),
-                                             options={"nframes": options.frames} if options.frames else {}),
-                                       f"index {item.index}", max_frames=options.frames or 64)
+                frames, _ = load_video(
+                    Media("video", path=str(item.video), options={"nframes": options.frames} if options.frames else {}),
+                    f"index {item.index}",
+                    max_frames=options.frames or 64,
+                )
             except BadSample as error:
                 raise UsageError(str(error)) from None
             videos.append(frames)
@@ -221,8 +253,13 @@ def generate(engine: ChatEngine, batch: list[tuple[Item, int]], benchmark: Bench
 def make_record(item: Item, rotation: int, output: str, benchmark: Benchmark) -> dict:
     """One question's record: the raw output (what VLMEvalKit's metrics read), what was read from it, the
     reference and the score (none for a file without answers)."""
-    record = {"index": item.index, "rotation": rotation, "question": item.question, "prediction": output,
-              "category": item.category}
+    record = {
+        "index": item.index,
+        "rotation": rotation,
+        "question": item.question,
+        "prediction": output,
+        "category": item.category,
+    }
     metric = benchmark.metric
     if metric == "mcq":
         options, truth = item.options, item.answers[0] if item.answers else None
@@ -249,8 +286,9 @@ def make_record(item: Item, rotation: int, output: str, benchmark: Benchmark) ->
     elif metric == "mathvista":
         value, record["extracted"] = mathvista(output, item)
     elif metric == "exact":
-        value = scoring.exact_match(output, item.answers,
-                                    reduce=max if benchmark.reduce == "max" else lambda v: sum(v) / len(v))
+        value = scoring.exact_match(
+            output, item.answers, reduce=max if benchmark.reduce == "max" else lambda v: sum(v) / len(v)
+        )
     else:
         value = scoring.score(metric, output, item.answers)
     record.update(reference=item.answers, score=value)
@@ -282,8 +320,10 @@ def mathvista(output: str, item: Item) -> tuple[float, str]:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| benchmark | dataset | metric | frames | items | score | unreadable | skipped |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| benchmark | dataset | metric | frames | items | score | unreadable | skipped |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in results:
         headline = r.get("headline")
         if headline is None:
@@ -291,15 +331,19 @@ def table(results: list[dict]) -> str:
         elif headline["unit"] == "points":
             shown = f"{headline['value']:.1f} ({headline['name']})"
         else:
-            shown = f"{100 * headline['value']:.1f}" + ("" if headline["name"] == "accuracy" else
-                                                       f" ({headline['name']})")
-        lines.append(f"| {r['benchmark']} | {r['dataset']} | {r['metric']}{' (circular)' if r['circular'] else ''}"
-                     f" | {r['frames'] or ''} | {r['items']} | {shown} | {r.get('unreadable', 0)} | {r['skipped']} |")
+            shown = f"{100 * headline['value']:.1f}" + (
+                "" if headline["name"] == "accuracy" else f" ({headline['name']})"
+            )
+        lines.append(
+            f"| {r['benchmark']} | {r['dataset']} | {r['metric']}{' (circular)' if r['circular'] else ''}"
+            f" | {r['frames'] or ''} | {r['items']} | {shown} | {r.get('unreadable', 0)} | {r['skipped']} |"
+        )
     return "\n".join(lines)
 
 
-def log_mlflow(results: list[dict], tracking_uri: str | None, experiment: str, run_name: str,
-               params: dict) -> str | None:
+def log_mlflow(
+    results: list[dict], tracking_uri: str | None, experiment: str, run_name: str, params: dict
+) -> str | None:
     """Scores as MLflow metrics ``eval/<benchmark>[/<frames>f]/score`` (the headline) and per category, in the
     active run or a new one; returns its id."""
     import mlflow

@@ -70,8 +70,9 @@ def list_or_one(value: str) -> list[str]:
     return [value]
 
 
-def read_tsv(path: str | Path, media_root: str | Path | None = None, skip_bad: bool = False
-             ) -> tuple[list[Item], list[str]]:
+def read_tsv(
+    path: str | Path, media_root: str | Path | None = None, skip_bad: bool = False
+) -> tuple[list[Item], list[str]]:
     """(items, skipped): every row as an ``Item``; with ``skip_bad`` rows that cannot be read are left out and
     their errors returned, otherwise the first one is raised as ``BadRow``. Rows without an image in a file with an
     ``image`` column are left out (and listed in ``skipped``) either way, as VLMEvalKit leaves them out."""
@@ -82,8 +83,7 @@ def read_tsv(path: str | Path, media_root: str | Path | None = None, skip_bad: b
     columns = [str(c) for c in table.columns]
     missing = [c for c in REQUIRED if c not in columns]
     if missing:
-        raise BadRow(f"{path}: missing column(s) {missing}; a VLMEvalKit TSV needs {list(REQUIRED)} "
-                     f"(has {columns})")
+        raise BadRow(f"{path}: missing column(s) {missing}; a VLMEvalKit TSV needs {list(REQUIRED)} (has {columns})")
     lines = _record_lines(path)
     records = table.to_dict("records")
     lines = lines if len(lines) == len(records) else [None] * len(records)
@@ -91,8 +91,11 @@ def read_tsv(path: str | Path, media_root: str | Path | None = None, skip_bad: b
         record["_line"] = line
     if "image" in columns:  # VLMEvalKit's skip_noimg
         kept = [r for r in records if not _missing(r["image"])]
-        skipped += [f"{_where(path, r)}, column image: missing (left out, as VLMEvalKit leaves it out)"
-                    for r in records if _missing(r["image"])]
+        skipped += [
+            f"{_where(path, r)}, column image: missing (left out, as VLMEvalKit leaves it out)"
+            for r in records
+            if _missing(r["image"])
+        ]
         records = kept
     images_by_index = {_text(r["index"]): _text(r["image"]) for r in records if "image" in r}
     seen: dict[str, object] = {}
@@ -102,8 +105,7 @@ def read_tsv(path: str | Path, media_root: str | Path | None = None, skip_bad: b
         try:
             index = _text(record["index"])
             if index in seen:
-                raise BadRow(f"{_where(path, record)}, column index: {index!r} is also the index of line "
-                             f"{seen[index]}")
+                raise BadRow(f"{_where(path, record)}, column index: {index!r} is also the index of line {seen[index]}")
             seen[index] = record["_line"]
             items.append(_item(record, path, letters, images_by_index, media_root, "answer" in columns))
         except BadRow as error:
@@ -125,12 +127,18 @@ def _read(path: Path, skip_bad: bool) -> tuple[pd.DataFrame, list[str]]:
             if not found:
                 raise BadRow(f"{path}: {error}") from None
             expected, line, saw = found.groups()
-            raise BadRow(f"{path}, line {line}: {saw} fields where the header has {expected} (a tab inside a field "
-                         f"that is not quoted? quote it, as pandas' to_csv does)") from None
+            raise BadRow(
+                f"{path}, line {line}: {saw} fields where the header has {expected} (a tab inside a field "
+                f"that is not quoted? quote it, as pandas' to_csv does)"
+            ) from None
         except (UnicodeDecodeError, pd.errors.EmptyDataError) as error:
             raise BadRow(f"{path}: not a UTF-8 TSV file ({error})") from None
-    skipped = [f"{path}, {line.strip().replace('Skipping line', 'line')}" for w in caught
-               for line in str(w.message).splitlines() if line.strip().startswith("Skipping line")]
+    skipped = [
+        f"{path}, {line.strip().replace('Skipping line', 'line')}"
+        for w in caught
+        for line in str(w.message).splitlines()
+        if line.strip().startswith("Skipping line")
+    ]
     return table, skipped
 
 
@@ -185,8 +193,7 @@ def _item(record, path, letters, images_by_index, media_root, has_answers) -> It
         value = _text(record["image"])
         if len(value) <= 64:  # the index of the row whose image this row shares
             if len(images_by_index.get(value, "")) <= 64:
-                raise BadRow(f"{where}, column image: {value!r} is neither base64 nor the index of a row with an "
-                             f"image")
+                raise BadRow(f"{where}, column image: {value!r} is neither base64 nor the index of a row with an image")
             value = images_by_index[value]
         for k, one in enumerate(list_or_one(value)):
             images.append(_decode_base64(one, f"{where}, column image" + (f"[{k}]" if k else "")))
@@ -201,9 +208,19 @@ def _item(record, path, letters, images_by_index, media_root, has_answers) -> It
         if not video.is_file():
             raise BadRow(f"{where}, column video: no file {video}")
     row = {str(k): _text(v) for k, v in record.items() if k not in ("image", "_line")}
-    return Item(index=_text(record["index"]), question=question, answers=answers, images=images, video=video,
-                hint=_text(record.get("hint")), options=options, category=_text(record.get("category")),
-                l2_category=_text(record.get("l2-category")), split=_text(record.get("split")), row=row)
+    return Item(
+        index=_text(record["index"]),
+        question=question,
+        answers=answers,
+        images=images,
+        video=video,
+        hint=_text(record.get("hint")),
+        options=options,
+        category=_text(record.get("category")),
+        l2_category=_text(record.get("l2-category")),
+        split=_text(record.get("split")),
+        row=row,
+    )
 
 
 def _resolve(value: str, path: Path, media_root) -> Path:

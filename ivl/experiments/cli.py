@@ -13,15 +13,21 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning_utilities.core.imports import RequirementCache
 
-from ivl.data.modules import check_corpora
 from ivl.cpu_threads import fit_threads_to_cpus
 from ivl.cuda_allocator import expandable_segments
+from ivl.data.modules import check_corpora
 from ivl.errors import UsageError
+from ivl.stages import StageModule
 from ivl.stages.checkpoints import newest_readable, remove_leftovers, unreadable
 from ivl.stages.distributed import checkpointed_blocks
 from ivl.stages.models import check_student, check_teacher
-from ivl.stages import StageModule
+
+# Entries whose value is None are written too, so that the saved config reproduces the run. jsonargparse 4.49
+# renamed the flag skip_unset and warns on the old name; the floor of its range (4.30) knows only skip_none. (Its
+# save() is wrapped by a shim whose signature hides the name: the version tells.)
+KEEP_NONE = {"skip_unset" if RequirementCache("jsonargparse>=4.49") else "skip_none": False}
 
 
 class SaveConfigToMLflow(SaveConfigCallback):
@@ -34,7 +40,7 @@ class SaveConfigToMLflow(SaveConfigCallback):
             return
         path = Path(trainer.default_root_dir) / "config.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=False)
+        self.parser.save(self.config, path, overwrite=True, multifile=False, **KEEP_NONE)
         for logger in trainer.loggers:
             if isinstance(logger, MLFlowLogger):
                 logger.experiment.log_artifact(logger.run_id, str(path))
@@ -57,17 +63,24 @@ class IVLCLI(LightningCLI):
         data = config.get("data")
         if data is not None and "init_args" in data and "train" in data.init_args:
             args = data.init_args
-            check_corpora([dict(vars(s)) if hasattr(s, "__dict__") else s for s in args.train or []],
-                          [dict(vars(s)) if hasattr(s, "__dict__") else s for s in args.get("val") or []],
-                          args.get("missing_hint"), prefix="data.")
+            check_corpora(
+                [dict(vars(s)) if hasattr(s, "__dict__") else s for s in args.train or []],
+                [dict(vars(s)) if hasattr(s, "__dict__") else s for s in args.get("val") or []],
+                args.get("missing_hint"),
+                prefix="data.",
+            )
         if self.subcommand == "fit" and self.resolves_checkpoints:
             config.ckpt_path = resume_from(config.get("ckpt_path"), checkpoint_folders(config))
 
     resolves_checkpoints = True
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--paths", type=dict, default={},
-                            help="Named paths for ${paths.X} interpolation in configs (teacher, corpora, ...)")
+        parser.add_argument(
+            "--paths",
+            type=dict,
+            default={},
+            help="Named paths for ${paths.X} interpolation in configs (teacher, corpora, ...)",
+        )
 
 
 class _ParseOnly(IVLCLI):
@@ -97,16 +110,34 @@ def parse_only(args: list[str]) -> None:
 
 
 # What ivl.callbacks re-exported before it became a namespace package; configs saved by earlier runs name them.
-MOVED = {f"ivl.callbacks.{name}": f"ivl.callbacks.{module}.{name}" for module, name in [
-    ("duration", "RunDuration"), ("finite_loss", "FiniteLoss"), ("freezing", "LayerFreezing"), ("lora", "LoRAInjection"),
-    ("mlflow", "MLflowTracking"), ("throughput", "TokenThroughput")]}
+MOVED = {
+    f"ivl.callbacks.{name}": f"ivl.callbacks.{module}.{name}"
+    for module, name in [
+        ("duration", "RunDuration"),
+        ("finite_loss", "FiniteLoss"),
+        ("freezing", "LayerFreezing"),
+        ("lora", "LoRAInjection"),
+        ("mlflow", "MLflowTracking"),
+        ("throughput", "TokenThroughput"),
+    ]
+}
 
 
 def one_line(error: Exception) -> str:
     """jsonargparse explains a rejected value over many lines, most of them about Union alternatives that were never
     meant (a list, None, a dict of init_args): the key and the reasons that are left, in one line."""
-    noise = ("Given value", "Does not validate against", "Subtypes", "Errors", "Expected a <class 'NoneType'>",
-             "Not a valid subclass", "Subclass types expect", "a class path (str)", "a dict with", "a dict without")
+    noise = (
+        "Given value",
+        "Does not validate against",
+        "Subtypes",
+        "Errors",
+        "Expected a <class 'NoneType'>",
+        "Not a valid subclass",
+        "Subclass types expect",
+        "a class path (str)",
+        "a dict with",
+        "a dict without",
+    )
     lines = [line.strip().lstrip("- ").rstrip(":") for line in str(error).splitlines()]
     text = "; ".join(line for line in lines if line and not line.startswith(noise))
     moved = [f"{old} is now {new}" for old, new in MOVED.items() if f"'{old}'" in text]
@@ -118,9 +149,13 @@ def checkpoint_folders(config) -> list[Path]:
     (where CheckpointOnSignal saves without one)."""
     trainer = config.get("trainer") or {}
     callbacks = trainer.get("callbacks") or []
-    folders = [Path(str(c.init_args.dirpath)) for c in (callbacks if isinstance(callbacks, list) else [callbacks])
-               if str(getattr(c, "class_path", "")).endswith("ModelCheckpoint") and c.get("init_args")
-               and c.init_args.get("dirpath")]
+    folders = [
+        Path(str(c.init_args.dirpath))
+        for c in (callbacks if isinstance(callbacks, list) else [callbacks])
+        if str(getattr(c, "class_path", "")).endswith("ModelCheckpoint")
+        and c.get("init_args")
+        and c.init_args.get("dirpath")
+    ]
     if trainer.get("default_root_dir"):
         folders.append(Path(str(trainer.default_root_dir)) / "checkpoints")
     return list(dict.fromkeys(folders))
@@ -141,10 +176,16 @@ def resume_from(ckpt_path: str | None, folders: list[Path]) -> str | None:
         for where, why in skipped:
             print(f"ivl: skipping {where}: {why}", flush=True)
         if path is None and skipped:
-            raise UsageError(f"--ckpt_path last: no checkpoint in {', '.join(map(str, folders))} reads completely "
-                             f"({skipped[0][0].name}: {skipped[0][1]}); leave --ckpt_path out to train from the start")
-        print(f"ivl: resuming from {path}" if path else f"ivl: no checkpoint in {', '.join(map(str, folders))} "
-              f"yet: training from the start", flush=True)
+            raise UsageError(
+                f"--ckpt_path last: no checkpoint in {', '.join(map(str, folders))} reads completely "
+                f"({skipped[0][0].name}: {skipped[0][1]}); leave --ckpt_path out to train from the start"
+            )
+        print(
+            f"ivl: resuming from {path}"
+            if path
+            else f"ivl: no checkpoint in {', '.join(map(str, folders))} yet: training from the start",
+            flush=True,
+        )
         return str(path) if path else None
     path = Path(ckpt_path)
     if not path.exists():
@@ -152,8 +193,14 @@ def resume_from(ckpt_path: str | None, folders: list[Path]) -> str | None:
     why = unreadable(path)
     if why is not None:
         newest, _ = newest_readable([path.parent])
-        raise UsageError(f"--ckpt_path {path}: {why}" + (f"; the newest checkpoint beside it that reads completely is "
-                                                          f"{newest} (--ckpt_path last takes it)" if newest else ""))
+        raise UsageError(
+            f"--ckpt_path {path}: {why}"
+            + (
+                f"; the newest checkpoint beside it that reads completely is {newest} (--ckpt_path last takes it)"
+                if newest
+                else ""
+            )
+        )
     return ckpt_path
 
 
@@ -161,10 +208,6 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     argv = sys.argv[1:] if args is None else args
     fit_threads_to_cpus()
     expandable_segments()
-    if argv[:1] == ["sweep"]:
-        from ivl.experiments.sweep import main as sweep
-
-        raise SystemExit(sweep(argv[1:]))
     try:
         return _cli(args, run)
     except UsageError as error:  # a missing folder or corpus: one line, no traceback, no run started
@@ -172,8 +215,12 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         raise SystemExit(2) from None
     except ArgumentError as error:  # a key or value the config rejects: one line, not a 50-line usage block
         subcommand = argv[0] if argv and not argv[0].startswith("-") else ""
-        print(f"error: {one_line(error)} (python -m ivl.experiments {subcommand} --help lists every option)"
-              .replace("  ", " "), file=sys.stderr)
+        print(
+            f"error: {one_line(error)} (python -m ivl.experiments {subcommand} --help lists every option)".replace(
+                "  ", " "
+            ),
+            file=sys.stderr,
+        )
         raise SystemExit(2) from None
 
 

@@ -63,11 +63,16 @@ class WindowKVCache:
         self.positions[slots] = positions[-keep:]
         self.valid[:, slots] = valid[:, -keep:]
 
-    def clone(self, copy) -> "WindowKVCache":
+    def clone(self, copy) -> WindowKVCache:
         """A copy whose per-row tensors are ``copy(t)`` (e.g. a row selection); slot positions are shared by rows."""
-        return WindowKVCache(self.window, *(copy(t) if t is not None else None for t in (self.keys, self.values)),
-                             self.positions.clone() if self.positions is not None else None,
-                             copy(self.valid) if self.valid is not None else None, self.length, self.all_valid)
+        return WindowKVCache(
+            self.window,
+            *(copy(t) if t is not None else None for t in (self.keys, self.values)),
+            self.positions.clone() if self.positions is not None else None,
+            copy(self.valid) if self.valid is not None else None,
+            self.length,
+            self.all_valid,
+        )
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.keys, self.values, self.positions, self.valid) if t is not None]
@@ -81,9 +86,10 @@ class RecurrentCache:
     state: torch.Tensor | None = None
     conv: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def clone(self, copy) -> "RecurrentCache":
-        return RecurrentCache(copy(self.state) if self.state is not None else None,
-                              {k: copy(v) for k, v in self.conv.items()})
+    def clone(self, copy) -> RecurrentCache:
+        return RecurrentCache(
+            copy(self.state) if self.state is not None else None, {k: copy(v) for k, v in self.conv.items()}
+        )
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.state, *self.conv.values()) if t is not None]
@@ -103,12 +109,12 @@ class HybridCache:
     def __len__(self) -> int:
         return len(self.layers)
 
-    def select_rows(self, rows: torch.Tensor) -> "HybridCache":
+    def select_rows(self, rows: torch.Tensor) -> HybridCache:
         """A cache holding only batch rows ``rows`` (a LongTensor of indices, in the order given): finished or
         abandoned requests leave a batch without touching the others' state."""
         return self.clone(lambda t: t.index_select(0, rows))
 
-    def clone(self, rows=None) -> "HybridCache":
+    def clone(self, rows=None) -> HybridCache:
         """An independent copy (``rows``: a function applied to each per-row tensor, e.g. selecting rows): a
         snapshot to answer a question from without advancing the stream it was taken from."""
         out = HybridCache([layer.clone((lambda t: t.clone()) if rows is None else rows) for layer in self.layers])

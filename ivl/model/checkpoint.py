@@ -11,6 +11,8 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ivl.model.renames import renamed_keys
+
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -20,8 +22,9 @@ def save(model: nn.Module, config: dict, directory: str | Path, max_shard_size: 
     save_state(_unique_tensors(model), config, directory, max_shard_size)
 
 
-def save_state(state: dict[str, torch.Tensor], config: dict, directory: str | Path,
-               max_shard_size: str | int = "5GB") -> None:
+def save_state(
+    state: dict[str, torch.Tensor], config: dict, directory: str | Path, max_shard_size: str | int = "5GB"
+) -> None:
     """Write a state dict (tied duplicates already dropped) as a checkpoint folder."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -62,6 +65,8 @@ def read_config(directory: str | Path) -> tuple[dict, torch.dtype]:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from err
+    if isinstance(config.get("text"), dict):  # a folder saved before a field was renamed reads with the new names
+        config["text"] = renamed_keys(config["text"], str(path))
     return config, getattr(torch, config.get("dtype", "float32"))
 
 
@@ -78,8 +83,9 @@ def load_into(model: nn.Module, directory: str | Path) -> None:
                     raise ValueError(f"{file}: tensor {name!r} does not belong to this model")
                 tensor = f.get_tensor(name)
                 if tensor.shape != state[name].shape:
-                    raise ValueError(f"{file}: {name} has shape {tuple(tensor.shape)}, the model expects "
-                                     f"{tuple(state[name].shape)}")
+                    raise ValueError(
+                        f"{file}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(state[name].shape)}"
+                    )
                 with torch.no_grad():
                     state[name].copy_(tensor)
                 loaded.add(name)
@@ -120,7 +126,7 @@ def _weight_files(directory: Path) -> list[Path]:
 
 def _alone(t: torch.Tensor) -> torch.Tensor:
     """t in storage of its own: safetensors refuses tensors that share storage, such as the row blocks of the
-    projections packed for decoding (ivl.model.packing)."""
+    projections packed for decoding (ivl.model.decoding.packing)."""
     if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
         return t
     return t.clone(memory_format=torch.contiguous_format)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,13 +11,28 @@ from pathlib import Path
 from transformers import AutoConfig, PretrainedConfig
 
 from ivl.model.mixers import LINEAR_MIXERS, canonical_name
+from ivl.model.renames import renamed_keys
 
 MODEL_TYPE = "infinitevl"
 
 
+def accepts_renamed_fields(cls: type) -> type:
+    """Let the dataclass's ``__init__`` take the fields' old names too (``ivl.model.renames``), as ``from_dict``
+    does: configs written before a rename keep loading."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs) -> None:
+        init(self, *args, **renamed_keys(kwargs, cls.__name__))
+
+    cls.__init__ = __init__
+    return cls
+
+
+@accepts_renamed_fields
 @dataclass
 class HybridConfig:
-    """Configuration of the hybrid (sliding-window attention + Gated DeltaNet) language model.
+    """Configuration of the hybrid (sliding-window attention + linear mixer) language model.
 
     ``layer_types`` says, per layer, which token mixer it uses. Leave it empty to derive it from
     ``hybrid_ratio``: one attention layer opens each block of ``1 / hybrid_ratio`` layers (InfiniteVL's 1/4 gives
@@ -56,23 +72,25 @@ class HybridConfig:
     mrope_section: list[int] = field(default_factory=lambda: [16, 24, 24])
     """Rotary frequencies given to the temporal, height and width position axes; sums to head_dim / 2."""
 
-    # Gated DeltaNet layers.
-    gdn_num_heads: int = 16
-    """Heads of the Gated DeltaNet layers."""
-    gdn_head_k_dim: int = 128
-    """Key (and query) width per Gated DeltaNet head."""
-    gdn_head_v_dim: int = 256
-    """Value width per Gated DeltaNet head (the state per head is head_k_dim x head_v_dim)."""
-    gdn_conv_size: int = 4
-    """Width of the causal depthwise convolution after the q/k/v projections."""
-    # The other linear mixers take the Gated DeltaNet sizes above, so that a layer has about the same parameters
-    # and state whichever mixer it runs (GLA, linear attention: H heads of K x V; Mamba2: H groups of B/C of
-    # width K, and H * V / mamba2_head_dim heads over an inner width of H * V).
+    # Linear-mixer layers. Every linear mixer takes these sizes, so that a layer has about the same parameters and
+    # state whichever mixer it runs (Gated DeltaNet, GLA, linear attention: H heads of K x V; Mamba2: H groups of
+    # B/C of width K, and H * V / mamba2_head_dim heads over an inner width of H * V).
+    linear_num_heads: int = 16
+    """Heads of the linear-mixer layers (Mamba2: its B/C groups)."""
+    linear_head_k_dim: int = 128
+    """Key (and query) width per linear-mixer head (Mamba2: the width of B and C)."""
+    linear_head_v_dim: int = 256
+    """Value width per linear-mixer head (the state per head is head_k_dim x head_v_dim)."""
+    linear_conv_size: int = 4
+    """Width of the causal depthwise convolution after the input projections (Gated DeltaNet, Mamba2)."""
     mamba2_head_dim: int = 64
     """Channels per Mamba2 head (its P); the heads share their group's B and C."""
 
     rms_norm_eps: float = 1e-6
-    """Epsilon of every RMSNorm."""
+    """Epsilon of every RMSNorm (but see linear_norm_eps)."""
+    linear_norm_eps: float | None = None
+    """Epsilon of the linear mixers' gated output norms; None: rms_norm_eps. fla's layers keep a separate one
+    (``norm_eps``, 1e-5 in the public InfiniteVL's Gated DeltaNet), which a converted release checkpoint needs."""
     tie_word_embeddings: bool = True
     """Share the embedding matrix with the LM head."""
     initializer_range: float = 0.02
@@ -99,15 +117,20 @@ class HybridConfig:
                 self.layer_types[i] = canonical_name(kind)
             except ValueError as err:
                 raise ValueError(f"layer_types[{i}] = {err}") from None
-        inner = self.gdn_num_heads * self.gdn_head_v_dim
-        if "mamba2" in self.layer_types and (inner % self.mamba2_head_dim
-                                             or (inner // self.mamba2_head_dim) % self.gdn_num_heads):
-            raise ValueError(f"mamba2_head_dim ({self.mamba2_head_dim}) must divide the Mamba2 inner width "
-                             f"gdn_num_heads * gdn_head_v_dim = {inner} into a multiple of gdn_num_heads "
-                             f"({self.gdn_num_heads}) heads (the B/C groups)")
+        inner = self.linear_num_heads * self.linear_head_v_dim
+        if "mamba2" in self.layer_types and (
+            inner % self.mamba2_head_dim or (inner // self.mamba2_head_dim) % self.linear_num_heads
+        ):
+            raise ValueError(
+                f"mamba2_head_dim ({self.mamba2_head_dim}) must divide the Mamba2 inner width "
+                f"linear_num_heads * linear_head_v_dim = {inner} into a multiple of linear_num_heads "
+                f"({self.linear_num_heads}) heads (the B/C groups)"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                             f"num_key_value_heads ({self.num_key_value_heads})")
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
         if sum(self.mrope_section) * 2 != self.head_dim:
             raise ValueError(f"mrope_section {self.mrope_section} must sum to head_dim / 2 = {self.head_dim // 2}")
         if self.window is not None and self.window < 1:
@@ -115,24 +138,36 @@ class HybridConfig:
 
     @property
     def attention_layers(self) -> list[int]:
+        """Indices of the attention layers."""
         return [i for i, kind in enumerate(self.layer_types) if kind == "attention"]
 
+    @property
+    def linear_layers(self) -> list[int]:
+        """Indices of the linear-mixer layers (every layer that is not attention, whichever mixer it runs)."""
+        return [i for i, kind in enumerate(self.layer_types) if kind != "attention"]
+
+    @property
+    def linear_output_eps(self) -> float:
+        """The epsilon the linear mixers' gated output norms use (linear_norm_eps, else rms_norm_eps)."""
+        return self.rms_norm_eps if self.linear_norm_eps is None else self.linear_norm_eps
+
     @classmethod
-    def preset(cls, name: str, **overrides) -> "HybridConfig":
+    def preset(cls, name: str, **overrides) -> HybridConfig:
         """A named configuration: "tiny" (tests, demo) or "infinitevl-4b" (the paper's model)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        return cls(**{**PRESETS[name], **renamed_keys(overrides, cls.__name__)})
 
     @classmethod
-    def tiny(cls, **overrides) -> "HybridConfig":
+    def tiny(cls, **overrides) -> HybridConfig:
         return cls.preset("tiny", **overrides)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "HybridConfig":
+    def from_dict(cls, data: dict) -> HybridConfig:
+        data = renamed_keys(data, cls.__name__)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -143,7 +178,7 @@ class HybridConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "HybridConfig":
+    def from_file(cls, path: str | Path) -> HybridConfig:
         try:
             data = json.loads(Path(path).read_text())
         except json.JSONDecodeError as err:
@@ -165,18 +200,47 @@ def layer_types_from_ratio(num_layers: int, ratio: float, linear_mixer: str = "g
 PRESETS: dict[str, dict] = {
     # Qwen2.5-VL-3B's language model with 3 of every 4 attention layers replaced by Gated DeltaNet.
     "infinitevl-4b": dict(
-        vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_layers=36, hybrid_ratio=0.25,
-        num_attention_heads=16, num_key_value_heads=2, head_dim=128, attention_bias=True, window=8192,
-        rope_theta=1_000_000.0, mrope_section=[16, 24, 24], gdn_num_heads=16, gdn_head_k_dim=128,
-        gdn_head_v_dim=256, gdn_conv_size=4, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=11008,
+        num_layers=36,
+        hybrid_ratio=0.25,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        head_dim=128,
+        attention_bias=True,
+        window=8192,
+        rope_theta=1_000_000.0,
+        mrope_section=[16, 24, 24],
+        linear_num_heads=16,
+        linear_head_k_dim=128,
+        linear_head_v_dim=256,
+        linear_conv_size=4,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
     ),
     # Small enough that the whole test suite runs on 2 CPU cores; keeps every structural feature (GQA, mRoPE,
     # a window shorter than test sequences, value heads wider than key heads).
     "tiny": dict(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=4, hybrid_ratio=0.25,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention_bias=True, window=16,
-        rope_theta=10_000.0, mrope_section=[2, 3, 3], gdn_num_heads=2, gdn_head_k_dim=16, gdn_head_v_dim=32,
-        gdn_conv_size=4, mamba2_head_dim=16, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=4,
+        hybrid_ratio=0.25,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        attention_bias=True,
+        window=16,
+        rope_theta=10_000.0,
+        mrope_section=[2, 3, 3],
+        linear_num_heads=2,
+        linear_head_k_dim=16,
+        linear_head_v_dim=32,
+        linear_conv_size=4,
+        mamba2_head_dim=16,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
     ),
 }
 
@@ -226,7 +290,7 @@ class InfiniteVLConfig:
         return {**dataclasses.asdict(self), "text": self.text.to_dict(), "model_type": MODEL_TYPE}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "InfiniteVLConfig":
+    def from_dict(cls, data: dict) -> InfiniteVLConfig:
         data = {k: v for k, v in data.items() if k not in ("model_type", "dtype")}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)

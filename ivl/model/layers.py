@@ -7,8 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ivl.kernels.fused import fused
-from ivl.model.cheap_recompute import cheap
 from ivl.kernels.precision import at_least_float32
+from ivl.model.training.cheap_recompute import cheap
 
 
 class RMSNorm(nn.Module):
@@ -94,7 +94,7 @@ def _rotary_cos_sin(position_ids: torch.Tensor, axis: torch.Tensor, head_dim: in
     # Frequencies are computed here in float32 rather than kept in a buffer, which model.to(bfloat16) would
     # round and so shift every angle at long positions.
     exponent = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
-    inv_freq = 1.0 / (theta ** exponent)
+    inv_freq = 1.0 / (theta**exponent)
     # The position each frequency rotates by: frequency f follows axis[f].
     pos = position_ids.float()[axis]  # [F, B, T]
     angles = pos.permute(1, 2, 0) * inv_freq  # [B, T, F]

@@ -23,8 +23,14 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
     def forward(self, x, rope, cu_seqlens=None, cache=None, token_index=None, attention_mask=None) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x), rope=rope, cu_seqlens=cu_seqlens, cache=cache,
-                           token_index=token_index, attention_mask=attention_mask)
+        x = x + self.mixer(
+            self.mixer_norm(x),
+            rope=rope,
+            cu_seqlens=cu_seqlens,
+            cache=cache,
+            token_index=token_index,
+            attention_mask=attention_mask,
+        )
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -62,8 +68,9 @@ class HybridLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, vocab]. See ``hidden_states`` for the arguments."""
-        return self.lm_head(self.hidden_states(input_ids, inputs_embeds, position_ids, cu_seqlens, cache,
-                                               attention_mask))
+        return self.lm_head(
+            self.hidden_states(input_ids, inputs_embeds, position_ids, cu_seqlens, cache, attention_mask)
+        )
 
     def hidden_states(
         self,

@@ -63,8 +63,10 @@ def multimodal_position_ids(
     if second_per_grid_ts is None:
         seconds = [1.0] * len(grids[VIDEO])
     else:
-        seconds = [float(s) for s in (second_per_grid_ts.tolist() if torch.is_tensor(second_per_grid_ts)
-                                      else second_per_grid_ts)]
+        seconds = [
+            float(s)
+            for s in (second_per_grid_ts.tolist() if torch.is_tensor(second_per_grid_ts) else second_per_grid_ts)
+        ]
     intervals = {IMAGE: [1.0] * len(grids[IMAGE]), VIDEO: [tokens_per_second * s for s in seconds]}
     used = {IMAGE: 0, VIDEO: 0}
     if cu_seqlens is not None and B != 1:
@@ -86,8 +88,10 @@ def multimodal_position_ids(
             next_position[b] = pos[0, -1] + 1
     for k, name in ((IMAGE, "image"), (VIDEO, "video")):
         if used[k] != len(grids[k]):
-            raise ValueError(f"{len(grids[k])} {name}(s) given in {name}_grid_thw but input_ids hold placeholder "
-                             f"tokens for {used[k]}")
+            raise ValueError(
+                f"{len(grids[k])} {name}(s) given in {name}_grid_thw but input_ids hold placeholder "
+                f"tokens for {used[k]}"
+            )
     return position_ids.to(device), next_position.to(device)
 
 
@@ -104,14 +108,18 @@ def _segment_positions(kinds: torch.Tensor, grids, intervals, used, merge, row) 
         while i < n:  # one or more vision items back to back
             name = "image" if k == IMAGE else "video"
             if used[k] >= len(grids[k]):
-                raise ValueError(f"row {row}: more {name} placeholder tokens than {name}s in {name}_grid_thw "
-                                 f"({len(grids[k])}); each {name} needs its pixels and its {name}_grid_thw row")
+                raise ValueError(
+                    f"row {row}: more {name} placeholder tokens than {name}s in {name}_grid_thw "
+                    f"({len(grids[k])}); each {name} needs its pixels and its {name}_grid_thw row"
+                )
             t, h, w = grids[k][used[k]]
             interval = intervals[k][used[k]]
             h, w = h // merge, w // merge
             if n - i < t * h * w:
-                raise ValueError(f"row {row}: {name} {used[k]} needs {t * h * w} placeholder tokens (grid "
-                                 f"{grids[k][used[k]]}) but its run has {n - i}")
+                raise ValueError(
+                    f"row {row}: {name} {used[k]} needs {t * h * w} placeholder tokens (grid "
+                    f"{grids[k][used[k]]}) but its run has {n - i}"
+                )
             used[k] += 1
             tt = (torch.arange(t) * interval).long() + current
             hh = torch.arange(h) + current

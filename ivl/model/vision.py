@@ -16,9 +16,22 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 )
 
 # Keys of a transformers config dict that describe the library, not the tower.
-_BOOKKEEPING = {"transformers_version", "architectures", "_name_or_path", "model_type", "dtype", "torch_dtype",
-                "id2label", "label2id", "return_dict", "output_hidden_states", "output_attentions",
-                "chunk_size_feed_forward", "is_encoder_decoder", "problem_type"}
+_BOOKKEEPING = {
+    "transformers_version",
+    "architectures",
+    "_name_or_path",
+    "model_type",
+    "dtype",
+    "torch_dtype",
+    "id2label",
+    "label2id",
+    "return_dict",
+    "output_hidden_states",
+    "output_attentions",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "problem_type",
+}
 
 
 def vision_config_dict(config: Qwen2_5_VLVisionConfig) -> dict:
@@ -46,8 +59,13 @@ class WindowBatchedAttention(Qwen2_5_VLVisionAttention):
     batch of windows. Same parameters, same math (tested against transformers' layer).
     """
 
-    def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
-                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
         if self.config._attn_implementation != "sdpa" or (self.training and self.attention_dropout > 0):
             return super().forward(hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
         T = hidden_states.shape[0]

@@ -2,8 +2,8 @@
 
 One process: uvicorn's event loop takes the requests, checks them completely (``ivl.serve.messages``) and turns
 them into prompts on worker threads (JSON, images, tokens), then submits them to the decode engine, which runs on a
-thread of its own (``ivl.model.generation``: continuous batching over a pool of cache slots). Tokens come back to
-each request's queue as the engine makes them. A request refused is refused before it reaches the engine, so it
+thread of its own (``ivl.model.decoding.generation``: continuous batching over a pool of cache slots). Tokens come
+back to each request's queue as the engine makes them. A request refused is refused before it reaches the engine, so it
 never touches another request's batch; a client that leaves ends its sequence at the next step.
 
 Why not LitServe (docs/architecture.md): its continuous batching leaves the slots, the prefill budget and the step
@@ -45,7 +45,7 @@ class Settings:
     session_idle_timeout: float = 600.0
     api_key: str | None = None
     baseline: str | None = None  # a Qwen2.5-VL folder: serve it, converted exactly, on the same engine
-    step_budget: int = 512  # prompt tokens prefilled between two decode steps while others decode
+    step_budget: int = 4096  # prompt tokens prefilled between two decode steps while others decode
 
     def __post_init__(self):
         self.limits = self.limits or messages.Limits()
@@ -55,8 +55,7 @@ def build_app(settings: Settings, chat: ChatEngine, name: str) -> FastAPI:
     """The routes over a running ``chat`` engine (its thread started by the caller)."""
     app = FastAPI(title="ivl", docs_url=None, redoc_url=None, openapi_url=None)
     limits = settings.limits
-    sessions = None if settings.baseline else SessionStore(chat, settings.max_sessions,
-                                                           settings.session_idle_timeout)
+    sessions = None if settings.baseline else SessionStore(chat, settings.max_sessions, settings.session_idle_timeout)
     tokenizer, vocab = chat.processor.tokenizer, chat.model.lm.config.vocab_size
 
     @app.exception_handler(ApiError)
@@ -66,9 +65,10 @@ def build_app(settings: Settings, chat: ChatEngine, name: str) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, error: StarletteHTTPException):  # unknown routes and methods, in OpenAI's shape
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
-        message = {404: f"no such endpoint: {request.method} {request.url.path}",
-                   405: f"{request.method} is not allowed on {request.url.path}"}.get(error.status_code,
-                                                                                  str(error.detail))
+        message = {
+            404: f"no such endpoint: {request.method} {request.url.path}",
+            405: f"{request.method} is not allowed on {request.url.path}",
+        }.get(error.status_code, str(error.detail))
         return JSONResponse(ApiError(message, error.status_code, code=code).body(), status_code=error.status_code)
 
     @app.middleware("http")
@@ -78,8 +78,12 @@ def build_app(settings: Settings, chat: ChatEngine, name: str) -> FastAPI:
         if settings.api_key and request.url.path.startswith("/v1"):
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
-                return JSONResponse(ApiError("missing or wrong API key: send Authorization: Bearer <key>", 401,
-                                             code="invalid_api_key").body(), status_code=401)
+                return JSONResponse(
+                    ApiError(
+                        "missing or wrong API key: send Authorization: Bearer <key>", 401, code="invalid_api_key"
+                    ).body(),
+                    status_code=401,
+                )
         return await call_next(request)
 
     @app.get("/health")
@@ -100,8 +104,9 @@ def build_app(settings: Settings, chat: ChatEngine, name: str) -> FastAPI:
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         if model_id != name:
-            raise ApiError(f"The model `{model_id}` does not exist; this server serves `{name}`", 404, "model",
-                           "model_not_found")
+            raise ApiError(
+                f"The model `{model_id}` does not exist; this server serves `{name}`", 404, "model", "model_not_found"
+            )
         return model_card()
 
     @app.post("/v1/chat/completions")
@@ -149,8 +154,11 @@ class _Reply:
 
     def usage(self) -> dict:
         done = sum(self.completion)
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": done,
-                "total_tokens": self.prompt_tokens + done}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": done,
+            "total_tokens": self.prompt_tokens + done,
+        }
 
     def _take(self, delta: Delta) -> None:
         self.prompt_tokens, self.completion[delta.index] = delta.prompt_tokens, delta.completion_tokens
@@ -173,15 +181,32 @@ class _Reply:
             finish[delta.index] = delta.finish_reason
             if delta.logprobs is not None:
                 logprobs[delta.index] = (logprobs[delta.index] or []) + delta.logprobs
-        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i], "refusal": None},
-                    "logprobs": {"content": logprobs[i]} if logprobs[i] is not None else None,
-                    "finish_reason": finish[i]} for i in range(self.n)]
-        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": choices, "usage": self.usage()}
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": texts[i], "refusal": None},
+                "logprobs": {"content": logprobs[i]} if logprobs[i] is not None else None,
+                "finish_reason": finish[i],
+            }
+            for i in range(self.n)
+        ]
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": self.usage(),
+        }
 
     def _chunk(self, choices: list[dict], usage: dict | None = None, with_usage: bool = False) -> str:
-        body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": choices}
+        body = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
         if with_usage:
             body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n"
@@ -190,8 +215,17 @@ class _Reply:
         finished = 0
         try:
             for i in range(self.n):
-                yield self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                    "finish_reason": None}], with_usage=usage_chunk)
+                yield self._chunk(
+                    [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                    with_usage=usage_chunk,
+                )
             while finished < self.n:
                 delta = await out.get()
                 if delta.finish_reason == "error":
@@ -199,13 +233,23 @@ class _Reply:
                     return
                 self._take(delta)
                 if delta.text or delta.logprobs:
-                    yield self._chunk([{"index": delta.index, "delta": {"content": delta.text},
-                                        "logprobs": {"content": delta.logprobs} if delta.logprobs else None,
-                                        "finish_reason": None}], with_usage=usage_chunk)
+                    yield self._chunk(
+                        [
+                            {
+                                "index": delta.index,
+                                "delta": {"content": delta.text},
+                                "logprobs": {"content": delta.logprobs} if delta.logprobs else None,
+                                "finish_reason": None,
+                            }
+                        ],
+                        with_usage=usage_chunk,
+                    )
                 if delta.finish_reason is not None:
                     finished += 1
-                    yield self._chunk([{"index": delta.index, "delta": {}, "logprobs": None,
-                                        "finish_reason": delta.finish_reason}], with_usage=usage_chunk)
+                    yield self._chunk(
+                        [{"index": delta.index, "delta": {}, "logprobs": None, "finish_reason": delta.finish_reason}],
+                        with_usage=usage_chunk,
+                    )
             if usage_chunk:  # OpenAI's: one more chunk, no choices, the whole request's usage
                 yield self._chunk([], self.usage(), with_usage=True)
             yield "data: [DONE]\n\n"
@@ -214,9 +258,12 @@ class _Reply:
                 chat.cancel(sequence)
 
 
-SESSION_FIELDS = {"open": {"op"}, "close": {"op", "session"}, "push": {"op", "session", "frames"},
-                  "ask": {"op", "session", "question", "max_tokens", "max_completion_tokens", "temperature", "top_p",
-                          "seed", "stop"}}
+SESSION_FIELDS = {
+    "open": {"op"},
+    "close": {"op", "session"},
+    "push": {"op", "session", "frames"},
+    "ask": {"op", "session", "question", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop"},
+}
 
 
 async def _session_call(body: dict, sessions: SessionStore, limits: messages.Limits) -> dict:
@@ -230,8 +277,9 @@ async def _session_call(body: dict, sessions: SessionStore, limits: messages.Lim
     if op == "push":
         frames = body.get("frames")
         if not isinstance(frames, list) or not frames:
-            raise ApiError("push needs `frames`: a non-empty list of image URLs (data:, http(s), file://)",
-                           param="frames")
+            raise ApiError(
+                "push needs `frames`: a non-empty list of image URLs (data:, http(s), file://)", param="frames"
+            )
         if len(frames) > limits.max_frames:
             raise ApiError(f"push at most {limits.max_frames} frames per call; got {len(frames)}", param="frames")
 

@@ -1,5 +1,5 @@
-"""Chat prompts on the decode engine (``ivl.model.generation``): a prompt's text and media become a token sequence,
-the engine's tokens become text, copy by copy (OpenAI's ``n``).
+"""Chat prompts on the decode engine (``ivl.model.decoding.generation``): a prompt's text and media become a token
+sequence, the engine's tokens become text, copy by copy (OpenAI's ``n``).
 
 Text comes out incrementally: what could still turn into a stop string, or an incomplete UTF-8 character, is held
 back until it is settled; a stop string ends its copy there (and the engine drops the copy's slot). The processor
@@ -10,13 +10,13 @@ thread of its own and calls ``start``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 
 from ivl.data.processing import Processor
-from ivl.model.generation import Engine, Sampling, Sequence, Token
+from ivl.model.decoding.generation import Engine, Sampling, Sequence, Token
 
 __all__ = ["ChatEngine", "Delta", "Prompt", "Sampling"]
 
@@ -63,9 +63,9 @@ class _Text:
 
     def _settle(self, final: bool) -> None:
         decode = lambda ids: self.processor.decode(ids, skip_special_tokens=True)  # noqa: E731
-        before, after = decode(self.tokens[self.prefix:self.read]), decode(self.tokens[self.prefix:])
+        before, after = decode(self.tokens[self.prefix : self.read]), decode(self.tokens[self.prefix :])
         if len(after) > len(before) and (final or not after.endswith("\ufffd")):
-            self.text += after[len(before):]
+            self.text += after[len(before) :]
             self.prefix, self.read = self.read, len(self.tokens)
 
     def take(self, token: Token) -> tuple[str, str | None]:
@@ -78,19 +78,19 @@ class _Text:
         for stop in self.stops:
             at = text.find(stop, max(0, self.sent - len(stop)))
             if at >= 0:
-                out, self.sent, self.finished = text[self.sent:at], at, True
+                out, self.sent, self.finished = text[self.sent : at], at, True
                 return out, "stop"
         end = len(text)
         if not final:
             hold = max((len(s) - 1 for s in self.stops), default=0)
             end = max(self.sent, end - hold)
-        out, self.sent = text[self.sent:end], end
+        out, self.sent = text[self.sent : end], end
         self.finished = final
         return out, token.finish
 
 
 class ChatEngine:
-    """A model, its processor and the decode engine over ``capacity`` slots (``ivl.model.generation.Engine``'s
+    """A model, its processor and the decode engine over ``capacity`` slots (``ivl.model.decoding.generation.Engine``'s
     other arguments pass through)."""
 
     def __init__(self, model, processor: Processor, capacity: int = 8, **engine):
@@ -100,8 +100,11 @@ class ChatEngine:
 
     def count_tokens(self, prompt: Prompt) -> int:
         """Tokens the prompt takes after its images and videos are expanded (checked before generating)."""
-        return int(self.processor(prompt.text, images=prompt.images or None, videos=prompt.videos or None)
-                   ["input_ids"].shape[1])
+        return int(
+            self.processor(prompt.text, images=prompt.images or None, videos=prompt.videos or None)["input_ids"].shape[
+                1
+            ]
+        )
 
     def sequence(self, prompt: Prompt, on_delta: Callable[[Delta], None]) -> Sequence:
         """The prompt as the engine's sequence; ``on_delta`` gets every copy's deltas (on the engine's thread)."""
@@ -115,18 +118,25 @@ class ChatEngine:
                 if key in batch:
                     batch[key] = batch[key].to(dtype)
             ids = batch["input_ids"]
-            sequence.embeds = model.embed(ids, batch.get("pixel_values"), batch.get("image_grid_thw"),
-                                          batch.get("pixel_values_videos"), batch.get("video_grid_thw"))[0]
-            positions, next_position = model.position_ids(ids, batch.get("image_grid_thw"),
-                                                          batch.get("video_grid_thw"),
-                                                          batch.get("second_per_grid_ts"))
+            sequence.embeds = model.embed(
+                ids,
+                batch.get("pixel_values"),
+                batch.get("image_grid_thw"),
+                batch.get("pixel_values_videos"),
+                batch.get("video_grid_thw"),
+            )[0]
+            positions, next_position = model.position_ids(
+                ids, batch.get("image_grid_thw"), batch.get("video_grid_thw"), batch.get("second_per_grid_ts")
+            )
             sequence.position_ids, sequence.next_position = positions[:, 0], int(next_position[0])
 
-        return self._sequence(prepare, int(inputs["input_ids"].shape[1]), prompt.sampling, prompt.n,
-                              prompt.constraint, on_delta)
+        return self._sequence(
+            prepare, int(inputs["input_ids"].shape[1]), prompt.sampling, prompt.n, prompt.constraint, on_delta
+        )
 
-    def continuation(self, cache, ids: torch.Tensor, positions: torch.Tensor, sampling: Sampling,
-                     on_delta: Callable[[Delta], None]) -> Sequence:
+    def continuation(
+        self, cache, ids: torch.Tensor, positions: torch.Tensor, sampling: Sampling, on_delta: Callable[[Delta], None]
+    ) -> Sequence:
         """Text tokens ``ids`` [T] at ``positions`` [3, T] after the stream in ``cache`` (a live session's), answered
         from a copy of it: the stream itself stays where it was."""
         device = self.device
@@ -137,8 +147,16 @@ class ChatEngine:
 
         return self._sequence(prepare, len(ids), sampling, 1, None, on_delta, start=cache)
 
-    def _sequence(self, prepare, prompt_tokens: int, sampling: Sampling, n: int, constraint,
-                  on_delta: Callable[[Delta], None], start=None) -> Sequence:
+    def _sequence(
+        self,
+        prepare,
+        prompt_tokens: int,
+        sampling: Sampling,
+        n: int,
+        constraint,
+        on_delta: Callable[[Delta], None],
+        start=None,
+    ) -> Sequence:
         texts = [_Text(self.processor, sampling) for _ in range(n)]
         holder: dict[str, Sequence] = {}
 
@@ -149,12 +167,16 @@ class ChatEngine:
             piece, finish = text.take(token)
             if finish == "stop" and token.finish is None:  # a stop string: the copy's slot goes too
                 self.engine.cancel(holder["sequence"], token.copy)
-            logprobs = self._logprobs(token) if sampling.logprobs is not None and token.id is not None \
-                and token.output else None
+            logprobs = (
+                self._logprobs(token)
+                if sampling.logprobs is not None and token.id is not None and token.output
+                else None
+            )
             on_delta(Delta(piece, finish, prompt_tokens, len(text.tokens), token.copy, logprobs))
 
-        holder["sequence"] = Sequence(prepare=prepare, sampling=sampling, copies=n, on_token=on_token,
-                                      constraint=constraint, start=start)
+        holder["sequence"] = Sequence(
+            prepare=prepare, sampling=sampling, copies=n, on_token=on_token, constraint=constraint, start=start
+        )
         return holder["sequence"]
 
     def _logprobs(self, token: Token) -> list[dict]:
@@ -162,8 +184,7 @@ class ChatEngine:
             text = self.processor.decode([token_id])
             return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
-        return [{**entry(token.id, token.logprob),
-                 "top_logprobs": [entry(i, lp) for i, lp in (token.top or [])]}]
+        return [{**entry(token.id, token.logprob), "top_logprobs": [entry(i, lp) for i, lp in (token.top or [])]}]
 
     def start(self, prompt: Prompt, on_delta: Callable[[Delta], None]) -> Sequence:
         """Submits the prompt to the engine (running on its own thread); cancel with ``cancel``."""
@@ -182,9 +203,14 @@ class ChatEngine:
             if pending[i] is None:
                 pending[i] = delta
             else:  # several tokens in one step (the first two come together): one delta
-                pending[i] = Delta(pending[i].text + delta.text, delta.finish_reason, delta.prompt_tokens,
-                                   delta.completion_tokens, delta.index,
-                                   (pending[i].logprobs or []) + (delta.logprobs or []) or None)
+                pending[i] = Delta(
+                    pending[i].text + delta.text,
+                    delta.finish_reason,
+                    delta.prompt_tokens,
+                    delta.completion_tokens,
+                    delta.index,
+                    (pending[i].logprobs or []) + (delta.logprobs or []) or None,
+                )
 
         for i, prompt in enumerate(prompts):
             self.engine.submit(self.sequence(prompt, lambda d, i=i: collect(i, d)))

@@ -21,13 +21,19 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(*args: str, log_path: Path, env: dict | None = None, timeout: float = 120.0,
-                   cwd: Path | None = None):
+def running_server(
+    *args: str, log_path: Path, env: dict | None = None, timeout: float = 120.0, cwd: Path | None = None
+):
     """Yields (base URL, process) of a server started with ``args`` in ``cwd``; its output goes to ``log_path``."""
     port = free_port()
     log = open(log_path, "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "ivl.serve", "--port", str(port), *args],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ivl.serve", "--port", str(port), *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout
     try:

@@ -11,8 +11,9 @@ from ivl.data.processing import Processor
 from ivl.model import HybridConfig, InfiniteVL, InfiniteVLConfig
 
 DEMO_MODEL = Path("runs/demo/model")
-TINY_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                   fullatt_block_indexes=[0])
+TINY_VISION = dict(
+    depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, fullatt_block_indexes=[0]
+)
 
 
 def tiny_random_model(seed: int = 0) -> InfiniteVL:
@@ -33,8 +34,9 @@ def model_name(model_dir: str | Path | None) -> str:
     return "ivl-tiny-random" if folder is None else folder.name
 
 
-def load(model_dir: str | Path | None, device: str = "cpu", dtype: str | None = None
-         ) -> tuple[InfiniteVL, Processor, str]:
+def load(
+    model_dir: str | Path | None, device: str = "cpu", dtype: str | None = None
+) -> tuple[InfiniteVL, Processor, str]:
     """(model, processor, a name for /v1/models). ``model_dir`` None: the demo's model when it was trained here,
     else the tiny random model with the bundled tokenizer."""
     torch_dtype = getattr(torch, dtype) if dtype else None
@@ -44,21 +46,25 @@ def load(model_dir: str | Path | None, device: str = "cpu", dtype: str | None = 
         return model, Processor.from_pretrained(), "ivl-tiny-random"
     path = Path(model_dir)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a saved InfiniteVL folder (no config.json); train one with "
-                                f"`python -m ivl.experiments fit --config experiments/demo.yaml` or pass --model")
+        raise FileNotFoundError(
+            f"{path} is not a saved InfiniteVL folder (no config.json); train one with "
+            f"`python -m ivl.experiments fit --config experiments/demo.yaml` or pass --model"
+        )
     model = InfiniteVL.from_pretrained(path, dtype=torch_dtype, device=device)
     processor = Processor.from_pretrained(path if (path / "tokenizer_config.json").is_file() else None)
     return model, processor, path.name
 
 
-def load_baseline(folder: str | Path, device: str = "cpu", dtype: str | None = None
-                  ) -> tuple[InfiniteVL, Processor, str]:
+def load_baseline(
+    folder: str | Path, device: str = "cpu", dtype: str | None = None
+) -> tuple[InfiniteVL, Processor, str]:
     """A transformers Qwen2.5-VL checkpoint as an InfiniteVL whose every layer is full attention: the same
     computation (``tests/test_vlm.py`` holds the conversion to the teacher's logits), served by the same engine, so
     that a benchmark compares the models and not two serving stacks."""
     from ivl.model.convert import convert_qwen2_5_vl
 
-    model, _ = convert_qwen2_5_vl(folder, hybrid_ratio=1.0, window=None,
-                                  dtype=getattr(torch, dtype) if dtype else None, device=device)
+    model, _ = convert_qwen2_5_vl(
+        folder, hybrid_ratio=1.0, window=None, dtype=getattr(torch, dtype) if dtype else None, device=device
+    )
     model.processor_source = Path(folder)
     return model.eval(), Processor.from_pretrained(folder), f"{Path(folder).name} (full attention)"

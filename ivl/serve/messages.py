@@ -27,11 +27,34 @@ from ivl.serve.engine import Prompt, Sampling
 ROLES = ("system", "developer", "user", "assistant")
 INT64 = (-(2**63), 2**63 - 1)
 # What this server reads of a chat request; anything else OpenAI defines is refused unless neutral.
-IMPLEMENTED = {"messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop", "seed",
-               "stream", "stream_options", "logprobs", "top_logprobs", "response_format"}
-NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},), "user": None,
-           "store": (False,), "parallel_tool_calls": None, "tools": ([],), "tool_choice": ("none",),
-           "metadata": None, "service_tier": ("auto", "default")}
+IMPLEMENTED = {
+    "messages",
+    "model",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stop",
+    "seed",
+    "stream",
+    "stream_options",
+    "logprobs",
+    "top_logprobs",
+    "response_format",
+}
+NEUTRAL = {
+    "frequency_penalty": (0, 0.0),
+    "presence_penalty": (0, 0.0),
+    "logit_bias": ({},),
+    "user": None,
+    "store": (False,),
+    "parallel_tool_calls": None,
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "metadata": None,
+    "service_tier": ("auto", "default"),
+}
 
 
 class ApiError(Exception):
@@ -44,7 +67,8 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         kind = {401: "authentication_error", 404: "invalid_request_error", 429: "rate_limit_error"}.get(
-            self.status, "invalid_request_error" if self.status < 500 else "server_error")
+            self.status, "invalid_request_error" if self.status < 500 else "server_error"
+        )
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
@@ -69,8 +93,10 @@ def json_body(raw: bytes, content_type: str | None = "application/json") -> dict
             raise ValueError
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
-        raise ApiError("We could not parse the JSON body of your request: send a JSON object with "
-                       f"Content-Type: application/json (got {media or 'no Content-Type'})") from None
+        raise ApiError(
+            "We could not parse the JSON body of your request: send a JSON object with "
+            f"Content-Type: application/json (got {media or 'no Content-Type'})"
+        ) from None
     if not isinstance(body, dict):
         raise ApiError("The request body must be a JSON object")
     return body
@@ -83,8 +109,9 @@ def check_fields(body: dict, implemented: set[str], neutral: dict | None = None)
         allowed = (neutral or {}).get(key, ())
         if key in (neutral or {}) and (value is None or allowed is None or value in allowed):
             continue
-        raise ApiError(f"`{key}` is not supported by this server; leave it out", param=key,
-                       code="unsupported_parameter")
+        raise ApiError(
+            f"`{key}` is not supported by this server; leave it out", param=key, code="unsupported_parameter"
+        )
 
 
 def parse_chat(body: dict, limits: Limits) -> tuple[list[dict], list[Image.Image], list[np.ndarray], Sampling]:
@@ -103,8 +130,11 @@ def parse_chat(body: dict, limits: Limits) -> tuple[list[dict], list[Image.Image
             raise ApiError(f"{where}.role must be one of {list(ROLES)}; got {role!r}", param=f"{where}.role")
         unknown = set(message) - {"role", "content", "name"}
         if unknown:
-            raise ApiError(f"{where}.{sorted(unknown)[0]} is not supported by this server", param=where,
-                           code="unsupported_parameter")
+            raise ApiError(
+                f"{where}.{sorted(unknown)[0]} is not supported by this server",
+                param=where,
+                code="unsupported_parameter",
+            )
         role = "system" if role == "developer" else role
         content = message.get("content")
         if isinstance(content, str):
@@ -124,8 +154,10 @@ def parse_chat(body: dict, limits: Limits) -> tuple[list[dict], list[Image.Image
                 url = part.get("image_url")
                 url = url.get("url") if isinstance(url, dict) else url
                 if not isinstance(url, str):
-                    raise ApiError(f"{at}.image_url.url must be a string (a data: URL, http(s) or file://)",
-                                   param=f"{at}.image_url")
+                    raise ApiError(
+                        f"{at}.image_url.url must be a string (a data: URL, http(s) or file://)",
+                        param=f"{at}.image_url",
+                    )
                 images.append(load_image(url, limits, at))
                 parts.append({"type": "image"})
             elif kind == "video":
@@ -133,10 +165,12 @@ def parse_chat(body: dict, limits: Limits) -> tuple[list[dict], list[Image.Image
                 if not isinstance(frames, list) or not frames:
                     raise ApiError(f"{at}.video must be a non-empty list of frame URLs", param=f"{at}.video")
                 if len(frames) > limits.max_frames:
-                    raise ApiError(f"{at}.video has {len(frames)} frames; at most {limits.max_frames}",
-                                   param=f"{at}.video")
-                videos.append(frames_array([load_image(f, limits, f"{at}.video[{k}]") for k, f in enumerate(frames)],
-                                           at))
+                    raise ApiError(
+                        f"{at}.video has {len(frames)} frames; at most {limits.max_frames}", param=f"{at}.video"
+                    )
+                videos.append(
+                    frames_array([load_image(f, limits, f"{at}.video[{k}]") for k, f in enumerate(frames)], at)
+                )
                 parts.append({"type": "video"})
             else:
                 raise ApiError(f"{at}.type must be one of text, image_url, video; got {kind!r}", param=f"{at}.type")
@@ -148,10 +182,16 @@ def _number(body: dict, key: str, default: float, low: float, high: float, low_o
     value = body.get(key)
     if value is None:
         return default
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (
-            (low < value if low_open else low <= value) and value <= high):
-        raise ApiError(f"`{key}` must be a number from {low} {'(excluded) ' if low_open else ''}to {high}; got "
-                       f"{value!r}", param=key, code="invalid_value")
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not ((low < value if low_open else low <= value) and value <= high)
+    ):
+        raise ApiError(
+            f"`{key}` must be a number from {low} {'(excluded) ' if low_open else ''}to {high}; got {value!r}",
+            param=key,
+            code="invalid_value",
+        )
     return float(value)
 
 
@@ -160,8 +200,9 @@ def _integer(body: dict, key: str, low: int, high: int) -> int | None:
     if value is None:
         return None
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ApiError(f"`{key}` must be an integer from {low} to {high}; got {value!r}", param=key,
-                       code="invalid_value")
+        raise ApiError(
+            f"`{key}` must be an integer from {low} to {high}; got {value!r}", param=key, code="invalid_value"
+        )
     return value
 
 
@@ -179,9 +220,14 @@ def parse_sampling(body: dict, limits: Limits) -> Sampling:
     top = _integer(body, "top_logprobs", 0, 20)
     if top is not None and not logprobs:
         raise ApiError("`top_logprobs` needs `logprobs: true`", param="top_logprobs")
-    return Sampling(max_tokens=min(256, limits.max_tokens) if max_tokens is None else max_tokens,
-                    temperature=_number(body, "temperature", 1.0, 0, 2), top_p=_number(body, "top_p", 1.0, 0, 1, True),
-                    seed=seed, stop=stop, logprobs=(top or 0) if logprobs else None)
+    return Sampling(
+        max_tokens=min(256, limits.max_tokens) if max_tokens is None else max_tokens,
+        temperature=_number(body, "temperature", 1.0, 0, 2),
+        top_p=_number(body, "top_p", 1.0, 0, 1, True),
+        seed=seed,
+        stop=stop,
+        logprobs=(top or 0) if logprobs else None,
+    )
 
 
 def parse_n(body: dict, limits: Limits) -> int:
@@ -196,8 +242,11 @@ def parse_stream_options(body: dict) -> bool:
         return False
     if not body.get("stream"):
         raise ApiError("`stream_options` is only allowed with `stream: true`", param="stream_options")
-    if not isinstance(options, dict) or set(options) - {"include_usage"} or \
-            not isinstance(options.get("include_usage", False), bool):
+    if (
+        not isinstance(options, dict)
+        or set(options) - {"include_usage"}
+        or not isinstance(options.get("include_usage", False), bool)
+    ):
         raise ApiError("`stream_options` may only hold `include_usage` (true or false)", param="stream_options")
     return bool(options.get("include_usage"))
 
@@ -208,8 +257,9 @@ def load_image(url: str, limits: Limits, where: str) -> Image.Image:
     if scheme == "data":
         header, _, payload = url.partition(",")
         if not header.startswith("data:image/"):
-            raise ApiError(f"{where}: a data URL must hold an image (data:image/png;base64,...); got {header[:40]!r}",
-                           param=where)
+            raise ApiError(
+                f"{where}: a data URL must hold an image (data:image/png;base64,...); got {header[:40]!r}", param=where
+            )
         if ";base64" not in header:
             raise ApiError(f"{where}: image data URLs must be base64-encoded", param=where)
         if len(payload) * 3 // 4 > limits.max_media_bytes:
@@ -232,8 +282,7 @@ def _fetch(url: str, limits: Limits, where: str) -> bytes:
         with urllib.request.urlopen(url, timeout=limits.fetch_timeout) as response:
             data = response.read(limits.max_media_bytes + 1)
     except (urllib.error.URLError, TimeoutError, OSError) as error:
-        raise ApiError(f"{where}: could not fetch {url[:80]}: {getattr(error, 'reason', error)}", param=where) \
-            from None
+        raise ApiError(f"{where}: could not fetch {url[:80]}: {getattr(error, 'reason', error)}", param=where) from None
     if len(data) > limits.max_media_bytes:
         raise ApiError(f"{where}: {url[:80]} is larger than {limits.max_media_bytes // 2**20} MiB", 413, where)
     return data
@@ -241,8 +290,7 @@ def _fetch(url: str, limits: Limits, where: str) -> bytes:
 
 def _read_local(url: str, limits: Limits, where: str) -> bytes:
     if limits.media_root is None:
-        raise ApiError(f"{where}: file:// media is off; start the server with --media-root DIR to allow it", 403,
-                       where)
+        raise ApiError(f"{where}: file:// media is off; start the server with --media-root DIR to allow it", 403, where)
     path = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).resolve()
     root = limits.media_root.resolve()
     if not path.is_relative_to(root):
@@ -259,8 +307,12 @@ def _decode(data: bytes, limits: Limits, where: str) -> Image.Image:
         image = Image.open(io.BytesIO(data))
         width, height = image.size
         if width * height > limits.max_image_pixels:
-            raise ApiError(f"{where}: the image has {width}x{height} pixels; at most {limits.max_image_pixels:,} "
-                           f"pixels are accepted (resize it)", 413, where)
+            raise ApiError(
+                f"{where}: the image has {width}x{height} pixels; at most {limits.max_image_pixels:,} "
+                f"pixels are accepted (resize it)",
+                413,
+                where,
+            )
         return image.convert("RGB")
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
         raise ApiError(f"{where}: not a readable image (PNG, JPEG, WebP, ...)", param=where) from None
@@ -283,8 +335,11 @@ def build_prompt(body: dict, processor, limits: Limits, count_tokens, constraint
     prompt = Prompt(text, images, videos, sampling, n=n, constraint=constraint)
     tokens = count_tokens(prompt)
     if tokens + sampling.max_tokens > limits.max_context:
-        raise ApiError(f"the prompt takes {tokens:,} tokens (images and videos included) and max_tokens asks for "
-                       f"{sampling.max_tokens:,} more: over the model's context of {limits.max_context:,}; send "
-                       f"fewer or smaller images, or a shorter conversation", param="messages",
-                       code="context_length_exceeded")
+        raise ApiError(
+            f"the prompt takes {tokens:,} tokens (images and videos included) and max_tokens asks for "
+            f"{sampling.max_tokens:,} more: over the model's context of {limits.max_context:,}; send "
+            f"fewer or smaller images, or a shorter conversation",
+            param="messages",
+            code="context_length_exceeded",
+        )
     return prompt

@@ -22,7 +22,7 @@ from concurrent.futures import Future
 import numpy as np
 import torch
 
-from ivl.model.generation import Sampling, Sequence, Token
+from ivl.model.decoding.generation import Sampling, Sequence, Token
 from ivl.model.vision import vision_features
 from ivl.serve.engine import ChatEngine, Delta
 
@@ -56,9 +56,11 @@ class VideoSession:
     def check_push(self, frames: list[np.ndarray]) -> None:
         sizes = {f.shape for f in self.pending + list(frames)}
         if len(sizes) > 1:
-            raise SessionError(f"frames of one session must all have one size; got {sorted(s[:2] for s in sizes)}"
-                               + (" (a frame from the last push still waits for its pair)" if self.pending else ""),
-                               param="frames")
+            raise SessionError(
+                f"frames of one session must all have one size; got {sorted(s[:2] for s in sizes)}"
+                + (" (a frame from the last push still waits for its pair)" if self.pending else ""),
+                param="frames",
+            )
 
     def push(self, frames: list[np.ndarray]) -> Future:
         """Ingest frames [H, W, 3] uint8, oldest first; the future resolves once they are in the cache."""
@@ -79,9 +81,16 @@ class VideoSession:
             h, w = h // merge, w // merge
             interval = self.model.config.tokens_per_second * float(video["second_per_grid_ts"][0])
             steps = torch.arange(self.patches, self.patches + t)
-            positions = torch.stack([(steps * interval).long().repeat_interleave(h * w),
-                                     torch.arange(h).repeat_interleave(w).repeat(t),
-                                     torch.arange(w).repeat(h * t)]) + self.video_start
+            positions = (
+                torch.stack(
+                    [
+                        (steps * interval).long().repeat_interleave(h * w),
+                        torch.arange(h).repeat_interleave(w).repeat(t),
+                        torch.arange(w).repeat(h * t),
+                    ]
+                )
+                + self.video_start
+            )
             self.patches += t
             self.max_position = max(self.max_position, int(positions.max()))
             return self._ingest(positions, pixels=video["pixel_values_videos"], grid=grid)
@@ -100,8 +109,14 @@ class VideoSession:
                 if delta.finish_reason == "error":
                     result.set_exception(SessionError("the model failed on this question", 500))
                 elif delta.finish_reason is not None:
-                    result.set_result({"answer": "".join(answer), "finish_reason": delta.finish_reason,
-                                       "frames": frames, "completion_tokens": delta.completion_tokens})
+                    result.set_result(
+                        {
+                            "answer": "".join(answer),
+                            "finish_reason": delta.finish_reason,
+                            "frames": frames,
+                            "completion_tokens": delta.completion_tokens,
+                        }
+                    )
 
             self.chat.engine.submit(self.chat.continuation(self.cache, ids, positions, sampling, on_delta))
             return result
@@ -124,8 +139,15 @@ class VideoSession:
             else:
                 done.set_result(None)
 
-        self.chat.engine.submit(Sequence(prepare=prepare, sampling=Sampling(max_tokens=0), start=self.cache,
-                                         advance_start=True, on_token=on_token))
+        self.chat.engine.submit(
+            Sequence(
+                prepare=prepare,
+                sampling=Sampling(max_tokens=0),
+                start=self.cache,
+                advance_start=True,
+                on_token=on_token,
+            )
+        )
         return done
 
     def nbytes(self) -> int:
@@ -153,8 +175,11 @@ class SessionStore:
         with self.lock:
             self.expire()
             if len(self.sessions) >= self.max_sessions:
-                raise SessionError(f"{self.max_sessions} sessions are open, the most this server allows; close one "
-                                   f"or wait for an idle one to expire ({self.idle_timeout:.0f} s)", 429)
+                raise SessionError(
+                    f"{self.max_sessions} sessions are open, the most this server allows; close one "
+                    f"or wait for an idle one to expire ({self.idle_timeout:.0f} s)",
+                    429,
+                )
             sid = uuid.uuid4().hex
             self.sessions[sid] = None  # taken while it starts
         try:
@@ -172,8 +197,11 @@ class SessionStore:
             self.expire()
             session = self.sessions.get(sid) if isinstance(sid, str) else None
         if session is None:
-            raise SessionError(f"no open session {sid!r} (closed, expired after {self.idle_timeout:.0f} s idle, or "
-                               f"never opened)", 404, param="session")
+            raise SessionError(
+                f"no open session {sid!r} (closed, expired after {self.idle_timeout:.0f} s idle, or never opened)",
+                404,
+                param="session",
+            )
         session.last_used = time.monotonic()
         return session
 

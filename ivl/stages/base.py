@@ -15,12 +15,23 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from ivl.data.processing import Processor
 from ivl.errors import UsageError
 from ivl.model import InfiniteVL, checkpoint
-from ivl.model.losses import HeadLosses
+from ivl.model.renames import warn_renamed
+from ivl.model.training.losses import HeadLosses
 from ivl.stages import distributed, host_batch, lora
+from ivl.stages.flops import Flops, hybrid_batch_flops, sequence_lengths
 from ivl.stages.models import check_student, check_teacher, load_student, student_config, student_state
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
-                "video_grid_thw", "second_per_grid_ts", "cu_seqlens", "position_ids")
+MODEL_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_values_videos",
+    "video_grid_thw",
+    "second_per_grid_ts",
+    "cu_seqlens",
+    "position_ids",
+)
 
 
 class StageModule(L.LightningModule):
@@ -34,12 +45,12 @@ class StageModule(L.LightningModule):
     Args:
         student: an InfiniteVL checkpoint folder; None converts ``teacher`` (a Qwen2.5-VL folder or "tiny").
         teacher: the Qwen2.5-VL teacher ("tiny": a random tiny one built in code).
-        hybrid_ratio, window, gdn_init, linear_mixer: conversion settings when the student is converted here
+        hybrid_ratio, window, linear_init, linear_mixer: conversion settings when the student is converted here
             (linear_mixer: the mixer of the replaced layers, "gated_deltanet", "mamba2", "gla" or
-            "linear_attention").
+            "linear_attention"; linear_init: how those start, "mimic" or "attention").
         trainable: regexes over parameter names; only matching parameters train (default: the stage's own).
-            ``{gdn}`` and ``{attention}`` stand for the indices of those layers, e.g.
-            ``lm\\.layers\\.{gdn}\\.mixer\\..*`` for every linear mixer (Gated DeltaNet or the ablation's).
+            ``{linear}`` and ``{attention}`` stand for the indices of those layers, e.g.
+            ``lm\\.layers\\.{linear}\\.mixer\\..*`` for every linear mixer (Gated DeltaNet or the ablation's).
         lr, weight_decay, warmup_ratio, betas: AdamW with linear warm-up and cosine decay to 10% of lr.
         save_dir: where the end of training writes the trained student (a plain ``save_pretrained`` folder, LoRA
             merged in, ``adapter/`` beside it); None: not written.
@@ -51,25 +62,43 @@ class StageModule(L.LightningModule):
             (``store_frozen_in``); the export writes float32.
         recompute_cheap: with activation checkpointing on, the blocks it keeps recompute their cheap activations
             (norm outputs, the SwiGLU product, convolution outputs) in the backward rather than hold them
-            (``ivl.model.cheap_recompute``): a kept Gated DeltaNet block holds about 2.5 instead of 4.5 GiB at 32K
-            tokens, which leaves room to keep more blocks.
+            (``ivl.model.training.cheap_recompute``): a kept block then holds much less, which leaves room to keep more
+            blocks.
         reshard_after_forward: under FSDP2, free each block's gathered parameters after its forward and gather them
             again for the backward (True, least memory); False keeps them from forward to backward: a third less
             communication for one bf16 copy of the model per GPU.
+        gdn_init: the old name of linear_init (still read, with a warning).
     """
 
     default_trainable: tuple[str, ...] = (".*",)
     adamw_fused: bool | None = None  # None: fused where every trained parameter is on a GPU (see ``adamw``)
 
-    def __init__(self, student: str | None = None, teacher: str | None = None, hybrid_ratio: float = 0.25,
-                 window: int | None = 8192, gdn_init: str = "mimic", trainable: list[str] | None = None,
-                 lr: float = 2e-4, weight_decay: float = 0.0, warmup_ratio: float = 0.01,
-                 betas: tuple[float, float] = (0.9, 0.95), save_dir: str | None = None, seed: int = 0,
-                 activation_checkpointing: int | float | str | None = "off", param_dtype: str = "bfloat16",
-                 reshard_after_forward: bool = True, linear_mixer: str = "gated_deltanet",
-                 recompute_cheap: bool = True):
+    def __init__(
+        self,
+        student: str | None = None,
+        teacher: str | None = None,
+        hybrid_ratio: float = 0.25,
+        window: int | None = 8192,
+        linear_init: str = "mimic",
+        trainable: list[str] | None = None,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.95),
+        save_dir: str | None = None,
+        seed: int = 0,
+        activation_checkpointing: int | float | str | None = "off",
+        param_dtype: str = "bfloat16",
+        reshard_after_forward: bool = True,
+        linear_mixer: str = "gated_deltanet",
+        recompute_cheap: bool = True,
+        gdn_init: str | None = None,
+    ):
         super().__init__()
-        self.save_hyperparameters()
+        if gdn_init is not None:  # a config written before the rename
+            warn_renamed("gdn_init", type(self).__name__)
+            linear_init = gdn_init  # noqa: F841 (save_hyperparameters reads this frame's arguments)
+        self.save_hyperparameters(ignore=["gdn_init"])
         self.check_sources()
         distributed.checkpointed_blocks(1, activation_checkpointing)  # a bad mode fails here, not after building
         self.model: InfiniteVL | None = None
@@ -93,9 +122,13 @@ class StageModule(L.LightningModule):
         tied = checkpoint.tied_names(self.model)
         self._prepare()
         distributed.store_frozen_in(self.model, getattr(torch, self.hparams.param_dtype), keep=self.thawed_later)
-        distributed.shard(self.model, mesh, getattr(torch, self.hparams.param_dtype),
-                          forward_methods=("head_losses", "block_outputs"),
-                          reshard_after_forward=self.hparams.reshard_after_forward)
+        distributed.shard(
+            self.model,
+            mesh,
+            getattr(torch, self.hparams.param_dtype),
+            forward_methods=("head_losses", "block_outputs"),
+            reshard_after_forward=self.hparams.reshard_after_forward,
+        )
         self.model.to_empty(device=self.trainer.strategy.root_device)
         self.model.reset_buffers()
         self.fill_weights(tied)
@@ -123,15 +156,17 @@ class StageModule(L.LightningModule):
         state = None
         if self.trainer.global_rank == 0:
             h = self.hparams
-            state = student_state(h.student, self.conversion_teacher(), h.hybrid_ratio, h.window, h.gdn_init, h.seed,
-                                  h.linear_mixer)
+            state = student_state(
+                h.student, self.conversion_teacher(), h.hybrid_ratio, h.window, h.linear_init, h.seed, h.linear_mixer
+            )
             state = lora.base_layer_names(state, set(self.model.state_dict()))
         distributed.load_full_state(self.model, state, tied)
 
     def build_student(self) -> InfiniteVL:
         h = self.hparams
-        return load_student(h.student, self.conversion_teacher(), h.hybrid_ratio, h.window, h.gdn_init, h.seed,
-                            h.linear_mixer)
+        return load_student(
+            h.student, self.conversion_teacher(), h.hybrid_ratio, h.window, h.linear_init, h.seed, h.linear_mixer
+        )
 
     def conversion_teacher(self):
         """What a conversion reads the teacher from: its name (a stage with a loaded teacher gives the model)."""
@@ -143,8 +178,9 @@ class StageModule(L.LightningModule):
         self.set_trainable(self.trainable_patterns())
         for hook in self.build_hooks:
             hook(self)
-        distributed.checkpoint_blocks(self.model.lm, self.hparams.activation_checkpointing,
-                                      self.hparams.recompute_cheap)
+        distributed.checkpoint_blocks(
+            self.model.lm, self.hparams.activation_checkpointing, self.hparams.recompute_cheap
+        )
 
     @torch.no_grad()
     def _reset_adapters(self) -> None:
@@ -170,22 +206,46 @@ class StageModule(L.LightningModule):
         return self._trainer is None or self.trainer.state.fn == "fit"
 
     def expand(self, pattern: str) -> str:
-        """``{gdn}`` (every linear-mixer layer, whichever mixer: Gated DeltaNet, Mamba2, GLA, ...) / ``{attention}``
-        in a pattern -> an alternation of those layers' indices."""
-        for attention, key in ((False, "{gdn}"), (True, "{attention}")):
-            layers = [str(i) for i, t in enumerate(self.model.config.text.layer_types) if (t == "attention") == attention]
-            pattern = pattern.replace(key, "(" + "|".join(layers or ["-"]) + ")")
+        """``{linear}`` (every linear-mixer layer, whichever mixer: Gated DeltaNet, Mamba2, GLA, ...) /
+        ``{attention}`` in a pattern -> an alternation of those layers' indices."""
+        if "{gdn}" in pattern:  # a pattern written before the rename
+            pattern = pattern.replace("{gdn}", warn_renamed("{gdn}", "trainable pattern"))
+        text = self.model.config.text
+        for key, layers in (("{linear}", text.linear_layers), ("{attention}", text.attention_layers)):
+            pattern = pattern.replace(key, "(" + "|".join(str(i) for i in layers or ["-"]) + ")")
         return pattern
 
     # ---- steps -----------------------------------------------------------------------------------------------
-    def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        """Positions, labelled positions, token count and packed bounds computed on the host (``host_batch``)."""
+    def prepare_batch(self, batch):
+        """Positions, labelled positions, token count and packed bounds computed on the host (``host_batch``).
+        Called from the DataModule's ``on_before_batch_transfer``: with a DataModule, Lightning runs its transfer
+        hooks rather than the module's, and the positions are this model's (its multimodal RoPE)."""
         if not isinstance(batch, dict):
             return batch
         return host_batch.prepare(batch, self.model.position_ids, pin=self.device.type == "cuda")
 
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+    def batch_arrived(self, batch):
+        """After the copy to the device (the DataModule's ``on_after_batch_transfer``)."""
         return host_batch.arrived(batch) if isinstance(batch, dict) else batch
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._ran = batch  # what flops_per_batch counts
+
+    def on_validation_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._ran = batch
+
+    @property
+    def flops_per_batch(self) -> float | None:
+        """Model FLOPs of the batch just run, forward and (training) backward, as ``ivl.stages.flops`` counts
+        them: Lightning's ThroughputMonitor reads this after each batch, once the host has waited for the device."""
+        batch = getattr(self, "_ran", None)
+        if not isinstance(batch, dict) or not isinstance(batch.get("input_ids"), torch.Tensor):
+            return None
+        flops = self.batch_flops(sequence_lengths(batch))
+        return flops.total if self.training else flops.forward
+
+    def batch_flops(self, lengths: list[int]) -> Flops:
+        return hybrid_batch_flops(self.model, lengths)
 
     @staticmethod
     def model_inputs(batch: dict) -> dict:
@@ -193,8 +253,9 @@ class StageModule(L.LightningModule):
 
     def answer_losses(self, batch: dict) -> HeadLosses:
         """Cross-entropy over answer tokens and per-sample exact match (``InfiniteVL.head_losses``)."""
-        return self.model.head_losses(labels=batch["labels"], label_positions=batch.get("label_positions"),
-                                      **self.model_inputs(batch))
+        return self.model.head_losses(
+            labels=batch["labels"], label_positions=batch.get("label_positions"), **self.model_inputs(batch)
+        )
 
     def log_tokens(self, batch: dict, loss: torch.Tensor, prefix: str = "train") -> None:
         self.log(f"{prefix}/loss", loss, prog_bar=True, batch_size=1)
@@ -214,14 +275,20 @@ class StageModule(L.LightningModule):
         one pass over the float32 weights and moments instead of the foreach path's several (``adamw``), except
         under Lightning's AMP precisions with gradient clipping, which refuse fused optimizers."""
         params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.hparams.weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.hparams.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
         fused = self.adamw_fused
-        if self._trainer is not None and self.trainer.gradient_clip_val and isinstance(
-                self.trainer.precision_plugin, MixedPrecision):
+        if (
+            self._trainer is not None
+            and self.trainer.gradient_clip_val
+            and isinstance(self.trainer.precision_plugin, MixedPrecision)
+        ):
             fused = False  # Lightning's AMP refuses to clip the gradients of an optimizer that unscales them itself
-        optimizer = adamw([g for g in groups if g["params"]], fused=fused, lr=self.hparams.lr,
-                          betas=tuple(self.hparams.betas))
+        optimizer = adamw(
+            [g for g in groups if g["params"]], fused=fused, lr=self.hparams.lr, betas=tuple(self.hparams.betas)
+        )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = max(1, int(total * self.hparams.warmup_ratio))
 
@@ -238,8 +305,10 @@ class StageModule(L.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         evaluate = getattr(self.trainer.datamodule, "evaluate_batch", None)
         if evaluate is None:
-            raise UsageError("`test` runs benchmarks: pass --data ivl.evaluate.EvalDataModule --data.benchmarks "
-                             "'[FILE.tsv, ...]' (the fit data's validation split is scored by `validate`)")
+            raise UsageError(
+                "`test` runs benchmarks: pass --data ivl.evaluate.EvalDataModule --data.benchmarks "
+                "'[FILE.tsv, ...]' (the fit data's validation split is scored by `validate`)"
+            )
         was_training = self.model.training
         self.model.eval()
         evaluate(self.model, batch)
@@ -267,8 +336,11 @@ class StageModule(L.LightningModule):
         # Under FSDP2 frozen weights are stored in param_dtype: written in float32 like the trained ones (and LoRA
         # merges its delta into them in float32).
         upcast = self.sharded
-        state = {name: t.detach().cpu().float() if upcast and t.is_floating_point() else t.detach().cpu()
-                 for name, t in state.items() if name not in tied}
+        state = {
+            name: t.detach().cpu().float() if upcast and t.is_floating_point() else t.detach().cpu()
+            for name, t in state.items()
+            if name not in tied
+        }
         if self.lora_config is not None:
             state, adapters = lora.split_and_merge(state, lora.scalings(self.model))
             lora.save_adapter(adapters, self.lora_config, directory / "adapter")
@@ -284,8 +356,8 @@ class StageModule(L.LightningModule):
 def adamw(params, fused: bool | None = None, **kwargs) -> torch.optim.AdamW:
     """torch's AdamW, fused where every parameter lives on a GPU (``fused`` None), torch's default elsewhere
     (torch does not pick fused itself). The fused kernel reads and writes the weights, gradients and moments once
-    per step, where the foreach path makes several passes: Stage II's step on 2 H100s took 0.80 s fused against
-    0.97 s foreach (docs/benchmarks.md)."""
+    per step, where the foreach path makes several passes over them, which a full fine-tune's step feels
+    (docs/benchmarks.md)."""
     tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
     if fused is None:
         fused = bool(tensors) and all(p.is_cuda for p in tensors)

@@ -19,7 +19,7 @@ from torch.distributed._composable import checkpoint
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-from ivl.model.cheap_recompute import recompute_cheap_activations
+from ivl.model.training.cheap_recompute import recompute_cheap_activations
 from ivl.stages.checkpoints import replace_folder
 
 CHECKPOINTING = ("off", "blocks", "mixers")
@@ -60,18 +60,15 @@ def checkpoint_blocks(lm: nn.Module, mode: str | int | float | None, recompute_c
     a float f in (0, 1) (that share of the blocks, for memory left over when every block is checkpointed: 0.75
     recomputes 27 of 36 blocks and keeps the other nine's activations). The kept blocks are attention blocks
     first: a Gated DeltaNet block keeps more activations (its q, k and v before and after the convolution, the
-    normalised q and k, the gates, fla's chunk matrices) for a forward of about the same time. At 32K tokens per
-    H100, Stage II's 0.86 (four Gated DeltaNet and two attention blocks kept) peaked 11 GiB above 0.875 (five
-    attention blocks), and Stage III's 0.67 ran out of memory with nine Gated DeltaNet and three attention blocks
-    kept but fits in 63 GiB with the nine attention blocks and three Gated DeltaNet ones (docs/benchmarks.md).
+    normalised q and k, the gates, fla's chunk matrices) for a forward of about the same time, so for the same
+    memory more attention blocks than Gated DeltaNet ones can be kept (docs/benchmarks.md measures both orders).
     Kept blocks of each kind are spread evenly.
     Applied with PyTorch's composable ``checkpoint``, so parameter names, checkpoints and LoRA are unchanged.
     With ``recompute_cheap`` (and checkpointing on), the blocks whose activations are kept recompute their cheap
     ones (norm outputs, the SwiGLU product, convolution outputs) in the backward instead
-    (``ivl.model.cheap_recompute``). Returns the indices of the blocks it checkpointed.
+    (``ivl.model.training.cheap_recompute``). Returns the indices of the blocks it checkpointed.
     """
-    attention = [i for i, block in enumerate(lm.layers) if getattr(block, "layer_type", None) == "attention"]
-    chosen = checkpointed_blocks(len(lm.layers), mode, keep_first=attention)
+    chosen = checkpointed_blocks(len(lm.layers), mode, keep_first=lm.config.attention_layers)
     for i in chosen:
         checkpoint(lm.layers[i].mixer if mode == "mixers" else lm.layers[i])
     if recompute_cheap and chosen:
@@ -101,8 +98,10 @@ def checkpointed_blocks(count: int, mode: str | int | float | None, keep_first: 
         others = [i for i in range(count) if i not in first]
         kept = set(_spread(first, keep) if keep <= len(first) else first + _spread(others, keep - len(first)))
         return [i for i in range(count) if i not in kept]
-    raise ValueError(f"activation_checkpointing must be one of {CHECKPOINTING}, a block stride n >= 1 (every n-th "
-                     f"block) or a share of the blocks in (0, 1); got {mode!r}")
+    raise ValueError(
+        f"activation_checkpointing must be one of {CHECKPOINTING}, a block stride n >= 1 (every n-th "
+        f"block) or a share of the blocks in (0, 1); got {mode!r}"
+    )
 
 
 def _spread(items: list[int], k: int) -> list[int]:
@@ -116,7 +115,7 @@ def store_frozen_in(model: nn.Module, dtype: torch.dtype, keep=()) -> list[str]:
 
     A frozen parameter needs no float32 master copy: nothing updates it, and FSDP2 rounds it to ``dtype`` for
     every forward and backward anyway, so the computation is bit for bit the same. Stored once in bf16, it takes
-    half the memory (8.3 GiB of the 4B model's frozen base in Stage III, on one GPU) and each gathering reads
+    half the memory of a float32 copy (most of the model, in a LoRA stage) and each gathering reads
     half the bytes. Trainable parameters keep their dtype (FSDP2 wants one dtype among them), and so do the
     parameters in ``keep``: frozen now but trained later in the fit (``LayerFreezing``'s unfreeze schedule). Call
     it once the trainable set is final for the whole fit (Stage I's holds both phases' parameters). Returns the
@@ -133,8 +132,13 @@ def store_frozen_in(model: nn.Module, dtype: torch.dtype, keep=()) -> list[str]:
     return moved
 
 
-def shard(model: nn.Module, mesh, param_dtype: torch.dtype = torch.bfloat16,
-          forward_methods: tuple[str, ...] = (), reshard_after_forward: bool = True) -> None:
+def shard(
+    model: nn.Module,
+    mesh,
+    param_dtype: torch.dtype = torch.bfloat16,
+    forward_methods: tuple[str, ...] = (),
+    reshard_after_forward: bool = True,
+) -> None:
     """``fully_shard`` each LM block, the vision tower (one unit) and the model (the root): parameters stay float32
     and sharded, each unit is gathered in ``param_dtype`` for its forward and backward, and gradients are
     reduce-scattered in float32. ``forward_methods`` are methods of the root that run as forwards (so that they

@@ -2,8 +2,8 @@
 
 Every read of a CUDA tensor on the host (``.item()``, ``.tolist()``, ``nonzero``, boolean indexing, a copy from
 pageable memory) waits for every kernel queued before it. A step that waits can no longer run ahead of the GPU,
-and where the host is the slower side (Python per layer and per fla call) the GPU then idles: at 8K tokens on two
-H100s the hybrid's Stage II step waited for the host in about a fifth of its time (docs/benchmarks.md). So the
+and where the host is the slower side (Python per layer and per fla call) the GPU then idles, for a sizeable share
+of a multi-GPU step (docs/benchmarks.md). So the
 stages compute here, from the CPU batch (Lightning's ``on_before_batch_transfer``): the multimodal position ids,
 the positions the losses score, the number of tokens that is logged and the packed boundaries; an all-ones
 attention mask is dropped (the same as none, without the check on the GPU), and the tensors are pinned so that
@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from ivl.kernels import packed_bounds
-from ivl.model.losses import label_positions
+from ivl.model.training.losses import label_positions
 
 HOST_BOUNDS = "cu_seqlens_on_host"
 
@@ -33,8 +33,14 @@ def prepare(batch: dict, position_ids: Callable | None = None, pin: bool = False
         del batch["attention_mask"]
         mask = None
     if position_ids is not None and "position_ids" not in batch:
-        batch["position_ids"], _ = position_ids(ids, batch.get("image_grid_thw"), batch.get("video_grid_thw"),
-                                                batch.get("second_per_grid_ts"), mask, batch.get("cu_seqlens"))
+        batch["position_ids"], _ = position_ids(
+            ids,
+            batch.get("image_grid_thw"),
+            batch.get("video_grid_thw"),
+            batch.get("second_per_grid_ts"),
+            mask,
+            batch.get("cu_seqlens"),
+        )
     if batch.get("labels") is not None:
         batch["label_positions"] = label_positions(batch["labels"], batch.get("cu_seqlens"))
     batch["tokens"] = count_tokens(batch)
@@ -57,7 +63,7 @@ def arrived(batch: dict) -> dict:
     """After the copy to the device: the layers' ``host_bounds(cu_seqlens)`` is what the host already knew."""
     bounds = batch.pop(HOST_BOUNDS, None)
     if bounds is not None:
-        packed_bounds.remember(batch["cu_seqlens"], bounds)
+        packed_bounds.set_host_bounds(batch["cu_seqlens"], bounds)
     return batch
 
 

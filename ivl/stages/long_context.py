@@ -26,12 +26,20 @@ class LongContextModule(InstructModule):
     # back to InstructModule's whole language model.
     default_trainable = tuple(lora.TRAINABLE)
 
-    def __init__(self, *args, lora_r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.0,
-                 target_modules: list[str] | str | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        lora_r: int = 16,
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.0,
+        target_modules: list[str] | str | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.lora_config = lora.lora_config(lora_r, lora_alpha, lora_dropout, target_modules)
 
     def load_adapter(self, directory: Path) -> None:
         """Load adapter files written by ``export`` (``<save_dir>/adapter``) into this module's adapters."""
-        set_peft_model_state_dict(self.model.lm, load_file(Path(directory) / lora.ADAPTER_WEIGHTS),
-                                  adapter_name=lora.ADAPTER)
+        set_peft_model_state_dict(
+            self.model.lm, load_file(Path(directory) / lora.ADAPTER_WEIGHTS), adapter_name=lora.ADAPTER
+        )

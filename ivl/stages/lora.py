@@ -20,16 +20,27 @@ from safetensors.torch import save_file
 
 ADAPTER = "default"
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "g_proj", "in_proj", "out_proj", "gate_proj", "up_proj",
-                   "down_proj"]
+DEFAULT_TARGETS = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "g_proj",
+    "in_proj",
+    "out_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+]
 """Every projection of attention, the linear mixers (Gated DeltaNet, GLA, linear attention; Mamba2's in/out) and
 the MLPs."""
 TRAINABLE = [r".*\.lora_[AB]\..*"]
 """``trainable`` patterns that train the adapters only."""
 
 
-def lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.0,
-                target_modules: list[str] | str | None = None) -> LoraConfig:
+def lora_config(
+    r: int = 16, alpha: int = 32, dropout: float = 0.0, target_modules: list[str] | str | None = None
+) -> LoraConfig:
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules or DEFAULT_TARGETS)
     config._register_custom_module({nn.Linear: LoraLinear})
     return config
@@ -42,7 +53,7 @@ class LoraLinear(PeftLoraLinear):
     peft computes ``base(x) + B(A(x)) * scaling`` through autograd: two more passes over the [tokens, out] output
     in the forward (the scaling and the sum), one in the backward (the scaling), and a sum of the base's and the
     adapter's input gradients over [tokens, in], per adapted projection (eight in a Gated DeltaNet block). At 32K
-    tokens those passes were a sixth of a Stage III step. Here ``LoraProduct`` folds the adapter's scaled product
+    tokens those passes are a visible share of a Stage III step. Here ``LoraProduct`` folds the adapter's scaled product
     into the base layer's products, accumulated with them in float32. Dropout draws as peft's does (after the base
     product, same shape). Anything else (several or disabled adapters, merged weights, DoRA, autocast, mixed
     dtypes) runs peft's forward.
@@ -51,15 +62,29 @@ class LoraLinear(PeftLoraLinear):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = self.active_adapters[0] if len(self.active_adapters) == 1 else None
         base = self.base_layer
-        if (args or kwargs or name not in self.lora_A or name in self.lora_variant or self.disable_adapters
-                or self.merged or type(base) is not nn.Linear or torch.is_autocast_enabled(x.device.type)
-                or len({x.dtype, base.weight.dtype, self.lora_A[name].weight.dtype,
-                        self.lora_B[name].weight.dtype}) > 1):
+        if (
+            args
+            or kwargs
+            or name not in self.lora_A
+            or name in self.lora_variant
+            or self.disable_adapters
+            or self.merged
+            or type(base) is not nn.Linear
+            or torch.is_autocast_enabled(x.device.type)
+            or len({x.dtype, base.weight.dtype, self.lora_A[name].weight.dtype, self.lora_B[name].weight.dtype}) > 1
+        ):
             return super().forward(x, *args, **kwargs)
         rows = x.reshape(-1, x.shape[-1])
         dropped = self.lora_dropout[name](rows)
-        out = LoraProduct.apply(rows, None if dropped is rows else dropped, base.weight, base.bias,
-                                self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+        out = LoraProduct.apply(
+            rows,
+            None if dropped is rows else dropped,
+            base.weight,
+            base.bias,
+            self.lora_A[name].weight,
+            self.lora_B[name].weight,
+            self.scaling[name],
+        )
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -84,8 +109,14 @@ class LoraProduct(torch.autograd.Function):
             out = F.linear(x, weight, bias)
             out.addmm_(low_rank, lora_b.T, alpha=scaling)
         ctx.scaling, ctx.dropped = scaling, dropped is not None
-        ctx.save_for_backward(x if weight.requires_grad else None, adapter_in if lora_a.requires_grad else None,
-                              weight, lora_a, lora_b, low_rank if lora_b.requires_grad else None)
+        ctx.save_for_backward(
+            x if weight.requires_grad else None,
+            adapter_in if lora_a.requires_grad else None,
+            weight,
+            lora_a,
+            lora_b,
+            low_rank if lora_b.requires_grad else None,
+        )
         return out
 
     @staticmethod
@@ -104,9 +135,15 @@ class LoraProduct(torch.autograd.Function):
                 dx = (grad @ weight).addmm_(low_grad, lora_a)
         if needs[1]:
             d_dropped = low_grad @ lora_a
-        return (dx, d_dropped, grad.T @ x if needs[2] else None, grad.sum(0) if needs[3] else None,
-                low_grad.T @ adapter_in if needs[4] else None,
-                (grad.T @ low_rank).mul_(ctx.scaling) if needs[5] else None, None)
+        return (
+            dx,
+            d_dropped,
+            grad.T @ x if needs[2] else None,
+            grad.sum(0) if needs[3] else None,
+            low_grad.T @ adapter_in if needs[4] else None,
+            (grad.T @ low_rank).mul_(ctx.scaling) if needs[5] else None,
+            None,
+        )
 
 
 def inject(lm: nn.Module, config: LoraConfig) -> None:
@@ -130,8 +167,9 @@ def base_layer_names(state: dict[str, torch.Tensor], names: set[str]) -> dict[st
     return renamed
 
 
-def split_and_merge(state: dict[str, torch.Tensor], scale: dict[str, float],
-                    prefix: str = "lm.") -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def split_and_merge(
+    state: dict[str, torch.Tensor], scale: dict[str, float], prefix: str = "lm."
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(plain state with W + scale * B @ A in place of each adapted weight, the adapters in peft's saved layout
     relative to ``prefix``). The plain state loads into a model built without LoRA."""
     merged, adapters = {}, {}

@@ -31,8 +31,9 @@ class TaskAccuracy:
             names: list[list[str]] = [[] for _ in range(dist.get_world_size())]
             dist.all_gather_object(names, tasks)
             tasks = sorted(set().union(*names))
-        counts = torch.tensor([[self.correct.get(t, 0.0), self.seen.get(t, 0.0)] for t in tasks],
-                              dtype=torch.float64, device=device).reshape(-1, 2)
+        counts = torch.tensor(
+            [[self.correct.get(t, 0.0), self.seen.get(t, 0.0)] for t in tasks], dtype=torch.float64, device=device
+        ).reshape(-1, 2)
         if distributed:
             dist.all_reduce(counts)
         return {task: float(c / n) for task, (c, n) in zip(tasks, counts.tolist()) if n > 0}

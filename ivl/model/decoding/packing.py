@@ -38,14 +38,17 @@ def _pack(params: list[nn.Parameter]) -> torch.Tensor:
         # Already packed if every parameter is the next block of the first one's storage.
         offset, whole = 0, True
         for p in params:
-            whole &= (p.data.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
-                      and p.data.storage_offset() == offset and p.data.is_contiguous())
+            whole &= (
+                p.data.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+                and p.data.storage_offset() == offset
+                and p.data.is_contiguous()
+            )
             offset += p.numel()
         if whole and base.untyped_storage().nbytes() >= offset * base.element_size():
             return base.as_strided((sum(p.shape[0] for p in params), *first.shape[1:]), base.stride())
     matrix = torch.cat([p.data for p in params], dim=0)
     start = 0
     for p in params:
-        p.data = matrix[start:start + p.shape[0]]
+        p.data = matrix[start : start + p.shape[0]]
         start += p.shape[0]
     return matrix

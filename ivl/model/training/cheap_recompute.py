@@ -4,10 +4,10 @@ A block whose activations are kept holds every tensor autograd saves in it. Seve
 memory-bound functions of tensors that are saved anyway: the normalised inputs of the projections (kept by them
 for their weight gradients), the SwiGLU product (kept by the down projection), the short convolution's outputs and
 the l2-normalised q and k (kept by the Gated DeltaNet kernel and the norm), the gated norm's output (kept by the
-output projection). Recomputing them, a kept Gated DeltaNet block of Stage III at 32K tokens holds about 2.5 GiB
-instead of 4.5, so more blocks can be kept for the same memory (docs/benchmarks.md).
+output projection). Recomputing them instead of holding them shrinks what a kept block holds by a large part
+(a Gated DeltaNet block most), so more blocks can be kept for the same memory (docs/benchmarks.md measures it).
 
-A function marked ``@cheap`` (or an output passed to ``remember``) names its inputs. Inside
+A function marked ``@cheap`` (or an output passed to ``mark_recomputable``) names its inputs. Inside
 ``recording_cheap_activations()`` autograd keeps, for a saved tensor that shares such an output's storage, a
 recipe instead: the function and its inputs (recipes themselves where they are such outputs). The backward
 computes it again, once however many nodes saved it. This is torchtitan's selective checkpointing chosen by
@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -33,16 +34,16 @@ def cheap(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def run(*args):
-        return remember(fn(*args), fn, *args)
+        return mark_recomputable(fn(*args), fn, *args)
 
     return run
 
 
-def remember(out: torch.Tensor, fn: Callable, *args: Any) -> torch.Tensor:
+def mark_recomputable(out: torch.Tensor, fn: Callable, *args: Any) -> torch.Tensor:
     """Note that ``out`` is ``fn(*args)`` (deterministic, no autograd needed) while recording; returns ``out``."""
     recorders = _recorders()
     if recorders and torch.is_grad_enabled() and _hooks_on_top(recorders[-1]):
-        recorders[-1].remember(out, fn, args)
+        recorders[-1].record(out, fn, args)
     return out
 
 
@@ -90,7 +91,7 @@ def _hooks_on_top(recorder: _Recorder) -> bool:
     try:
         hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
     except (AttributeError, TypeError):  # a private API (torch 2.8 on): without it, note everything, which costs
-        return True                      # memory only where checkpoints nest inside the block
+        return True  # memory only where checkpoints nest inside the block
     return hooks is not None and hooks[0] == recorder.pack
 
 
@@ -108,21 +109,26 @@ class _Recipe:
         if self.value is None:
             for a, version in zip(self.args, self.versions):
                 if version is not None and a._version != version:
-                    raise RuntimeError(f"an input of {_name(self.fn)} was modified in place after the forward: its "
-                                       "output, kept as a recipe (ivl.model.cheap_recompute), cannot be recomputed")
+                    raise RuntimeError(
+                        f"an input of {_name(self.fn)} was modified in place after the forward: its "
+                        "output, kept as a recipe (ivl.model.training.cheap_recompute), cannot be "
+                        "recomputed"
+                    )
             args = [a.compute() if isinstance(a, _View) else a for a in self.args]
             device_type, dtype = self.autocast
             with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
                 value = self.fn(*args)
             if (value.dtype, value.shape, value.stride()) != self.like:
-                raise RuntimeError(f"{_name(self.fn)} recomputed a {value.dtype} {tuple(value.shape)} tensor with "
-                                   f"strides {value.stride()}; the forward gave {self.like}")
+                raise RuntimeError(
+                    f"{_name(self.fn)} recomputed a {value.dtype} {tuple(value.shape)} tensor with "
+                    f"strides {value.stride()}; the forward gave {self.like}"
+                )
             self.value = value
         return self.value
 
 
 class _View:
-    """What autograd keeps for a saved tensor that lies in a remembered output's storage."""
+    """What autograd keeps for a saved tensor that lies in a recorded output's storage."""
 
     __slots__ = ("recipe", "size", "stride", "offset")
 
@@ -139,16 +145,21 @@ class _Recorder:
         # recipe]. Holding the output keeps its address from being reused by another tensor while recording.
         self.outputs: dict[int, list] = {}
 
-    def remember(self, out: torch.Tensor, fn: Callable, args: tuple) -> None:
+    def record(self, out: torch.Tensor, fn: Callable, args: tuple) -> None:
         # Only an output that owns its whole storage, laid out plainly (a recomputed one then has the same layout),
         # and is not an input itself (``contiguous`` of a contiguous tensor).
         storage = out.untyped_storage()
-        if not (out.numel() and out.is_contiguous() and out.storage_offset() == 0
-                and storage.nbytes() == out.numel() * out.element_size()):
+        if not (
+            out.numel()
+            and out.is_contiguous()
+            and out.storage_offset() == 0
+            and storage.nbytes() == out.numel() * out.element_size()
+        ):
             return
         address = storage.data_ptr()
-        if address in self.outputs or any(isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == address
-                                           for a in args):
+        if address in self.outputs or any(
+            isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == address for a in args
+        ):
             return
         device_type = out.device.type
         autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
@@ -164,13 +175,15 @@ class _Recorder:
         out, fn, args, versions, autocast, recipe = entry
         # Changed in place since the function ran (the output, or an input): kept as it is. Views share their
         # base's version counter.
-        if t._version != versions[0] or any(isinstance(a, torch.Tensor) and a._version != v
-                                            for a, v in zip(args, versions[1:])):
+        if t._version != versions[0] or any(
+            isinstance(a, torch.Tensor) and a._version != v for a, v in zip(args, versions[1:])
+        ):
             return t
         if recipe is None:
             packed = [self.pack(a) if isinstance(a, torch.Tensor) else a for a in args]
-            recipe = entry[5] = _Recipe(fn, packed, [None if isinstance(a, _View) else v
-                                                     for a, v in zip(packed, versions[1:])], autocast, out)
+            recipe = entry[5] = _Recipe(
+                fn, packed, [None if isinstance(a, _View) else v for a, v in zip(packed, versions[1:])], autocast, out
+            )
         return _View(recipe, t)
 
 

@@ -7,22 +7,22 @@ Parameter names follow fla's ``GatedDeltaNet`` layer (q/k/v/a/b/g/o projections,
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ivl.kernels.gated_delta import gated_delta_rule
 from ivl.kernels.fused import fused
-from ivl.kernels.gated_delta import gated_delta_step
+from ivl.kernels.gated_delta import gated_delta_rule, gated_delta_step
 from ivl.kernels.gemv import linear
+from ivl.kernels.packed_bounds import FLA_CHUNK
 from ivl.kernels.precision import at_least_float32
-from ivl.model.cheap_recompute import cheap, remember
 from ivl.model.cache import RecurrentCache
 from ivl.model.layers import GatedRMSNorm, gated_rms_norm
-from ivl.model.mixers import RecurrentMixer
-from ivl.model.short_convolution import ShortConvolution, conv_step, short_convolution
+from ivl.model.mixers.base import DecodeMatrix, RecurrentMixer
+from ivl.model.mixers.short_convolution import ShortConvolution, conv_step, short_convolution
+from ivl.model.training.cheap_recompute import cheap, mark_recomputable
 
 if TYPE_CHECKING:
     from ivl.model.config import HybridConfig
@@ -31,17 +31,27 @@ MIMIC_DT = 1e-3
 PROJECT_AT_ONCE_MIN_TOKENS = 256
 
 
+class GatedDeltaNetSizes(NamedTuple):
+    """What Gated DeltaNet's decode step needs to know of its shapes."""
+
+    num_heads: int
+    head_k_dim: int
+    head_v_dim: int
+    eps: float
+
+
 class GatedDeltaNet(RecurrentMixer):
+    label = "Gated DeltaNet"
     from_attention = {"q_proj.weight": "q_proj.weight", "k_proj.weight": "k_proj.weight"}
     conv_names = ("q", "k", "v")
 
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__(config, layer_idx)
-        self.eps = config.rms_norm_eps
-        self.num_heads = H = config.gdn_num_heads
-        self.head_k_dim = config.gdn_head_k_dim
-        self.head_v_dim = config.gdn_head_v_dim
-        hidden = config.hidden_size
+        self.eps = config.linear_output_eps
+        self.num_heads = H = config.linear_num_heads
+        self.head_k_dim = config.linear_head_k_dim
+        self.head_v_dim = config.linear_head_v_dim
+        self.hidden_size = hidden = config.hidden_size
         key_dim, value_dim = H * self.head_k_dim, H * self.head_v_dim
         self.q_proj = nn.Linear(hidden, key_dim, bias=False)
         self.k_proj = nn.Linear(hidden, key_dim, bias=False)
@@ -50,11 +60,11 @@ class GatedDeltaNet(RecurrentMixer):
         self.b_proj = nn.Linear(hidden, H, bias=False)
         self.A_log = nn.Parameter(torch.zeros(H))
         self.dt_bias = nn.Parameter(torch.zeros(H))
-        self.q_conv1d = ShortConvolution(key_dim, config.gdn_conv_size)
-        self.k_conv1d = ShortConvolution(key_dim, config.gdn_conv_size)
-        self.v_conv1d = ShortConvolution(value_dim, config.gdn_conv_size)
+        self.q_conv1d = ShortConvolution(key_dim, config.linear_conv_size)
+        self.k_conv1d = ShortConvolution(key_dim, config.linear_conv_size)
+        self.v_conv1d = ShortConvolution(value_dim, config.linear_conv_size)
         self.g_proj = nn.Linear(hidden, value_dim, bias=False)
-        self.o_norm = GatedRMSNorm(self.head_v_dim, eps=config.rms_norm_eps)
+        self.o_norm = GatedRMSNorm(self.head_v_dim, eps=self.eps)
         self.o_proj = nn.Linear(value_dim, hidden, bias=False)
         self.reset_mimic()
 
@@ -85,16 +95,10 @@ class GatedDeltaNet(RecurrentMixer):
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [B, T, hidden]. Takes the mixers' common arguments; rope and token_index are unused (no positions).
-
-        Padding tokens (attention_mask 0) enter as zeros: with k = v = 0 they neither write to the state nor
-        reach the convolution of later tokens, so a left-padded row ends in the state its unpadded prompt gives.
-        """
-        if attention_mask is not None:
-            x = x.masked_fill(~attention_mask[..., None].bool(), 0)  # not x * mask: NaN * 0 is NaN
+        Padding tokens enter as zeros (``guard``): with k = v = 0 they write nothing to the state."""
+        x = self.guard(x, cu_seqlens, cache, attention_mask)
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
-        if cache is not None and cu_seqlens is not None:
-            raise ValueError("a cache holds one stream per batch row; pass padded batches, not cu_seqlens")
         conv = cache.conv if cache is not None else {}
         if self._projects_at_once(x):
             q, k, v, gate, a, b, tails = self._project_at_once(x, cu_seqlens, conv)
@@ -106,11 +110,17 @@ class GatedDeltaNet(RecurrentMixer):
         q, k = _l2norm(q.view(B, T, H, K)), _l2norm(k.view(B, T, H, K))
         v = v.view(B, T, H, V)
         if not v.is_contiguous():  # a slice of the projections at once: fla would copy it and keep the copy
-            v = remember(v.contiguous(), torch.Tensor.contiguous, v)
+            v = mark_recomputable(v.contiguous(), torch.Tensor.contiguous, v)
         g, beta = _gates(a, b, self.A_log, self.dt_bias)
         o, state = gated_delta_rule(
-            q, k, v, g, beta, initial_state=cache.state if cache is not None else None,
-            output_final_state=cache is not None, cu_seqlens=cu_seqlens,
+            q,
+            k,
+            v,
+            g,
+            beta,
+            initial_state=cache.state if cache is not None else None,
+            output_final_state=cache is not None,
+            cu_seqlens=cu_seqlens,
         )
         if cache is not None:
             cache.state, cache.conv = state, dict(zip("qkv", tails))
@@ -124,14 +134,19 @@ class GatedDeltaNet(RecurrentMixer):
         layer), and only over plain ``nn.Linear`` projections (a LoRA-wrapped one must run through its adapter)."""
         return x.shape[1] >= PROJECT_AT_ONCE_MIN_TOKENS and all(
             type(p) is nn.Linear and p.bias is None
-            for p in (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.a_proj, self.b_proj))
+            for p in (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.a_proj, self.b_proj)
+        )
 
     def _project_at_once(self, x, cu_seqlens, conv):
         qkv_proj, qkv_conv = (self.q_proj, self.k_proj, self.v_proj), (self.q_conv1d, self.k_conv1d, self.v_conv1d)
         widths = [p.out_features for p in qkv_proj]
         tail = torch.cat([conv[n] for n in "qkv"], dim=-1) if conv else None
-        qkv, tail = short_convolution(F.linear(x, torch.cat([p.weight for p in qkv_proj])),
-                                      torch.cat([c.weight[:, 0, :] for c in qkv_conv]), cu_seqlens, tail)
+        qkv, tail = short_convolution(
+            F.linear(x, torch.cat([p.weight for p in qkv_proj])),
+            torch.cat([c.weight[:, 0, :] for c in qkv_conv]),
+            cu_seqlens,
+            tail,
+        )
         gates = (self.g_proj, self.a_proj, self.b_proj)
         gate, a, b = F.linear(x, torch.cat([p.weight for p in gates])).split([p.out_features for p in gates], -1)
         return (*qkv.split(widths, dim=-1), gate, a, b, tail.split(widths, dim=-1))
@@ -144,31 +159,63 @@ class GatedDeltaNet(RecurrentMixer):
         return self.q_conv1d.kernel_size, [c.weight.shape[0] for c in (self.q_conv1d, self.k_conv1d, self.v_conv1d)]
 
     def projection_groups(self) -> dict[str, list[nn.Parameter]]:
-        return {"mixer_in": [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.g_proj.weight,
-                             self.a_proj.weight, self.b_proj.weight],
-                "conv": [self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight]}
+        return {
+            "mixer_in": [
+                self.q_proj.weight,
+                self.k_proj.weight,
+                self.v_proj.weight,
+                self.g_proj.weight,
+                self.a_proj.weight,
+                self.b_proj.weight,
+            ],
+            "conv": [self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight],
+        }
 
     def step_weights(self, packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"w_in": packed["mixer_in"], "conv": packed["conv"][:, 0], "A_log": self.A_log,
-                "dt_bias": self.dt_bias, "o_norm": self.o_norm.weight, "w_o": self.o_proj.weight}
+        return {
+            "w_in": packed["mixer_in"],
+            "conv": packed["conv"][:, 0],
+            "A_log": self.A_log,
+            "dt_bias": self.dt_bias,
+            "o_norm": self.o_norm.weight,
+            "w_o": self.o_proj.weight,
+        }
 
-    def step_sizes(self) -> tuple:
-        return self.num_heads, self.head_k_dim, self.head_v_dim, self.eps
+    def step_sizes(self) -> GatedDeltaNetSizes:
+        return GatedDeltaNetSizes(self.num_heads, self.head_k_dim, self.head_v_dim, self.eps)
 
     @staticmethod
-    def step(x, weights, buffers, cos, sin, token_index, sizes) -> torch.Tensor:
+    def step(x, weights, buffers, cos, sin, token_index, sizes: GatedDeltaNetSizes) -> torch.Tensor:
         """One token per row: the packed projections, the three convolutions at once, the delta-rule update of
         the state in place, the gated norm and the output projection."""
-        H, K, V, eps = sizes
+        H, K, V = sizes.num_heads, sizes.head_k_dim, sizes.head_v_dim
         B = x.shape[0]
         q, k, v, gate, a, b = linear(x, weights["w_in"]).split([H * K, H * K, H * V, H * V, H, H], -1)
         q, k, v = conv_step(buffers["tail"], torch.cat([q, k, v], dim=-1), weights["conv"]).split(
-            [H * K, H * K, H * V], -1)
+            [H * K, H * K, H * V], -1
+        )
         q, k = _l2norm(q.view(B, 1, H, K)), _l2norm(k.view(B, 1, H, K))
         g, beta = _gates(a, b, weights["A_log"], weights["dt_bias"])
         o = gated_delta_step(q, k, v.view(B, 1, H, V), g, beta, K**-0.5, buffers["state"])
-        o = gated_rms_norm(o, gate.view(B, 1, H, V), weights["o_norm"], eps)
+        o = gated_rms_norm(o, gate.view(B, 1, H, V), weights["o_norm"], sizes.eps)
         return linear(o.reshape(B, 1, H * V), weights["w_o"])
+
+    # ---- the mixer contract: cost ------------------------------------------------------------------------------
+    def decode_matrices(self) -> list[DecodeMatrix]:
+        H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
+        return [
+            DecodeMatrix("Gated DeltaNet q/k/v/g/a/b", 2 * H * K + 2 * H * V + 2 * H, self.hidden_size),
+            DecodeMatrix("Gated DeltaNet output", self.hidden_size, H * V),
+        ]
+
+    def core_flops_per_token(self, length: int, chunk: int = FLA_CHUNK) -> float:
+        H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
+        C = min(chunk, length)
+        width, channels = self.conv_layout()
+        # Per head, as fla's chunked kernel computes it: three products with the K x V state (the outputs' and the
+        # delta rule's corrections' reads of it, and its update), and within each chunk q k^T and k k^T (C K each)
+        # and the chunk's attention over its values (C V). Then the short convolutions, W taps per channel.
+        return H * (6 * K * V + 2 * C * (2 * K + V)) + 2 * width * sum(channels)
 
 
 @fused

@@ -10,8 +10,8 @@ so that under FSDP2 it is the gathered weight of the forward that reads it. Matm
 
 What each chunk computes from its logits (the log-sum-exp, the loss, the argmax and the gradient with respect to
 the logits) is one ``@fused`` function: on a GPU one compiled pass or two over the bf16 logits, where PyTorch's ops
-one by one make about ten over a float32 copy (48 ms less GPU time in a 4B Stage II step of four 8K sequences on
-an H100; docs/benchmarks.md).
+one by one make about ten over a float32 copy: at the vocabulary's size those passes are a visible share of a
+training step's GPU time (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ CHUNK_ROWS = 2048
 """Rows of logits per chunk: 2,048 x 151,936 float32 is 1.2 GB."""
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_rows: int = CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int = CHUNK_ROWS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, and whether each row's argmax is its target.
 
     Args:
@@ -45,9 +46,14 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
 
 
-def linear_kl_divergence(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
-                         teacher_weight: torch.Tensor, temperature: float = 1.0,
-                         chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+def linear_kl_divergence(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_rows: int = CHUNK_ROWS,
+) -> torch.Tensor:
     """T^2 * mean over rows of KL(softmax(teacher logits / T) || softmax(student logits / T)).
 
     Logits are ``hidden @ weight.T`` (student, [N, D] x [vocab, D]) and ``teacher_hidden @ teacher_weight.T``
@@ -55,14 +61,18 @@ def linear_kl_divergence(hidden: torch.Tensor, weight: torch.Tensor, teacher_hid
     """
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0 + weight.sum() * 0.0
-    return _LinearKLDivergence.apply(hidden, weight, teacher_hidden.detach(), teacher_weight.detach(),
-                                     float(temperature), chunk_rows)
+    return _LinearKLDivergence.apply(
+        hidden, weight, teacher_hidden.detach(), teacher_weight.detach(), float(temperature), chunk_rows
+    )
 
 
 def _accumulate(grad_hidden, grad_weight, rows: slice, grad_logits, hidden, weight) -> None:
     """Add one chunk's d(loss)/d(logits) [C, vocab] into the hidden-state rows and the head weight gradients."""
-    grad_logits = grad_logits.to(hidden.dtype if not torch.is_autocast_enabled(hidden.device.type) else
-                                 torch.get_autocast_dtype(hidden.device.type))
+    grad_logits = grad_logits.to(
+        hidden.dtype
+        if not torch.is_autocast_enabled(hidden.device.type)
+        else torch.get_autocast_dtype(hidden.device.type)
+    )
     if grad_hidden is not None:
         grad_hidden[rows] = grad_logits @ weight.to(grad_logits.dtype)
     if grad_weight is not None:
@@ -106,8 +116,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hits = torch.empty(n, dtype=torch.bool, device=hidden.device)
         for start in range(0, n, chunk_rows):
             rows = slice(start, start + chunk_rows)
-            loss, hits[rows], grad_logits = _cross_entropy_rows(F.linear(hidden[rows], weight), targets[rows],
-                                                                want_hidden or want_weight)
+            loss, hits[rows], grad_logits = _cross_entropy_rows(
+                F.linear(hidden[rows], weight), targets[rows], want_hidden or want_weight
+            )
             total += loss
             if grad_logits is not None:
                 _accumulate(grad_hidden, grad_weight, rows, grad_logits, hidden, weight)
@@ -121,8 +132,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_hits):
         grad_hidden, grad_weight = ctx.saved_tensors
         scale = grad_loss * ctx.scale  # a float32 scalar: a bf16 gradient is scaled in float32 and rounded once
-        return (grad_hidden * scale if grad_hidden is not None else None,
-                grad_weight * scale if grad_weight is not None else None, None, None)
+        return (
+            grad_hidden * scale if grad_hidden is not None else None,
+            grad_weight * scale if grad_weight is not None else None,
+            None,
+            None,
+        )
 
 
 class _LinearKLDivergence(torch.autograd.Function):
@@ -135,8 +150,12 @@ class _LinearKLDivergence(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk_rows):
             rows = slice(start, start + chunk_rows)
-            kl, grad_logits = _kl_rows(F.linear(hidden[rows], weight), F.linear(teacher_hidden[rows], teacher_weight),
-                                       T, want_hidden or want_weight)
+            kl, grad_logits = _kl_rows(
+                F.linear(hidden[rows], weight),
+                F.linear(teacher_hidden[rows], teacher_weight),
+                T,
+                want_hidden or want_weight,
+            )
             total += kl
             if grad_logits is not None:
                 _accumulate(grad_hidden, grad_weight, rows, grad_logits, hidden, weight)
@@ -150,8 +169,14 @@ class _LinearKLDivergence(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
         scale = grad_loss * ctx.scale
-        return (grad_hidden * scale if grad_hidden is not None else None,
-                grad_weight * scale if grad_weight is not None else None, None, None, None, None)
+        return (
+            grad_hidden * scale if grad_hidden is not None else None,
+            grad_weight * scale if grad_weight is not None else None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 @dataclass
@@ -171,11 +196,18 @@ class HeadLosses:
     """Fraction of labelled positions where the student's and the teacher's top-1 next tokens agree."""
 
 
-def head_losses(hidden: torch.Tensor, head: torch.Tensor, labels: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                teacher_hidden: torch.Tensor | None = None, teacher_head: torch.Tensor | None = None,
-                temperature: float = 1.0, compare_teacher: bool = False,
-                label_positions: tuple[torch.Tensor, torch.Tensor] | None = None) -> HeadLosses:
+def head_losses(
+    hidden: torch.Tensor,
+    head: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_head: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    compare_teacher: bool = False,
+    label_positions: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> HeadLosses:
     """The LM head's losses from final hidden states [B, T, D] and the head weight [vocab, D]: next-token
     cross-entropy and exact match over ``labels`` != -100 (never across a packed ``cu_seqlens`` boundary), and with
     the teacher's hidden states and head, the KL to it at ``temperature`` over ``attention_mask`` positions.
@@ -190,7 +222,8 @@ def head_losses(hidden: torch.Tensor, head: torch.Tensor, labels: torch.Tensor |
         out.correct = _exact_match_per_sample(hits, positions, cu_seqlens, len(targets))
         if compare_teacher and teacher_hidden is not None:
             out.teacher_ce, out.agreement = _compare_with_teacher(
-                hidden[:, :-1][positions], head, teacher_hidden[:, :-1][positions], teacher_head, targets[positions])
+                hidden[:, :-1][positions], head, teacher_hidden[:, :-1][positions], teacher_head, targets[positions]
+            )
     if teacher_hidden is not None:
         if attention_mask is None:  # every position: no boolean indexing, which would wait for the GPU
             hidden, teacher_hidden = hidden.flatten(0, 1), teacher_hidden.flatten(0, 1)
@@ -202,8 +235,9 @@ def head_losses(hidden: torch.Tensor, head: torch.Tensor, labels: torch.Tensor |
 
 
 @torch.no_grad()
-def _compare_with_teacher(hidden, weight, teacher_hidden, teacher_weight, targets,
-                          chunk_rows: int = CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+def _compare_with_teacher(
+    hidden, weight, teacher_hidden, teacher_weight, targets, chunk_rows: int = CHUNK_ROWS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(the teacher's mean cross-entropy on ``targets``, the fraction of rows whose argmaxes agree), in chunks."""
     n = hidden.shape[0]
     ce = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -231,8 +265,9 @@ def next_token_targets(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = N
     return targets
 
 
-def _exact_match_per_sample(hits: torch.Tensor, positions: tuple[torch.Tensor, torch.Tensor],
-                            cu_seqlens: torch.Tensor | None, rows: int) -> torch.Tensor:
+def _exact_match_per_sample(
+    hits: torch.Tensor, positions: tuple[torch.Tensor, torch.Tensor], cu_seqlens: torch.Tensor | None, rows: int
+) -> torch.Tensor:
     """[samples] 1.0 / 0.0 / NaN from per-labelled-position hits (see ``HeadLosses.correct``)."""
     if cu_seqlens is not None:  # the packed sample each labelled position belongs to
         sample = torch.bucketize(positions[1], cu_seqlens[1:].long(), right=True)

@@ -15,9 +15,9 @@ from torch.autograd.function import once_differentiable
 
 from ivl.kernels import conv_backward
 from ivl.kernels._fla import fla_causal_conv1d
-from ivl.kernels.packed_bounds import FLA_CHUNK, chunk_indices
 from ivl.kernels.fused import fused
-from ivl.model.cheap_recompute import remember
+from ivl.kernels.packed_bounds import FLA_CHUNK, chunk_indices
+from ivl.model.training.cheap_recompute import mark_recomputable
 
 
 class ShortConvolution(nn.Module):
@@ -36,8 +36,9 @@ class ShortConvolution(nn.Module):
         return short_convolution(x, self.weight[:, 0, :], cu_seqlens, tail)
 
 
-def short_convolution(x: torch.Tensor, w: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
-                      tail: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def short_convolution(
+    x: torch.Tensor, w: torch.Tensor, cu_seqlens: torch.Tensor | None = None, tail: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """SiLU of the causal depthwise convolution of x [B, T, C] with w [C, W] (tap W-1 on the current token),
     continuing ``tail`` [B, W-1, C] (zeros if None), not reaching across ``cu_seqlens`` boundaries; and the new
     tail."""
@@ -45,7 +46,7 @@ def short_convolution(x: torch.Tensor, w: torch.Tensor, cu_seqlens: torch.Tensor
         return _fla_conv(x, w, cu_seqlens, tail)
     pos = None if cu_seqlens is None else sequence_positions(cu_seqlens, x.shape[1], x.device)
     y, new_tail = _causal_conv_silu(x, tail, w, pos)
-    return remember(y, _conv_output, x, tail, w, pos), new_tail
+    return mark_recomputable(y, _conv_output, x, tail, w, pos), new_tail
 
 
 def _conv_output(x, tail, w, pos):
@@ -64,20 +65,20 @@ def sequence_positions(cu_seqlens: torch.Tensor, T: int, device: torch.device) -
 
 
 def _fla_conv(x, w, cu_seqlens, tail):
-    # fla's kernel reads [B, T, C] in place (the compiled tap loop ran at a twentieth of memory bandwidth on
-    # an H100). A cached tail is prepended and its outputs dropped, which keeps fla's state layout out of it.
+    # fla's kernel reads [B, T, C] in place, where the compiled tap loop streams it far below memory bandwidth.
+    # A cached tail is prepended and its outputs dropped, which keeps fla's state layout out of it.
     W = w.shape[1]
     conv = fla_causal_conv1d()
     if tail is None:
         if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad) and conv_backward.supported(x, w):
-            y = remember(_ConvSilu.apply(x, w, cu_seqlens), _fla_conv_forward, x, w, cu_seqlens)
+            y = mark_recomputable(_ConvSilu.apply(x, w, cu_seqlens), _fla_conv_forward, x, w, cu_seqlens)
         else:
             y, _ = conv(x, weight=w, activation="silu", **_packed(cu_seqlens))
         xp = x if x.shape[1] >= W - 1 else torch.cat([x.new_zeros(x.shape[0], W - 1, x.shape[2]), x], dim=1)
-        return y, xp[:, -(W - 1):]
+        return y, xp[:, -(W - 1) :]
     xp = torch.cat([tail.to(x.dtype), x], dim=1)
     y, _ = conv(xp, weight=w, activation="silu")
-    return y[:, W - 1:], xp[:, -(W - 1):]
+    return y[:, W - 1 :], xp[:, -(W - 1) :]
 
 
 def _packed(cu_seqlens):
@@ -88,8 +89,8 @@ def _packed(cu_seqlens):
 
 
 class _ConvSilu(torch.autograd.Function):
-    """fla's forward kernel, ivl's backward kernel (``ivl.kernels.conv_backward``: 2.6 to 3.6 times faster than
-    fla's at 32K tokens on an H100, docs/benchmarks.md)."""
+    """fla's forward kernel, ivl's backward kernel (``ivl.kernels.conv_backward``, faster than fla's backward at
+    training lengths: docs/benchmarks.md)."""
 
     @staticmethod
     def forward(ctx, x, w, cu_seqlens):
@@ -123,7 +124,7 @@ def _causal_conv_silu(x: torch.Tensor, tail: torch.Tensor | None, w: torch.Tenso
         if pos is not None:  # a tap must not reach into the previous packed sequence
             term = term * (pos >= back)[None, :, None].to(term.dtype)
         y = term if y is None else y + term
-    return F.silu(y), xp[:, -(W - 1):]
+    return F.silu(y), xp[:, -(W - 1) :]
 
 
 def conv_step(tail: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

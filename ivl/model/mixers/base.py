@@ -1,52 +1,33 @@
-"""The token-mixer registry and the contract every mixer implements.
+"""The contract every token mixer implements: ``TokenMixer``, and ``RecurrentMixer`` for the constant-memory ones.
 
-A layer type names a mixer (``HybridConfig.layer_types``). The language model, the caches, the projection
-packing, the static decoder and the conversion call the mixer through the methods of ``TokenMixer`` and never
-test its class, so adding a mixer is one file that implements them and one line in ``MIXERS``.
-
-The registry maps names to import paths, resolved on first use: ``HybridConfig`` validates names against it
-without importing the layers (which import the config).
+The language model, the caches, the projection packing, the static decoder, the conversion and the benchmarks
+call a mixer through these methods and never test its class.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Callable, ClassVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import torch
 import torch.nn as nn
 
+from ivl.kernels.packed_bounds import FLA_CHUNK
 from ivl.model.cache import RecurrentCache
 
 if TYPE_CHECKING:
     from ivl.model.config import HybridConfig
 
-MIXERS = {
-    "attention": "ivl.model.attention:SlidingWindowAttention",
-    "gated_deltanet": "ivl.model.gated_deltanet:GatedDeltaNet",
-    "mamba2": "ivl.model.mamba2:Mamba2",
-    "gla": "ivl.model.gla:GatedLinearAttention",
-    "linear_attention": "ivl.model.linear_attention:LinearAttention",
-}
-LINEAR_MIXERS = tuple(name for name in MIXERS if name != "attention")
-"""The constant-memory mixers: the ones ``hybrid_ratio`` places between the attention layers."""
-ALIASES = {"gdn": "gated_deltanet"}
-
-
-def canonical_name(name: str) -> str:
-    """A registered mixer name (aliases such as "gdn" resolved), or a ValueError that lists the choices."""
-    name = ALIASES.get(name, name)
-    if name not in MIXERS:
-        raise ValueError(f"{name!r} is not a known mixer; choose from {sorted(MIXERS)} (or {sorted(ALIASES)})")
-    return name
-
-
-def mixer_class(name: str) -> type["TokenMixer"]:
-    module, attribute = MIXERS[canonical_name(name)].split(":")
-    return getattr(importlib.import_module(module), attribute)
-
-
 StepFunction = Callable[..., torch.Tensor]
+
+
+class DecodeMatrix(NamedTuple):
+    """A weight matrix that a decode step multiplies each row's token by, as the step reads it (a group of
+    projections packed into one matrix is one): ``rows`` x ``cols``."""
+
+    name: str
+    rows: int
+    cols: int
 
 
 class TokenMixer(nn.Module):
@@ -55,7 +36,8 @@ class TokenMixer(nn.Module):
     Forward (training, prefill, chunked prefill, decoding through the dynamic cache):
         ``forward(x, rope, cu_seqlens, cache, token_index, attention_mask)``: x [B, T, hidden] -> [B, T, hidden];
         packed sequences (``cu_seqlens``, B = 1) never mix; left padding (``attention_mask`` 0) leaves no trace
-        in what the row's real tokens see; with a cache entry from ``new_cache`` the call continues its stream and extends it.
+        in what the row's real tokens see; with a cache entry from ``new_cache`` the call continues its stream and
+        extends it. Every forward starts with ``guard``.
     Fixed-shape decoding (the static cache and the CUDA-graph decoder):
         ``static_buffers`` allocates the buffers of one layer at their final shape, ``load_static`` copies a
         dynamic cache entry into them, and ``step`` (a pure function over tensors, compiled into one graph per
@@ -63,9 +45,13 @@ class TokenMixer(nn.Module):
     Packing: ``projection_groups`` names the weights that read the same input, to be stored as one matrix.
     Initialisation: ``reset_mimic`` after the model's generic initialisation (InfiniteVL's near pass-through for
     the linear mixers); ``from_attention`` maps parameters that conversion may copy from the attention layer
-    being replaced (``gdn_init="attention"``), to the teacher's attention parameter names.
+    being replaced (``linear_init="attention"``), to the teacher's attention parameter names.
+    Cost (the benchmarks' FLOP model and GEMV shapes): ``flops_per_token`` and ``core_flops_per_token`` of the
+    forward, ``decode_matrices`` of a decode step.
     """
 
+    label: ClassVar[str]
+    """The mixer's name in tables and benchmark output."""
     from_attention: ClassVar[dict[str, str]] = {}
     step: ClassVar[StepFunction]
     """step(x [B, 1, hidden] normed, weights, buffers, cos, sin, token_index, sizes) -> [B, 1, hidden]."""
@@ -73,6 +59,15 @@ class TokenMixer(nn.Module):
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
+
+    def guard(
+        self, x: torch.Tensor, cu_seqlens: torch.Tensor | None, cache, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The checks every forward starts with; returns the x to mix. A cache entry continues one stream per batch
+        row, and packed sequences share one row."""
+        if cache is not None and cu_seqlens is not None:
+            raise ValueError("a cache holds one stream per batch row; pass padded batches, not cu_seqlens")
+        return x
 
     def new_cache(self, window: int | None):
         raise NotImplementedError
@@ -91,12 +86,30 @@ class TokenMixer(nn.Module):
     def step_weights(self, packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def step_sizes(self) -> tuple:
+    def step_sizes(self) -> NamedTuple:
+        """The sizes ``step`` reads, as this mixer's NamedTuple of Python numbers: hashable, so the compiled step
+        takes them as constants (one graph per distinct value) instead of tensors."""
         raise NotImplementedError
 
     @torch.no_grad()
     def reset_mimic(self) -> None:
         """Nothing to do by default: the model's normal initialisation stands."""
+
+    # ---- cost, for the benchmarks' FLOP model and GEMV shapes ----------------------------------------------------
+    def decode_matrices(self) -> list[DecodeMatrix]:
+        """Every weight matrix one decode step multiplies a row's token by, packed as ``step`` reads them (biases,
+        caches and states are not weights: attention's product with its cached keys is not listed)."""
+        raise NotImplementedError
+
+    def core_flops_per_token(self, length: int, chunk: int = FLA_CHUNK) -> float:
+        """Forward FLOPs per token of the token mixing beyond the weight products (attention over its keys, a
+        linear mixer's state and chunk products, short convolutions), in sequences of ``length`` tokens; the
+        linear mixers' chunked kernels work in chunks of ``chunk`` tokens. Elementwise work is not counted."""
+        raise NotImplementedError
+
+    def flops_per_token(self, length: int, chunk: int = FLA_CHUNK) -> float:
+        """Forward FLOPs per token: two per weight of the matrices a token is multiplied by, plus the core."""
+        return 2 * sum(m.rows * m.cols for m in self.decode_matrices()) + self.core_flops_per_token(length, chunk)
 
 
 class RecurrentMixer(TokenMixer):
@@ -105,6 +118,16 @@ class RecurrentMixer(TokenMixer):
     "state" buffer and one "tail" buffer holding the convolutions' channels side by side in that order."""
 
     conv_names: ClassVar[tuple[str, ...]] = ()
+
+    def guard(
+        self, x: torch.Tensor, cu_seqlens: torch.Tensor | None, cache, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Also: padding tokens (attention_mask 0) enter as zeros, so they write nothing to the state and reach no
+        later token's convolution, and a left-padded row ends in the state its prompt gives."""
+        x = super().guard(x, cu_seqlens, cache, attention_mask)
+        if attention_mask is not None:
+            x = x.masked_fill(~attention_mask[..., None].bool(), 0)  # not x * mask: NaN * 0 is NaN
+        return x
 
     def state_shape(self) -> tuple[int, ...]:
         """Per-row shape of the state (e.g. [H, K, V])."""

@@ -15,15 +15,17 @@ state updates and attention fuse into a few kernels around the matrix products, 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 from ivl.kernels.fused import fused
 from ivl.kernels.gemv import linear
 from ivl.model.cache import HybridCache
+from ivl.model.decoding.packing import pack_projections
 from ivl.model.layers import rms_norm
 from ivl.model.lm import HybridLM
-from ivl.model.packing import pack_projections
 
 
 class StaticCache:
@@ -43,22 +45,23 @@ class StaticCache:
         self.layers = [block.mixer.static_buffers(batch, ring, device, dtype) for block in lm.layers]
 
     @classmethod
-    def from_cache(cls, lm: HybridLM, cache: HybridCache, batch: int | None = None,
-                   ring: int | None = None) -> "StaticCache":
+    def from_cache(
+        cls, lm: HybridLM, cache: HybridCache, batch: int | None = None, ring: int | None = None
+    ) -> StaticCache:
         """Copy a (prefilled) dynamic cache into static buffers."""
         static = cls(lm, batch or _rows(cache), ring=ring)
         for block, buffers, entry in zip(lm.layers, static.layers, cache.layers):
             block.mixer.load_static(buffers, entry)
         return static
 
-    def rows(self, n: int) -> "StaticCache":
+    def rows(self, n: int) -> StaticCache:
         """The first ``n`` rows, as a cache sharing these buffers (what a decoder of ``n`` rows reads and writes)."""
         view = object.__new__(StaticCache)
         view.window, view.batch, view.device, view.blocks = self.window, n, self.device, self.blocks
         view.layers = [{name: t[:n] for name, t in layer.items()} for layer in self.layers]
         return view
 
-    def clone(self) -> "StaticCache":
+    def clone(self) -> StaticCache:
         """A copy with buffers of its own."""
         copy = object.__new__(StaticCache)
         copy.window, copy.batch, copy.device, copy.blocks = self.window, self.batch, self.device, self.blocks
@@ -69,7 +72,7 @@ class StaticCache:
         """A one-row dynamic cache into row ``slot``; ``shift``: its first ``shift`` token indices were left padding,
         left out, so that its tokens count from its first real one."""
         for block, buffers, entry in zip(self.blocks, self.layers, cache.layers):
-            block.mixer.load_static({name: t[slot:slot + 1] for name, t in buffers.items()}, entry, shift)
+            block.mixer.load_static({name: t[slot : slot + 1] for name, t in buffers.items()}, entry, shift)
 
     def move_row(self, src: int, dst: int) -> None:
         for layer in self.layers:
@@ -89,8 +92,9 @@ def _rows(cache: HybridCache) -> int:
 
 
 @torch.no_grad()
-def decode_step(lm: HybridLM, cache: StaticCache, token: torch.Tensor, position: torch.Tensor,
-                token_index: torch.Tensor) -> torch.Tensor:
+def decode_step(
+    lm: HybridLM, cache: StaticCache, token: torch.Tensor, position: torch.Tensor, token_index: torch.Tensor
+) -> torch.Tensor:
     """Logits [B, vocab] of one new token per row, updating ``cache`` in place.
 
     token [B]; position [3, B, 1] (multimodal RoPE position of the token); token_index [B] (or 0-dim, the same for
@@ -102,17 +106,42 @@ def decode_step(lm: HybridLM, cache: StaticCache, token: torch.Tensor, position:
     cos, sin = lm.rotary(position, h.dtype)
     for block, buffers, packed in zip(lm.layers, cache.layers, pack_projections(lm)):
         m = block.mixer
-        h = _block_step(h, block.mixer_norm.weight, block.mlp_norm.weight, m.step_weights(packed), buffers, cos,
-                        sin, token_index, packed["gate_up"], block.mlp.down_proj.weight, eps, type(m).step,
-                        m.step_sizes())
+        h = _block_step(
+            h,
+            block.mixer_norm.weight,
+            block.mlp_norm.weight,
+            m.step_weights(packed),
+            buffers,
+            cos,
+            sin,
+            token_index,
+            packed["gate_up"],
+            block.mlp.down_proj.weight,
+            eps,
+            type(m).step,
+            m.step_sizes(),
+        )
     return _head(h, lm.norm.weight, lm.lm_head.weight, eps)
 
 
 @fused(dynamic=False)
-def _block_step(h, mixer_norm, mlp_norm, weights, buffers, cos, sin, token_index, w_gate_up, w_down, eps: float,
-                step, sizes: tuple) -> torch.Tensor:
+def _block_step(
+    h,
+    mixer_norm,
+    mlp_norm,
+    weights,
+    buffers,
+    cos,
+    sin,
+    token_index,
+    w_gate_up,
+    w_down,
+    eps: float,
+    step,
+    sizes: NamedTuple,
+) -> torch.Tensor:
     """h [B, 1, hidden] after one block: x + mixer step(norm(x)), then x + mlp(norm(x)); ``buffers`` advance in
-    place."""
+    place. ``sizes``: the mixer's ``step_sizes()``, Python numbers that the compiled graph takes as constants."""
     h = h + step(rms_norm(h, mixer_norm, eps), weights, buffers, cos, sin, token_index, sizes)
     gate, up = linear(rms_norm(h, mlp_norm, eps), w_gate_up).chunk(2, dim=-1)
     return h + linear(F.silu(gate) * up, w_down)

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
 from ivl.model.cache import HybridCache
-from ivl.model.static_cache import StaticCache, decode_step
+from ivl.model.decoding.static_cache import StaticCache, decode_step
 
 DECODERS = ("static", "cuda_graph")
 
@@ -48,11 +49,9 @@ class Constraint(Protocol):
     def mask(self, logits: torch.Tensor) -> None:  # [vocab]: -inf, in place, where a token may not come next
         ...
 
-    def accept(self, token: int) -> None:
-        ...
+    def accept(self, token: int) -> None: ...
 
-    def finished(self) -> bool:
-        ...
+    def finished(self) -> bool: ...
 
 
 @dataclass
@@ -84,7 +83,7 @@ class Sequence:
     embeds: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None
     next_position: int | None = None
-    prepare: Callable[["Sequence"], None] | None = None
+    prepare: Callable[[Sequence], None] | None = None
     sampling: Sampling = field(default_factory=Sampling)
     start: HybridCache | None = None
     advance_start: bool = False
@@ -143,8 +142,9 @@ class SlotDecoder:
         self.index[:n] = torch.tensor(indices, device=device)
         size = self.bucket(n)
         if not self.cuda_graph:
-            return decode_step(self.lm, self.pool.rows(size), self.token[:size], self.position[:, :size],
-                               self.index[:size])[:n]
+            return decode_step(
+                self.lm, self.pool.rows(size), self.token[:size], self.position[:, :size], self.index[:size]
+            )[:n]
         if size not in self.graphs:
             self.graphs[size] = self._capture(size)
         graph, logits = self.graphs[size]
@@ -164,8 +164,9 @@ class SlotDecoder:
         del scratch
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = decode_step(self.lm, self.pool.rows(size), self.token[:size], self.position[:, :size],
-                                 self.index[:size])
+            logits = decode_step(
+                self.lm, self.pool.rows(size), self.token[:size], self.position[:, :size], self.index[:size]
+            )
         return graph, logits
 
 
@@ -179,8 +180,15 @@ class Engine:
     on a GPU) or "static" (eager).
     """
 
-    def __init__(self, model, capacity: int = 8, prefill_chunk: int = 8192, step_budget: int = 512,
-                 max_context: int = 32768, decoder: str | None = None):
+    def __init__(
+        self,
+        model,
+        capacity: int = 8,
+        prefill_chunk: int = 8192,
+        step_budget: int = 4096,
+        max_context: int = 32768,
+        decoder: str | None = None,
+    ):
         self.model, self.lm = model, model.lm
         self.device = self.lm.embed_tokens.weight.device
         decoder = decoder or ("cuda_graph" if self.device.type == "cuda" else "static")
@@ -346,8 +354,11 @@ class Engine:
             if head._done == 0 and head.start is None and head.prompt_tokens <= budget:
                 group = [head]  # short prompts from scratch: prefilled together, left-padded
                 for other in list(self.prefilling)[1:]:
-                    if other._done or other.start is not None or \
-                            sum(s.prompt_tokens for s in group) + other.prompt_tokens > budget:
+                    if (
+                        other._done
+                        or other.start is not None
+                        or sum(s.prompt_tokens for s in group) + other.prompt_tokens > budget
+                    ):
                         break
                     group.append(other)
                 self._prefill_together(group)
@@ -358,12 +369,19 @@ class Engine:
     def _prefill_chunk(self, sequence: Sequence, size: int) -> int:
         if sequence._cache is None:
             start = sequence.start
-            sequence._cache = start if (start is not None and sequence.advance_start) else \
-                start.clone() if start is not None else self.lm.new_cache()
+            sequence._cache = (
+                start
+                if (start is not None and sequence.advance_start)
+                else start.clone()
+                if start is not None
+                else self.lm.new_cache()
+            )
         end = min(sequence._done + size, sequence.prompt_tokens)
-        hidden = self.lm.hidden_states(inputs_embeds=sequence.embeds[None, sequence._done:end],
-                                       position_ids=sequence.position_ids[:, None, sequence._done:end],
-                                       cache=sequence._cache)
+        hidden = self.lm.hidden_states(
+            inputs_embeds=sequence.embeds[None, sequence._done : end],
+            position_ids=sequence.position_ids[:, None, sequence._done : end],
+            cache=sequence._cache,
+        )
         taken, sequence._done = end - sequence._done, end
         if end == sequence.prompt_tokens:
             self.prefilling.remove(sequence)
@@ -383,8 +401,9 @@ class Engine:
             sequence._shift, sequence._done = pad, sequence.prompt_tokens
             self.prefilling.remove(sequence)
         cache = self.lm.new_cache()
-        hidden = self.lm.hidden_states(inputs_embeds=embeds, position_ids=positions, cache=cache,
-                                       attention_mask=None if bool(mask.all()) else mask)
+        hidden = self.lm.hidden_states(
+            inputs_embeds=embeds, position_ids=positions, cache=cache, attention_mask=None if bool(mask.all()) else mask
+        )
         logits = self.lm.lm_head(hidden[:, -1]).float()
         for r, sequence in enumerate(group):
             self._decode_first(sequence, logits[r], cache, row=r)
@@ -403,12 +422,30 @@ class Engine:
             generator = sequence.sampling.generator
             if sequence.sampling.seed is not None:
                 generator = torch.Generator(self.device).manual_seed(sequence.sampling.seed + copy)
-            new = _Row(sequence, copy, token=-1, index=seen, position=sequence.next_position, count=0,
-                       generator=generator, constraint=sequence.constraint(copy) if sequence.constraint else None)
-            (token, logprob, top), = self._sample(logits[None].clone(), [new])
+            new = _Row(
+                sequence,
+                copy,
+                token=-1,
+                index=seen,
+                position=sequence.next_position,
+                count=0,
+                generator=generator,
+                constraint=sequence.constraint(copy) if sequence.constraint else None,
+            )
+            ((token, logprob, top),) = self._sample(logits[None].clone(), [new])
             finish = self._advance(new, token)
-            _emit(sequence, Token(copy, token, logprob, top, finish, not self._is_stop(new, token),
-                                  logits if sequence.keep_logits else None))
+            _emit(
+                sequence,
+                Token(
+                    copy,
+                    token,
+                    logprob,
+                    top,
+                    finish,
+                    not self._is_stop(new, token),
+                    logits if sequence.keep_logits else None,
+                ),
+            )
             if finish is None:
                 self.decoder.pool.load(len(self.rows), one_row, sequence._shift)
                 self.rows.append(new)
@@ -425,8 +462,12 @@ class Engine:
             if row.constraint is not None:
                 row.constraint.mask(logits[i])
         greedy = logits.argmax(-1).tolist()  # one read-back for every greedy row
-        tokens = [greedy[i] if row.sequence.sampling.temperature <= 0 else
-                  sample(logits[i], row.sequence.sampling, row.generator) for i, row in enumerate(rows)]
+        tokens = [
+            greedy[i]
+            if row.sequence.sampling.temperature <= 0
+            else sample(logits[i], row.sequence.sampling, row.generator)
+            for i, row in enumerate(rows)
+        ]
         out = []
         asked = [i for i, row in enumerate(rows) if row.sequence.sampling.logprobs is not None]
         logprobs = torch.log_softmax(logits[asked], dim=-1) if asked else None
@@ -437,8 +478,13 @@ class Engine:
             row_logprobs = logprobs[asked.index(i)]
             k = rows[i].sequence.sampling.logprobs
             top = row_logprobs.topk(k) if k else None
-            out.append((token, float(row_logprobs[token]),
-                        list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []))
+            out.append(
+                (
+                    token,
+                    float(row_logprobs[token]),
+                    list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else [],
+                )
+            )
         return out
 
 
@@ -462,11 +508,25 @@ def _emit(sequence: Sequence, token: Token) -> None:
 
 # ---- InfiniteVL.generate --------------------------------------------------------------------------------------
 
-def generate(model, embeds: torch.Tensor, position_ids: torch.Tensor, next_position: torch.Tensor,
-             attention_mask: torch.Tensor | None, *, max_new_tokens: int, do_sample: bool, temperature: float,
-             top_p: float, stop_token_ids: list[int], pad_token_id: int, prefill_chunk: int | None,
-             generator: torch.Generator | None, return_scores: bool = False, decoder: str | None = None,
-             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+
+def generate(
+    model,
+    embeds: torch.Tensor,
+    position_ids: torch.Tensor,
+    next_position: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    stop_token_ids: list[int],
+    pad_token_id: int,
+    prefill_chunk: int | None,
+    generator: torch.Generator | None,
+    return_scores: bool = False,
+    decoder: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """New tokens [B, n] of a left-padded batch (rows that stop early are padded with ``pad_token_id``), through the
     engine: each row a sequence of its own. embeds [B, T, hidden] (vision features in place), position_ids
     [3, B, T], next_position [B]; with ``return_scores`` also the logits [B, n, vocab] each token was chosen from.
@@ -475,8 +535,13 @@ def generate(model, embeds: torch.Tensor, position_ids: torch.Tensor, next_posit
         _check_left_padded(attention_mask)
     B, T, _ = embeds.shape
     pads = (T - attention_mask.sum(1)).tolist() if attention_mask is not None else [0] * B
-    sampling = Sampling(max_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0, top_p=top_p,
-                        stop_token_ids=set(stop_token_ids), generator=generator)
+    sampling = Sampling(
+        max_tokens=max_new_tokens,
+        temperature=temperature if do_sample else 0.0,
+        top_p=top_p,
+        stop_token_ids=set(stop_token_ids),
+        generator=generator,
+    )
     tokens: list[list[int]] = [[] for _ in range(B)]
     scores: list[list[torch.Tensor]] = [[] for _ in range(B)]
 
@@ -486,23 +551,37 @@ def generate(model, embeds: torch.Tensor, position_ids: torch.Tensor, next_posit
             if return_scores:
                 scores[b].append(token.logits)
 
-    engine = Engine(model, capacity=B, prefill_chunk=prefill_chunk or T, step_budget=prefill_chunk or T,
-                    max_context=T + max_new_tokens + 1, decoder=decoder)
-    sequences = [Sequence(embeds=embeds[b, p:], position_ids=position_ids[:, b, p:], next_position=int(next_position[b]),
-                          sampling=sampling, on_token=lambda t, b=b: keep(b, t), keep_logits=return_scores)
-                 for b, p in enumerate(int(p) for p in pads)]
+    engine = Engine(
+        model,
+        capacity=B,
+        prefill_chunk=prefill_chunk or T,
+        step_budget=prefill_chunk or T,
+        max_context=T + max_new_tokens + 1,
+        decoder=decoder,
+    )
+    sequences = [
+        Sequence(
+            embeds=embeds[b, p:],
+            position_ids=position_ids[:, b, p:],
+            next_position=int(next_position[b]),
+            sampling=sampling,
+            on_token=lambda t, b=b: keep(b, t),
+            keep_logits=return_scores,
+        )
+        for b, p in enumerate(int(p) for p in pads)
+    ]
     if max_new_tokens > 0:
         engine.run_until_done(sequences)
     n = max((len(t) for t in tokens), default=0)
     out = torch.full((B, n), pad_token_id, dtype=torch.long, device=embeds.device)
     for b, row in enumerate(tokens):
-        out[b, :len(row)] = torch.tensor(row, dtype=torch.long, device=embeds.device)
+        out[b, : len(row)] = torch.tensor(row, dtype=torch.long, device=embeds.device)
     if not return_scores:
         return out
     stacked = embeds.new_zeros(B, n, model.lm.config.vocab_size, dtype=torch.float32)
     for b, row in enumerate(scores):
         if row:
-            stacked[b, :len(row)] = torch.stack(row)
+            stacked[b, : len(row)] = torch.stack(row)
     return out, stacked
 
 
@@ -510,5 +589,7 @@ def _check_left_padded(mask: torch.Tensor) -> None:
     # Once a row starts its real tokens it must not go back to padding.
     bad = (mask[:, 1:] < mask[:, :-1]).any(dim=1)
     if bool(bad.any()):
-        raise ValueError(f"generate needs left padding (attention_mask 0 only before the prompt); rows "
-                         f"{bad.nonzero().flatten().tolist()} have padding after real tokens")
+        raise ValueError(
+            f"generate needs left padding (attention_mask 0 only before the prompt); rows "
+            f"{bad.nonzero().flatten().tolist()} have padding after real tokens"
+        )

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn as nn
 
-from ivl.kernels.window_attention import sliding_window_attention
 from ivl.kernels.gemv import linear
+from ivl.kernels.packed_bounds import FLA_CHUNK
 from ivl.kernels.precision import at_least_float32
-from ivl.kernels.window_attention import (attention_at_positions, padded_window_attention,
-                                          sliding_window_attention_after_prefix)
+from ivl.kernels.window_attention import (
+    attention_at_positions,
+    padded_window_attention,
+    sliding_window_attention,
+    sliding_window_attention_after_prefix,
+)
 from ivl.model.cache import WindowKVCache
 from ivl.model.layers import apply_rotary
-from ivl.model.mixers import TokenMixer
+from ivl.model.mixers.base import DecodeMatrix, TokenMixer
 
 if TYPE_CHECKING:
     from ivl.model.config import HybridConfig
@@ -23,8 +27,18 @@ if TYPE_CHECKING:
 EMPTY = -(2**62)  # token index of an empty slot of the static ring: never inside any window
 
 
+class AttentionSizes(NamedTuple):
+    """What attention's decode step needs to know of its shapes."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
 class SlidingWindowAttention(TokenMixer):
     """Parameter names follow transformers' Qwen2.5-VL attention, so teacher layers copy over unchanged."""
+
+    label = "attention"
 
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__(config, layer_idx)
@@ -32,7 +46,8 @@ class SlidingWindowAttention(TokenMixer):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.window = config.window
-        hidden, bias = config.hidden_size, config.attention_bias
+        self.hidden_size = hidden = config.hidden_size
+        bias = config.attention_bias
         self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
@@ -50,18 +65,24 @@ class SlidingWindowAttention(TokenMixer):
         """x [B, T, hidden]; rope (cos, sin) [B, T, head_dim]; token_index [T] gives each token's index in the
         stream (the window is counted in tokens, not in RoPE positions); attention_mask [B, T] is False/0 at
         padding tokens, which no query sees."""
+        x = self.guard(x, cu_seqlens, cache, attention_mask)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None and cu_seqlens is not None:
-            raise ValueError("a cache holds one stream per batch row; pass padded batches, not cu_seqlens")
         if token_index is None:
             token_index = torch.arange(T, device=x.device)
-        if (cache is not None and cache.keys is not None and cache.keys.shape[1] > 0 and x.is_cuda and T >= 128
-                and attention_mask is None and cache.all_valid):
+        if (
+            cache is not None
+            and cache.keys is not None
+            and cache.keys.shape[1] > 0
+            and x.is_cuda
+            and T >= 128
+            and attention_mask is None
+            and cache.all_valid
+        ):
             # Chunked prefill without padding: the cached tokens are the ones just before this chunk, so in
             # token order they and the chunk form one band, which a block-sparse kernel skips outside of.
             # (Single decode tokens stay on the masked path below: the band's shape changes every step.)
@@ -85,8 +106,9 @@ class SlidingWindowAttention(TokenMixer):
             if q.is_cuda:
                 out = padded_window_attention(q, k, v, attention_mask, self.window)
             else:
-                out = attention_at_positions(q, k, v, token_index, token_index, self.window,
-                                             k_valid=attention_mask.bool())
+                out = attention_at_positions(
+                    q, k, v, token_index, token_index, self.window, k_valid=attention_mask.bool()
+                )
         else:
             out = sliding_window_attention(q, k, v, self.window, cu_seqlens=cu_seqlens)
         if attention_mask is not None:
@@ -105,10 +127,12 @@ class SlidingWindowAttention(TokenMixer):
         """A [B, Hkv, window, D] ring of keys/values (heads first: one head's keys form one matrix), with each row's
         token index and validity of each slot (rows run their own streams)."""
         shape = (batch, self.num_kv_heads, window, self.head_dim)
-        return {"keys": torch.zeros(shape, device=device, dtype=dtype),
-                "values": torch.zeros(shape, device=device, dtype=dtype),
-                "positions": torch.full((batch, window), EMPTY, dtype=torch.long, device=device),
-                "valid": torch.zeros(batch, window, dtype=torch.bool, device=device)}
+        return {
+            "keys": torch.zeros(shape, device=device, dtype=dtype),
+            "values": torch.zeros(shape, device=device, dtype=dtype),
+            "positions": torch.full((batch, window), EMPTY, dtype=torch.long, device=device),
+            "valid": torch.zeros(batch, window, dtype=torch.bool, device=device),
+        }
 
     def load_static(self, buffers: dict[str, torch.Tensor], entry: WindowKVCache, shift: int = 0) -> None:
         """``shift``: the rows' tokens are renumbered to start after the first ``shift`` token indices (their left
@@ -135,13 +159,13 @@ class SlidingWindowAttention(TokenMixer):
             weights["b_in"] = packed["mixer_in_bias"]
         return weights
 
-    def step_sizes(self) -> tuple:
-        return self.num_heads, self.num_kv_heads, self.head_dim
+    def step_sizes(self) -> AttentionSizes:
+        return AttentionSizes(self.num_heads, self.num_kv_heads, self.head_dim)
 
     @staticmethod
-    def step(x, weights, buffers, cos, sin, token_index, sizes) -> torch.Tensor:
+    def step(x, weights, buffers, cos, sin, token_index, sizes: AttentionSizes) -> torch.Tensor:
         """One token per row against its ring, which takes the token in place; token_index [B]."""
-        Hq, Hkv, D = sizes
+        Hq, Hkv, D = sizes.num_heads, sizes.num_kv_heads, sizes.head_dim
         B = x.shape[0]
         keys, values, positions, valid = (buffers[n] for n in ("keys", "values", "positions", "valid"))
         window = positions.shape[1]
@@ -155,6 +179,25 @@ class SlidingWindowAttention(TokenMixer):
         now = token_index[:, None]
         in_window = (positions > now - window) & (positions <= now)  # [B, S]
         return linear(_decode_attention(q, keys, values, in_window & valid), weights["w_o"])
+
+    # ---- the mixer contract: cost ------------------------------------------------------------------------------
+    def decode_matrices(self) -> list[DecodeMatrix]:
+        Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        return [
+            DecodeMatrix("attention q/k/v", (Hq + 2 * Hkv) * D, self.hidden_size),
+            DecodeMatrix("attention output", self.hidden_size, Hq * D),
+        ]
+
+    def core_flops_per_token(self, length: int, chunk: int = FLA_CHUNK) -> float:
+        # Each query head: scores against the keys it sees and the sum of their values, 2 D per key each.
+        return 4 * self.num_heads * self.head_dim * mean_keys_seen(length, self.window)
+
+
+def mean_keys_seen(length: int, window: int | None) -> float:
+    """Mean number of keys a causal query sees in a sequence of ``length`` tokens (itself included), at most
+    ``window`` of them."""
+    w = length if window is None else min(window, length)
+    return (w * (w + 1) / 2 + (length - w) * w) / length
 
 
 def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
