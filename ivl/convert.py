@@ -1,7 +1,10 @@
 """python -m ivl.convert --teacher DIR --out DIR [--hybrid-ratio 0.25] [--linear-mixer gdn] [--window 8192]
+python -m ivl.convert --from-release DIR --out DIR | --to-release IVL_DIR --out DIR
 
 Converts a local Qwen2.5-VL checkpoint into an InfiniteVL checkpoint folder: weights (config.json + safetensors),
-the teacher's tokenizer and chat template (when the teacher folder has them), and conversion_report.json.
+the teacher's tokenizer and chat template (when the teacher folder has them), and conversion_report.json. Or reads
+a checkpoint in the public InfiniteVL release's format (hustvl/InfiniteVL) into an ivl folder, or writes an ivl
+folder in that format (``ivl.model.release``: the same tensors under other names).
 """
 
 from __future__ import annotations
@@ -14,12 +17,26 @@ import torch
 
 from ivl.model.convert import LINEAR_INITS, convert_qwen2_5_vl
 from ivl.model.mixers import ALIASES, LINEAR_MIXERS, MIXERS
+from ivl.model.release import from_release, to_release
 from ivl.model.renames import warn_renamed
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ivl.convert", description=__doc__.split("\n\n")[1])
-    parser.add_argument("--teacher", required=True, type=Path, help="Qwen2.5-VL checkpoint folder")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--teacher", type=Path, help="Qwen2.5-VL checkpoint folder")
+    source.add_argument(
+        "--from-release",
+        type=Path,
+        metavar="DIR",
+        help="a checkpoint in the public InfiniteVL release's format, to read into an ivl folder",
+    )
+    source.add_argument(
+        "--to-release",
+        type=Path,
+        metavar="IVL_DIR",
+        help="an ivl checkpoint folder, to write in the public InfiniteVL release's format",
+    )
     parser.add_argument("--out", required=True, type=Path, help="folder to write the InfiniteVL checkpoint to")
     parser.add_argument("--hybrid-ratio", type=float, default=0.25, help="fraction of layers kept as attention")
     parser.add_argument(
@@ -41,6 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gdn-init", choices=LINEAR_INITS, help=argparse.SUPPRESS)  # the old name
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the teacher's")
     args = parser.parse_args(argv)
+    if args.teacher is None:
+        release_mode(parser, args)
+        return
     if args.gdn_init is not None:
         warn_renamed("gdn_init", "--gdn-init", stacklevel=2)
         args.linear_init = args.gdn_init
@@ -67,6 +87,26 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "conversion_report.json").write_text(json.dumps(report.to_dict(), indent=2))
     print(report)
     print(f"wrote {args.out}")
+
+
+def release_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--from-release / --to-release: a rename of every tensor, no training or teacher options involved."""
+    teacher_only = [
+        f"--{name.replace('_', '-')}"
+        for name in ("hybrid_ratio", "layer_types", "linear_mixer", "window", "linear_init", "gdn_init", "dtype")
+        if getattr(args, name) != parser.get_default(name)
+    ]
+    if teacher_only:
+        parser.error(f"{', '.join(teacher_only)}: only with --teacher (a release checkpoint converts as it is)")
+    source, convert = (args.from_release, from_release) if args.from_release else (args.to_release, to_release)
+    flag = "--from-release" if args.from_release else "--to-release"
+    if not (source / "config.json").exists():
+        parser.error(f"{flag} {source}: no config.json there (a local checkpoint folder is expected)")
+    try:
+        written = convert(source, args.out)
+    except (ValueError, FileNotFoundError) as err:  # what the format cannot map, named by file and field
+        parser.error(str(err))
+    print(f"wrote {args.out}: {', '.join(written)}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
-"""`python -m ivl.bench {layers,gemv,convert,data,inference,stream,profile,train,host,serve}`: the benchmarks
+"""`python -m ivl.bench {layers,gemv,convert,data,inference,stream,profile,train,host,serve,release}`: the benchmarks
 behind docs/benchmarks.md."""
 
 import argparse
 
-from ivl.bench import convert, data, gemv, host, inference, layers, profile, serve, stream, train
+from ivl.bench import convert, data, gemv, host, inference, layers, profile, release, serve, stream, train
 from ivl.cuda_allocator import expandable_segments
 
 
@@ -20,6 +20,7 @@ def main() -> None:
     train.add_arguments(sub.add_parser("train", help=train.__doc__.splitlines()[0]))
     host.add_arguments(sub.add_parser("host", help=host.__doc__.splitlines()[0]))
     serve.add_arguments(sub.add_parser("serve", help=serve.__doc__.splitlines()[0]))
+    release.add_arguments(sub.add_parser("release", help=release.__doc__.splitlines()[0]))
     args = parser.parse_args()
     expandable_segments()
     commands = {
@@ -33,6 +34,7 @@ def main() -> None:
         "train": train.run,
         "host": host.run,
         "serve": serve.run,
+        "release": release.run,
     }
     commands[args.command](args)
 
