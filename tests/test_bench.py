@@ -6,6 +6,7 @@ import json
 import pytest
 
 from ivl.bench import inference
+from ivl.model.mixers import LINEAR_MIXERS
 
 
 def test_inference_bench_smoke(tmp_path, capsys):
@@ -152,7 +153,7 @@ def test_stream_bench_keeps_what_it_measured_when_interrupted(tmp_path, capsys, 
     assert signal.getsignal(signal.SIGTERM) == before  # the handler was the run's only
 
 
-@pytest.mark.parametrize("linear_mixer", ["gated_deltanet", "mamba2", "gla", "linear_attention"])
+@pytest.mark.parametrize("linear_mixer", LINEAR_MIXERS)
 def test_gemv_bench_times_every_matrix_a_decode_step_reads(linear_mixer, monkeypatch):
     """The shapes ``ivl.bench gemv`` times are the matrices a decode step multiplies, packed as it reads them, with
     their counts: every product the step sends to ``linear``, whichever linear mixer the model runs."""
@@ -288,7 +289,7 @@ def test_train_bench_flops_count_the_4b_matrices():
     assert mean_keys_seen(4, None) == (1 + 2 + 3 + 4) / 4 and mean_keys_seen(5, 2) == (1 + 2 + 2 + 2 + 2) / 5
 
 
-@pytest.mark.parametrize("mixer", ["gated_deltanet", "mamba2", "gla", "linear_attention"])
+@pytest.mark.parametrize("mixer", LINEAR_MIXERS)
 def test_flops_count_each_linear_mixer_by_its_own_core(mixer):
     """Per token, a linear mixer's core stops growing once sequences pass a chunk (a fixed-size state), the windowed
     attention's once they pass the window; the matrices are each mixer's own weights, not Gated DeltaNet's."""

@@ -135,6 +135,46 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(tiny):
     assert "".join(answer) == reference(model, processor, long, 5)
 
 
+def test_prompts_that_start_together_share_one_vision_call_and_answer_as_alone(tiny, monkeypatch):
+    """Images of different sizes, a video and a text-only prompt admitted at one step: one vision-tower call for all
+    of them, and each answer is the full-forward answer of its prompt alone. A prompt whose own media is broken
+    ends with an error and the others still answer."""
+    model, processor = tiny
+    rng = np.random.default_rng(0)
+    image = lambda h, w: rng.integers(0, 255, (h, w, 3), dtype=np.uint8)  # noqa: E731
+    small = Processor(processor.tokenizer, video_min_pixels=56 * 56, video_max_pixels=56 * 56)
+    video = np.stack([image(56, 56) for _ in range(4)])
+    prompts = [
+        (chat_text(small, [{"type": "image"}, {"type": "text", "text": "what is it?"}]), {"images": [image(56, 84)]}),
+        (chat_text(small, "only text here"), {}),
+        (chat_text(small, [{"type": "video"}, {"type": "text", "text": "what moves?"}]), {"videos": [video]}),
+        (
+            chat_text(small, [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "same?"}]),
+            {"images": [image(112, 56), image(56, 56)]},
+        ),
+    ]
+    alone = [reference(model, small, text, 6, **media) for text, media in prompts]
+    calls = []
+    tower = model.visual.forward
+    monkeypatch.setattr(model.visual, "forward", lambda *a, **k: calls.append(1) or tower(*a, **k))
+    chat = ChatEngine(model, small, capacity=4)
+    got = run(chat, [Prompt(text, sampling=Sampling(max_tokens=6), **media) for text, media in prompts])
+    assert got == alone and len(calls) == 2  # the images and the video: one call each, for all four prompts
+
+    broken = chat.sequence(Prompt(*prompts[0][:1], sampling=Sampling(max_tokens=6), **prompts[0][1]), lambda d: None)
+    broken.media["image_grid_thw"] = broken.media["image_grid_thw"] * 2  # more patches than its pixels
+    answers, finishes = [""] * 2, []
+
+    def collect(i):
+        return lambda delta: answers.__setitem__(i, answers[i] + delta.text)
+
+    first = chat.sequence(Prompt(prompts[3][0], sampling=Sampling(max_tokens=6), **prompts[3][1]), collect(0))
+    last = chat.sequence(Prompt(prompts[1][0], sampling=Sampling(max_tokens=6)), collect(1))
+    broken.on_token = lambda token: finishes.append(token.finish)
+    chat.engine.run_until_done([first, broken, last])
+    assert finishes == ["error"] and answers == [alone[3], alone[1]]
+
+
 def test_a_cancelled_request_leaves_its_slot_at_the_next_step(tiny):
     model, processor = tiny
     chat = ChatEngine(model, processor, capacity=1)  # one slot: the second request waits for it

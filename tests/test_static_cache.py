@@ -5,6 +5,7 @@ import torch
 from test_hybrid_lm import tiny_lm
 
 from ivl.model.decoding.static_cache import StaticCache, decode_step
+from ivl.model.mixers import LINEAR_MIXERS
 
 
 @pytest.mark.parametrize("prefill", [5, 40])  # the window (16) fills during decoding / was full before it
@@ -76,7 +77,7 @@ def test_pool_slots_are_streams_of_their_own_loaded_without_their_padding_and_mo
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("linear_mixer", ["gated_deltanet", "mamba2", "gla", "linear_attention"])
+@pytest.mark.parametrize("linear_mixer", LINEAR_MIXERS)
 def test_decode_step_captures_in_a_cuda_graph(linear_mixer):
     model = tiny_lm(linear_mixer=linear_mixer).cuda()
     B = 2

@@ -89,13 +89,18 @@ class _Text:
         return out, token.finish
 
 
+VISION_PATCHES_PER_CALL = 1 << 16
+"""Patches of the images and videos the vision tower encodes in one call when prompts start together: 64 images of
+448x448 (1,024 patches each)."""
+
+
 class ChatEngine:
     """A model, its processor and the decode engine over ``capacity`` slots (``ivl.model.decoding.generation.Engine``'s
     other arguments pass through)."""
 
     def __init__(self, model, processor: Processor, capacity: int = 8, **engine):
         self.model, self.processor = model.eval(), processor
-        self.engine = Engine(self.model, capacity=capacity, **engine)
+        self.engine = Engine(self.model, capacity=capacity, prepare_batch=self.prepare_batch, **engine)
         self.device = self.engine.device
 
     def count_tokens(self, prompt: Prompt) -> int:
@@ -109,30 +114,64 @@ class ChatEngine:
     def sequence(self, prompt: Prompt, on_delta: Callable[[Delta], None]) -> Sequence:
         """The prompt as the engine's sequence; ``on_delta`` gets every copy's deltas (on the engine's thread)."""
         inputs = self.processor(prompt.text, images=prompt.images or None, videos=prompt.videos or None)
-        model, device = self.model, self.device
-
-        def prepare(sequence: Sequence) -> None:  # on the engine's thread: the vision tower and positions
-            batch = {k: v.to(device) for k, v in inputs.items()}
-            dtype = next(model.parameters()).dtype
-            for key in ("pixel_values", "pixel_values_videos"):
-                if key in batch:
-                    batch[key] = batch[key].to(dtype)
-            ids = batch["input_ids"]
-            sequence.embeds = model.embed(
-                ids,
-                batch.get("pixel_values"),
-                batch.get("image_grid_thw"),
-                batch.get("pixel_values_videos"),
-                batch.get("video_grid_thw"),
-            )[0]
-            positions, next_position = model.position_ids(
-                ids, batch.get("image_grid_thw"), batch.get("video_grid_thw"), batch.get("second_per_grid_ts")
-            )
-            sequence.position_ids, sequence.next_position = positions[:, 0], int(next_position[0])
-
         return self._sequence(
-            prepare, int(inputs["input_ids"].shape[1]), prompt.sampling, prompt.n, prompt.constraint, on_delta
+            None,
+            int(inputs["input_ids"].shape[1]),
+            prompt.sampling,
+            prompt.n,
+            prompt.constraint,
+            on_delta,
+            media=inputs,
         )
+
+    def prepare_batch(self, sequences: list[Sequence]) -> None:
+        """Embeddings and positions of prompts that start together (on the engine's thread): their token ids are
+        laid end to end in one row, so that one vision-tower call encodes all of their images and videos (at most
+        ``VISION_PATCHES_PER_CALL`` patches a call, which bounds the tower's activations)."""
+        group, patches = [], 0
+        for sequence in sequences:
+            size = sum(
+                sequence.media[k].shape[0] for k in ("pixel_values", "pixel_values_videos") if k in sequence.media
+            )
+            if group and patches + size > VISION_PATCHES_PER_CALL:
+                self._prepare_group(group)
+                group, patches = [], 0
+            group.append(sequence)
+            patches += size
+        if group:
+            self._prepare_group(group)
+
+    def _prepare_group(self, sequences: list[Sequence]) -> None:
+        model, device = self.model, self.device
+        dtype = next(model.parameters()).dtype
+
+        def joined(key: str, cast: bool = False):
+            parts = [s.media[key] for s in sequences if s.media.get(key) is not None]
+            if not parts:
+                return None
+            tensor = torch.cat(parts).to(device)
+            return tensor.to(dtype) if cast else tensor
+
+        ids = torch.cat([s.media["input_ids"][0] for s in sequences])[None].to(device)
+        embeds = model.embed(
+            ids,
+            joined("pixel_values", cast=True),
+            joined("image_grid_thw"),
+            joined("pixel_values_videos", cast=True),
+            joined("video_grid_thw"),
+        )[0]
+        start = 0
+        for sequence in sequences:
+            media = {k: v.to(device) if torch.is_tensor(v) else v for k, v in sequence.media.items()}
+            length = media["input_ids"].shape[1]
+            positions, next_position = model.position_ids(
+                media["input_ids"],
+                media.get("image_grid_thw"),
+                media.get("video_grid_thw"),
+                media.get("second_per_grid_ts"),
+            )
+            sequence.embeds, start = embeds[start : start + length], start + length
+            sequence.position_ids, sequence.next_position = positions[:, 0], int(next_position[0])
 
     def continuation(
         self, cache, ids: torch.Tensor, positions: torch.Tensor, sampling: Sampling, on_delta: Callable[[Delta], None]
@@ -156,6 +195,7 @@ class ChatEngine:
         constraint,
         on_delta: Callable[[Delta], None],
         start=None,
+        media: dict | None = None,
     ) -> Sequence:
         texts = [_Text(self.processor, sampling) for _ in range(n)]
         holder: dict[str, Sequence] = {}
@@ -175,7 +215,13 @@ class ChatEngine:
             on_delta(Delta(piece, finish, prompt_tokens, len(text.tokens), token.copy, logprobs))
 
         holder["sequence"] = Sequence(
-            prepare=prepare, sampling=sampling, copies=n, on_token=on_token, constraint=constraint, start=start
+            prepare=prepare,
+            media=media,
+            sampling=sampling,
+            copies=n,
+            on_token=on_token,
+            constraint=constraint,
+            start=start,
         )
         return holder["sequence"]
 

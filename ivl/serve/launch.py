@@ -22,13 +22,19 @@ def free_port() -> int:
 
 @contextmanager
 def running_server(
-    *args: str, log_path: Path, env: dict | None = None, timeout: float = 120.0, cwd: Path | None = None
+    *args: str,
+    log_path: Path,
+    env: dict | None = None,
+    timeout: float = 120.0,
+    cwd: Path | None = None,
+    entry: tuple[str, ...] = ("-m", "ivl.serve"),
 ):
-    """Yields (base URL, process) of a server started with ``args`` in ``cwd``; its output goes to ``log_path``."""
+    """Yields (base URL, process) of a server started with ``args`` in ``cwd``; its output goes to ``log_path``.
+    ``entry``: what python runs (``python -m ivl.serve``, or the path of ``lightning_app.py``)."""
     port = free_port()
     log = open(log_path, "w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ivl.serve", "--port", str(port), *args],
+        [sys.executable, *entry, "--port", str(port), *args],
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},

@@ -72,18 +72,21 @@ class Sequence:
     """One generation at the token level.
 
     Its input is ``embeds`` [T, hidden] with ``position_ids`` [3, T] (multimodal RoPE) and ``next_position`` (the
-    first new token's), or ``prepare``, called on the engine's thread when the sequence starts, which sets them
-    (the vision tower runs there). ``start``: a one-row cache to continue (a live session's stream): prefilled
-    into a copy of it, or into it, in place, with ``advance_start`` (``sampling.max_tokens`` 0: only ingest).
-    ``copies``: answers drawn from the one prefill (OpenAI's ``n``), each in its own slot. ``on_token`` receives
-    every ``Token`` (on the engine's thread); ``constraint(copy)`` gives a copy its structured-output constraint;
-    ``keep_logits`` puts each token's logits in its ``Token``.
+    first new token's), or ``prepare``, called on the engine's thread when the sequence starts, which sets them (the
+    vision tower runs there), or ``media``: the processor's tensors of a prompt, which the engine's
+    ``prepare_batch`` turns into them together with the other prompts that start at the same step. ``start``: a
+    one-row cache to continue (a live session's stream): prefilled into a copy of it, or into it, in place, with
+    ``advance_start`` (``sampling.max_tokens`` 0: only ingest). ``copies``: answers drawn from the one prefill
+    (OpenAI's ``n``), each in its own slot. ``on_token`` receives every ``Token`` (on the engine's thread);
+    ``constraint(copy)`` gives a copy its structured-output constraint; ``keep_logits`` puts each token's logits in
+    its ``Token``.
     """
 
     embeds: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None
     next_position: int | None = None
     prepare: Callable[[Sequence], None] | None = None
+    media: dict | None = None
     sampling: Sampling = field(default_factory=Sampling)
     start: HybridCache | None = None
     advance_start: bool = False
@@ -177,7 +180,10 @@ class Engine:
     own) does the work. ``prefill_chunk``: the most prompt tokens one prefill call takes; ``step_budget``: the most
     prompt tokens prefilled between two decode steps while sequences are decoding. ``max_context``: prompt and
     new tokens of one sequence (with full attention, the slots' ring size). ``decoder``: "cuda_graph" (the default
-    on a GPU) or "static" (eager).
+    on a GPU) or "static" (eager). ``prepare_batch``: sets ``embeds`` and positions of the sequences with ``media``
+    that start at the same step, all at once (one vision-tower call for their images: per call, the tower's time
+    is mostly fixed host work); it raises if any of them fails, and then each is prepared alone, so that only the
+    one whose input fails ends with an error.
     """
 
     def __init__(
@@ -188,6 +194,7 @@ class Engine:
         step_budget: int = 4096,
         max_context: int = 32768,
         decoder: str | None = None,
+        prepare_batch: Callable[[list[Sequence]], None] | None = None,
     ):
         self.model, self.lm = model, model.lm
         self.device = self.lm.embed_tokens.weight.device
@@ -198,6 +205,7 @@ class Engine:
             raise ValueError("decoder='cuda_graph' needs the model on a CUDA device")
         self.capacity, self.prefill_chunk, self.step_budget = capacity, prefill_chunk, step_budget
         self.max_context = max_context
+        self.prepare_batch = prepare_batch
         self.decoder = SlotDecoder(self.lm, capacity, ring=max_context, cuda_graph=decoder == "cuda_graph")
         self.stop_ids = set(model.config.eos_token_ids)
         self.inbox: list[Sequence] = []
@@ -333,21 +341,17 @@ class Engine:
 
     # ---- prefill ----------------------------------------------------------------------------------------------
     def _prefill(self, budget: int) -> None:
+        admitted = []
         while self.waiting and self.reserved + len(self.rows) + self.waiting[0].copies <= self.capacity:
             sequence = self.waiting.popleft()
-            if sequence.prepare is not None:
-                try:
-                    sequence.prepare(sequence)
-                except Exception as error:  # noqa: BLE001  (this sequence's input, not the engine, failed)
-                    sequence.error = error
-                    for copy in range(sequence.copies):
-                        _emit(sequence, Token(copy, None, finish="error"))
-                    continue
+            self.reserved += sequence.copies
+            admitted.append(sequence)
+        for sequence in self._prepare(admitted):
             sequence.prompt_tokens = sequence.embeds.shape[0]
             if sequence.prompt_tokens + sequence.sampling.max_tokens > self.max_context and not sequence.advance_start:
+                self.reserved -= sequence.copies
                 self._refuse(sequence)
                 continue
-            self.reserved += sequence.copies
             self.prefilling.append(sequence)
         while budget > 0 and self.prefilling:
             head = self.prefilling[0]
@@ -365,6 +369,34 @@ class Engine:
                 budget -= sum(s.prompt_tokens for s in group)
             else:
                 budget -= self._prefill_chunk(head, min(budget, self.prefill_chunk))
+
+    def _prepare(self, admitted: list[Sequence]) -> list[Sequence]:
+        """The admitted sequences with their inputs ready; one whose own input fails ends with an error."""
+        batch = [s for s in admitted if s.media is not None and self.prepare_batch is not None]
+        alone = {id(s) for s in batch}
+        if len(batch) > 1:
+            try:
+                self.prepare_batch(batch)
+                alone = set()
+            except Exception:  # noqa: BLE001  (some sequence's input: find which, one at a time)
+                pass
+        ready = []
+        for sequence in admitted:
+            try:
+                if id(sequence) in alone:
+                    self.prepare_batch([sequence])
+                elif sequence.media is not None and self.prepare_batch is None:
+                    raise ValueError("a sequence with media needs an engine with prepare_batch")
+                elif sequence.prepare is not None:
+                    sequence.prepare(sequence)
+            except Exception as error:  # noqa: BLE001  (this sequence's input, not the engine, failed)
+                self.reserved -= sequence.copies
+                sequence.error = error
+                for copy in range(sequence.copies):
+                    _emit(sequence, Token(copy, None, finish="error"))
+                continue
+            ready.append(sequence)
+        return ready
 
     def _prefill_chunk(self, sequence: Sequence, size: int) -> int:
         if sequence._cache is None:
