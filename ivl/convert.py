@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from ivl.model.convert import LINEAR_INITS, convert_qwen2_5_vl
 from ivl.model.mixers import ALIASES, LINEAR_MIXERS, MIXERS
@@ -104,7 +105,7 @@ def release_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         parser.error(f"{flag} {source}: no config.json there (a local checkpoint folder is expected)")
     try:
         written = convert(source, args.out)
-    except (ValueError, FileNotFoundError) as err:  # what the format cannot map, named by file and field
+    except (ValueError, OSError, SafetensorError) as err:  # what cannot be read or mapped, named by file and field
         parser.error(str(err))
     print(f"wrote {args.out}: {', '.join(written)}")
 

@@ -196,6 +196,12 @@ def random_release_state(config: dict, seed: int = 0) -> dict[str, torch.Tensor]
     }
 
 
+RELEASE_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 def write_release(folder, config=RELEASE_CONFIG, state=None, processor=True):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
@@ -203,6 +209,10 @@ def write_release(folder, config=RELEASE_CONFIG, state=None, processor=True):
         save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     if processor:  # Qwen2.5-VL's processor files: its tokenizer (the bundled one), image and generation settings
         Processor.from_pretrained().save_pretrained(folder)
+        # the release's own chat template and tokenizer settings, unlike ivl's bundled ones: copied, not rewritten
+        tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "model_max_length": 12345}))
+        (folder / "chat_template.json").write_text(json.dumps({"chat_template": RELEASE_CHAT_TEMPLATE}))
         (folder / "preprocessor_config.json").write_text(
             json.dumps(
                 {
@@ -316,7 +326,8 @@ def test_the_processor_files_are_copied_unchanged(release):
     for name in names:
         assert (release["ivl"] / name).read_bytes() == (release["folder"] / name).read_bytes(), name
         assert name in release["written"]
-    assert Processor.from_pretrained(release["ivl"]).image_size["longest_edge"] == 12845056
+    processor = Processor.from_pretrained(release["ivl"])
+    assert processor.image_size["longest_edge"] == 12845056 and processor.tokenizer.model_max_length == 12345
 
 
 def test_linear_norm_eps_is_the_release_norm_eps_in_the_gated_deltanet_output_norm(release):
@@ -374,7 +385,10 @@ def test_ivl_to_release_to_ivl_is_bit_identical(text, tmp_path):
     random_ivl_model(**text).save_pretrained(tmp_path / "ivl")
     to_release(tmp_path / "ivl", tmp_path / "release")
     from_release(tmp_path / "release", tmp_path / "back")
-    assert checkpoint.read_config(tmp_path / "back") == checkpoint.read_config(tmp_path / "ivl")
+    before, after = checkpoint.read_config(tmp_path / "ivl")[0], checkpoint.read_config(tmp_path / "back")[0]
+    for config in (before, after):  # the Mamba2 head width: no field in the release, nothing in a model without Mamba2
+        config["text"].pop("mamba2_head_dim")
+    assert after == before
     before, after = checkpoint.read_state(tmp_path / "ivl"), checkpoint.read_state(tmp_path / "back")
     assert before.keys() == after.keys()
     assert all(torch.equal(before[n], after[n]) and before[n].dtype == after[n].dtype for n in before)
@@ -389,7 +403,7 @@ def test_ivl_to_release_to_ivl_is_bit_identical(text, tmp_path):
     assert written["layer_types"] == [
         attention if t == "attention" else "linear_attention" for t in config.text.layer_types
     ]
-    assert written["norm_eps"] == config.text.linear_output_eps
+    assert written["norm_eps"] == text.get("linear_norm_eps", 1e-6)  # else the block norms' epsilon, tiny's 1e-6
     implied = {in_memory_layout(n): shape for n, shape in release_shapes(written).items()}
     if not written["tie_word_embeddings"]:
         implied["lm_head.weight"] = implied["model.language_model.embed_tokens.weight"]
@@ -411,6 +425,23 @@ def test_release_to_ivl_to_release_keeps_every_tensor_and_field(release, tmp_pat
 # ---- refusals: one line, naming the file and the field -----------------------------------------------------------
 
 
+def test_a_config_without_the_model_sizes_is_refused_by_field(tmp_path):
+    for size in ("num_hidden_layers", "hidden_size"):
+        config = {k: v for k, v in RELEASE_CONFIG.items() if k != size}
+        with pytest.raises(ValueError, match=rf"^config.json: {size} is missing"):
+            config_from_release(config)
+
+
+def test_a_config_saved_with_a_text_config_and_rope_parameters_reads_the_same():
+    """A config.json the release's config class wrote back under transformers 5: the text fields nested, the rope
+    settings as rope_parameters."""
+    nested = {k: v for k, v in RELEASE_CONFIG.items() if k in ("model_type", "vision_config", "image_token_id")}
+    text = {k: v for k, v in RELEASE_CONFIG.items() if k not in nested and k not in ("rope_theta", "rope_scaling")}
+    text["rope_parameters"] = {**RELEASE_CONFIG["rope_scaling"], "rope_theta": 5e5}
+    read = config_from_release({**nested, "text_config": text})
+    assert read == config_from_release({**RELEASE_CONFIG, "rope_theta": 5e5}) and read.text.rope_theta == 5e5
+
+
 @pytest.mark.parametrize(
     "change, field",
     [
@@ -424,7 +455,6 @@ def test_release_to_ivl_to_release_keeps_every_tensor_and_field(release, tmp_pat
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"rope_scaling": {"rope_type": "default"}}, "rope_scaling.mrope_section"),
         ({"model_type": "qwen2_5_vl"}, "model_type"),
-        ({"ivl_settings": {"window": 3}}, "ivl_settings"),
     ],
 )
 def test_what_cannot_be_mapped_is_refused_by_field(change, field, tmp_path):
@@ -497,6 +527,8 @@ def test_the_command_line_converts_both_ways_and_refuses_in_one_line(release, tm
             "--dtype: only with --teacher",
         ),
         (["--to-release", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")], "no config.json there"),
+        (["--to-release", str(tmp_path / "release"), "--out", str(tmp_path / "x")], "(--from-release reads it"),
+        (["--from-release", str(tmp_path / "ivl"), "--out", str(tmp_path / "x")], "already an ivl folder"),
         (["--teacher", "t", "--from-release", "r", "--out", "x"], "not allowed with argument"),
     ):
         with pytest.raises(SystemExit):

@@ -23,16 +23,13 @@ from pathlib import Path
 import torch
 
 from ivl.model import checkpoint
-from ivl.model.config import HybridConfig, InfiniteVLConfig
+from ivl.model.config import MODEL_TYPE, HybridConfig, InfiniteVLConfig
+from ivl.model.vision import BOOKKEEPING
 from ivl.model.vlm import InfiniteVL
 
 RELEASE_MODEL_TYPE = "infinite_vl"
 RELEASE_CONFIG_COPY = "release_config.json"
 """The release's config.json as ``from_release`` found it, kept in the ivl folder for ``to_release``."""
-IVL_SETTINGS = "ivl_settings"
-"""Key of the release config.json under which ``to_release`` keeps ivl's settings that the release has no field
-for (they change nothing in a model of attention and Gated DeltaNet layers), so that a round trip is exact."""
-IVL_ONLY_FIELDS = ("linear_mixer", "mamba2_head_dim")
 
 # The release's config.json: what it holds besides the sizes, as published (infinitevl/*/config.json).
 RELEASE_TEMPLATE: dict = {
@@ -54,14 +51,18 @@ RELEASE_TEMPLATE: dict = {
     "vision_token_id": 151654,
 }
 
-# The release's defaults (its InfiniteVLTextConfig / InfiniteVLConfig) for fields a config.json leaves out.
+# The release's defaults (its InfiniteVLTextConfig / InfiniteVLConfig) for fields a config.json leaves out. The
+# model's sizes have none here: its class defaults are another model's (80 layers of 8192), so a config.json
+# without them is refused rather than read as that model.
+REQUIRED = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+)
 RELEASE_DEFAULTS: dict = {
-    "vocab_size": 152064,
-    "hidden_size": 8192,
-    "intermediate_size": 29568,
-    "num_hidden_layers": 80,
-    "num_attention_heads": 64,
-    "num_key_value_heads": 8,
     "head_dim": 128,
     "hidden_act": "silu",
     "initializer_range": 0.02,
@@ -86,8 +87,6 @@ RELEASE_DEFAULTS: dict = {
 
 _ATTENTION_TYPES = ("sliding_attention", "full_attention")
 _GDN_TYPE = "linear_attention"  # the release's name for its Gated DeltaNet layers
-# Keys of a vision config that describe the library that wrote it, not the tower.
-_VISION_BOOKKEEPING = ("model_type", "torch_dtype", "dtype", "transformers_version", "_name_or_path", "architectures")
 
 # Processor files travel with the weights unchanged (tokenizer, chat template, image and video settings).
 PROCESSOR_FILES = (
@@ -116,6 +115,10 @@ def config_from_release(release: dict, where: str = "config.json") -> InfiniteVL
         return ValueError(f"{where}: {field} {why}")
 
     model_type = release.get("model_type", RELEASE_MODEL_TYPE)
+    if model_type == MODEL_TYPE:
+        raise refuse(
+            "model_type", f"= {model_type!r}: already an ivl folder (--to-release writes the release's format)"
+        )
     if model_type != RELEASE_MODEL_TYPE:
         raise refuse(
             "model_type",
@@ -125,7 +128,9 @@ def config_from_release(release: dict, where: str = "config.json") -> InfiniteVL
     text = {**release, **(release.get("text_config") or {})}
 
     def get(name: str):
-        return text.get(name, RELEASE_DEFAULTS[name])
+        if name in REQUIRED and name not in text:
+            raise refuse(name, "is missing (the model's sizes have no default)")
+        return text[name] if name in text else RELEASE_DEFAULTS[name]
 
     num_layers = get("num_hidden_layers")
     release_types = get("layer_types") or [_GDN_TYPE if i % 4 else "sliding_attention" for i in range(num_layers)]
@@ -180,11 +185,6 @@ def config_from_release(release: dict, where: str = "config.json") -> InfiniteVL
     if not math.isclose(head_k * expand_v, round(head_k * expand_v), rel_tol=1e-5):
         raise refuse("expand_v", f"= {expand_v} gives a value head width of {head_k * expand_v}, not a whole number")
     rms_eps, norm_eps = get("rms_norm_eps"), get("norm_eps")
-    settings = release.get(IVL_SETTINGS, {})
-    if set(settings) - set(IVL_ONLY_FIELDS):
-        raise refuse(
-            IVL_SETTINGS, f"holds {sorted(set(settings) - set(IVL_ONLY_FIELDS))}; only {IVL_ONLY_FIELDS} belong there"
-        )
 
     hybrid = dict(
         vocab_size=get("vocab_size"),
@@ -207,9 +207,8 @@ def config_from_release(release: dict, where: str = "config.json") -> InfiniteVL
         linear_norm_eps=None if norm_eps == rms_eps else norm_eps,
         tie_word_embeddings=bool(get("tie_word_embeddings")),
         initializer_range=get("initializer_range"),
-        **settings,
     )
-    vision = {k: v for k, v in (release.get("vision_config") or {}).items() if k not in _VISION_BOOKKEEPING}
+    vision = {k: v for k, v in (release.get("vision_config") or {}).items() if k not in BOOKKEEPING}
     try:
         return InfiniteVLConfig(
             text=HybridConfig(**hybrid),
@@ -294,18 +293,13 @@ def config_to_release(
     release.update(_stop_tokens_to_release(config.eos_token_ids, config.pad_token_id))
     if release["pad_token_id"] is None:
         del release["pad_token_id"]
-    vision_kept = {k: v for k, v in (base.get("vision_config") or {}).items() if k in _VISION_BOOKKEEPING}
+    vision_kept = {k: v for k, v in (base.get("vision_config") or {}).items() if k in BOOKKEEPING}
     release["vision_config"] = {
         "model_type": RELEASE_MODEL_TYPE,
         **vision_kept,
         **config.vision,
         "torch_dtype": release["torch_dtype"],
     }
-    defaults = HybridConfig()
-    settings = {name: getattr(t, name) for name in IVL_ONLY_FIELDS if getattr(t, name) != getattr(defaults, name)}
-    release.pop(IVL_SETTINGS, None)
-    if settings:
-        release[IVL_SETTINGS] = settings
     first = [k for k in ("attn_implementation", "architectures", "auto_map") if k in release]
     return {k: release[k] for k in [*first, *sorted(set(release) - set(first))]}  # laid out as the published file
 
@@ -448,8 +442,8 @@ def _check_against_model(state: dict[str, torch.Tensor], config: InfiniteVLConfi
 
 def from_release(folder: str | Path, out: str | Path) -> list[str]:
     """Write the release-format checkpoint ``folder`` as an ivl checkpoint folder ``out`` (config.json +
-    safetensors, the processor files, and the release's config.json as release_config.json). Returns the names of
-    the files written."""
+    safetensors, the processor files, and the release's config.json as release_config.json). Returns the names of the
+    files now in ``out``."""
     folder, out = Path(folder), Path(out)
     _refuse_same_folder(folder, out)
     release = _read_json(folder / checkpoint.CONFIG)
@@ -467,12 +461,17 @@ def from_release(folder: str | Path, out: str | Path) -> list[str]:
 
 def to_release(ivl_folder: str | Path, out: str | Path) -> list[str]:
     """Write the ivl checkpoint ``ivl_folder`` in the release's format to ``out`` (config.json, safetensors in the
-    release's module names, the processor files; the release's modelling code is not written). Returns the names of
-    the files written."""
+    release's module names, the processor files; the release's modelling code is not written). Returns the names of the
+    files now in ``out``."""
     ivl_folder, out = Path(ivl_folder), Path(out)
     _refuse_same_folder(ivl_folder, out)
     where = str(ivl_folder / checkpoint.CONFIG)
     config_dict, dtype = checkpoint.read_config(ivl_folder)
+    if config_dict.get("model_type") == RELEASE_MODEL_TYPE:
+        raise ValueError(
+            f"{where}: model_type = {RELEASE_MODEL_TYPE!r}: already the release's format "
+            "(--from-release reads it into an ivl folder)"
+        )
     try:
         config = InfiniteVLConfig.from_dict(config_dict)
     except (TypeError, ValueError) as err:

@@ -16,7 +16,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 )
 
 # Keys of a transformers config dict that describe the library, not the tower.
-_BOOKKEEPING = {
+BOOKKEEPING = {
     "transformers_version",
     "architectures",
     "_name_or_path",
@@ -36,7 +36,7 @@ _BOOKKEEPING = {
 
 def vision_config_dict(config: Qwen2_5_VLVisionConfig) -> dict:
     """The tower's own settings from a transformers vision config (what InfiniteVLConfig.vision stores)."""
-    return {k: v for k, v in config.to_dict().items() if k not in _BOOKKEEPING}
+    return {k: v for k, v in config.to_dict().items() if k not in BOOKKEEPING}
 
 
 def build_vision_tower(vision: dict, attn_implementation: str = "sdpa") -> nn.Module:
