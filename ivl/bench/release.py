@@ -339,6 +339,6 @@ def reference_short_convolution(
 def reference_gated_rms_norm(self, x, g, residual=None, prenorm=False, residual_in_fp32=False):
     if residual is not None or self.activation not in ("swish", "silu"):
         raise NotImplementedError("the reference is the swish-gated RMSNorm without a residual")
-    x32 = x.float()
-    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
-    return (y * F.silu(g.float())).to(x.dtype)
+    from fla.modules.norm.layernorm_gated import rms_norm_ref  # fla's own PyTorch reference of this kernel
+
+    return rms_norm_ref(x, self.weight, None, z=g, eps=self.eps)
