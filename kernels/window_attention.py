@@ -12,8 +12,15 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from ivl.kernels import ring_decode
 from ivl.kernels._fla import flash_attn_varlen
 from ivl.kernels.packed_bounds import host_bounds, to_device
+from ivl.kernels.precision import at_least_float32
+
+DECODE_KERNEL = "matmul"
+"""How a decode step reads the ring on CUDA, read when the step is compiled: "matmul" (two batched products
+around a softmax) or "split" (``ivl.kernels.ring_decode``'s split-key Triton kernel, checked against a naive loop
+in Triton's interpreter; ``python -m ivl.bench ring`` times both)."""
 
 
 def sliding_window_attention(
@@ -135,6 +142,27 @@ def attention_at_positions(
     if k_valid is not None:
         mask = mask & k_valid[:, None, None, :]
     return _sdpa(q, k, v, mask, scale)
+
+
+def ring_decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor
+) -> torch.Tensor:
+    """One query per row over a ring of keys: q [B, 1, Hq, D], keys/values [B, Hkv, S, D] (heads first), visible
+    [B, S] -> [B, 1, Hq, D]. Every row must see at least one key.
+
+    Decoding reads the whole ring for one query per head, so its speed is the speed of that read: two batched
+    products around a softmax, with the query heads of a key/value head as the rows of one product, or on CUDA
+    the split-key kernel (``DECODE_KERNEL``).
+    """
+    if q.is_cuda and DECODE_KERNEL == "split" and ring_decode.supports(q.shape[-1]):
+        return ring_decode.split_key_attention(q, keys, values, visible)
+    B, _, Hq, D = q.shape
+    Hkv = keys.shape[1]
+    grouped = q.view(B, Hkv, Hq // Hkv, D)  # query head h reads key/value head h // (Hq / Hkv)
+    scores = at_least_float32(grouped @ keys.transpose(-1, -2)) * D**-0.5  # [B, Hkv, G, S]
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    out = scores.softmax(-1).to(values.dtype) @ values  # [B, Hkv, G, D]
+    return out.reshape(B, 1, Hq, D)
 
 
 def band_mask(T: int, window: int | None, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:

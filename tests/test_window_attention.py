@@ -1,3 +1,10 @@
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 from references import dense_window_attention
@@ -128,3 +135,70 @@ def test_flex_paths_pad_to_whole_blocks_exactly(monkeypatch, cu):
         wa._flex_attention_after_prefix(q, kp, vp, P, 64, 32**-0.5),
         attention_at_positions(q, kp, vp, positions[P:], positions, 64),
     )
+
+
+def _naive_ring_decode(q, keys, values, visible):
+    """One query per (row, head), a softmax over the visible keys of its key/value head, in float64."""
+    B, _, Hq, D = q.shape
+    Hkv = keys.shape[1]
+    out = torch.zeros(B, 1, Hq, D, dtype=torch.float64)
+    for b in range(B):
+        for h in range(Hq):
+            kv = h // (Hq // Hkv)
+            seen = visible[b].nonzero().squeeze(1)
+            weights = torch.softmax((keys[b, kv, seen].double() @ q[b, 0, h].double()) * D**-0.5, 0)
+            out[b, 0, h] = weights @ values[b, kv, seen].double()
+    return out
+
+
+def _ring(B=3, Hq=8, Hkv=2, S=256, D=32, device="cpu", dtype=torch.float32):
+    q = torch.randn(B, 1, Hq, D, device=device, dtype=dtype)
+    keys, values = (torch.randn(B, Hkv, S, D, device=device, dtype=dtype) for _ in range(2))
+    visible = torch.rand(B, S, device=device) < 0.7
+    visible[:, 5] = True
+    return q, keys, values, visible
+
+
+def test_ring_decode_attention_matches_a_naive_loop():
+    from ivl.kernels.window_attention import ring_decode_attention
+
+    q, keys, values, visible = _ring(S=37)
+    expected = _naive_ring_decode(q, keys, values, visible)
+    torch.testing.assert_close(ring_decode_attention(q, keys, values, visible), expected.float())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["matmul", "split"])
+def test_compiled_ring_decode_on_cuda_matches_a_naive_loop(monkeypatch, kernel):
+    from ivl.kernels import window_attention as wa
+
+    monkeypatch.setattr(wa, "DECODE_KERNEL", kernel)
+    q, keys, values, visible = _ring(B=3, Hq=16, Hkv=2, S=1000, D=128, device="cuda", dtype=torch.bfloat16)
+    visible[1, 300:] = False  # whole slices of the keys that one row does not see
+    step = torch.compile(wa.ring_decode_attention, fullgraph=True, dynamic=False)
+    expected = _naive_ring_decode(q.cpu(), keys.cpu(), values.cpu(), visible.cpu())
+    torch.testing.assert_close(step(q, keys, values, visible).double().cpu(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton, whose interpreter runs it")
+def test_split_key_kernel_in_tritons_interpreter_matches_a_naive_loop():
+    """The split-key decode kernel's own code, run by Triton's interpreter on the CPU (it must be set before the
+    kernel is defined, hence a fresh process): slices of keys, a last slice cut short, a row that sees no key of
+    most slices, grouped and ungrouped heads."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from test_window_attention import _naive_ring_decode, _ring
+        from ivl.kernels import ring_decode
+        torch.manual_seed(0)
+        for B, Hq, Hkv, S, D in [(3, 16, 2, 1000, 32), (1, 4, 2, 16, 16), (2, 8, 8, 300, 16)]:
+            q, keys, values, visible = _ring(B=B, Hq=Hq, Hkv=Hkv, S=S, D=D)
+            visible[1:2, 200:] = False
+            out = ring_decode.split_key_attention(q, keys, values, visible)
+            torch.testing.assert_close(out, _naive_ring_decode(q, keys, values, visible).float())
+        """
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -1,9 +1,9 @@
-"""`python -m ivl.bench {layers,gemv,convert,data,inference,stream,profile,train,host,serve,release}`: the benchmarks
-behind docs/benchmarks.md."""
+"""`python -m ivl.bench {layers,gemv,ring,fp8,convert,data,inference,stream,profile,train,host,serve,release}`: the
+benchmarks behind docs/benchmarks.md."""
 
 import argparse
 
-from ivl.bench import convert, data, gemv, host, inference, layers, profile, release, serve, stream, train
+from ivl.bench import convert, data, fp8, gemv, host, inference, layers, profile, release, ring, serve, stream, train
 from ivl.cuda_allocator import expandable_segments
 
 
@@ -12,6 +12,8 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     layers.add_arguments(sub.add_parser("layers", help=layers.__doc__.splitlines()[0]))
     gemv.add_arguments(sub.add_parser("gemv", help=gemv.__doc__.splitlines()[0]))
+    ring.add_arguments(sub.add_parser("ring", help=ring.__doc__.splitlines()[0]))
+    fp8.add_arguments(sub.add_parser("fp8", help=fp8.__doc__.splitlines()[0]))
     convert.add_arguments(sub.add_parser("convert", help=convert.__doc__.splitlines()[0]))
     data.add_arguments(sub.add_parser("data", help=data.__doc__.splitlines()[0]))
     inference.add_arguments(sub.add_parser("inference", help=inference.__doc__.splitlines()[0]))
@@ -26,6 +28,8 @@ def main() -> None:
     commands = {
         "layers": layers.run,
         "gemv": gemv.run,
+        "ring": ring.run,
+        "fp8": fp8.run,
         "convert": convert.run,
         "data": data.run,
         "inference": inference.run,

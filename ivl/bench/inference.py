@@ -20,8 +20,10 @@ import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from ivl.bench.hf_cache import cache_of, with_cache
+from ivl.kernels import window_attention
 from ivl.model import HybridConfig, InfiniteVL, InfiniteVLConfig
 from ivl.model.decoding.generation import SlotDecoder
+from ivl.model.decoding.prefill_graph import PrefillGraphs
 from ivl.model.mixers import LINEAR_MIXERS
 from ivl.model.vision import vision_config_dict
 from ivl.teachers.qwen2_5_vl import QWEN2_5_VL_3B, TINY_TEACHER
@@ -47,6 +49,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--prefill-chunk", type=int, default=8192)
     parser.add_argument("--decoder", default="cuda_graph", choices=["dynamic", "static", "cuda_graph"])
+    parser.add_argument(
+        "--decode-kernel",
+        nargs="+",
+        default=[window_attention.DECODE_KERNEL],
+        choices=["matmul", "split"],
+        help="how a decode step reads the attention ring (ivl.kernels.window_attention.DECODE_KERNEL); several "
+        "values: one row each, on the same machine",
+    )
+    parser.add_argument(
+        "--prefill",
+        nargs="+",
+        default=["eager"],
+        choices=["eager", "cuda_graph"],
+        help="cuda_graph: chunks over a full window replay a captured graph (ivl.model.decoding.prefill_graph; "
+        "no faster at 8,192-token chunks, see docs/benchmarks.md); several values: one row each",
+    )
     parser.add_argument(
         "--linear-mixers",
         nargs="+",
@@ -102,17 +120,27 @@ def _reset(device):
 def time_infinitevl(model, B, T, args):
     lm, device = model.lm, args.device
     ids = torch.randint(0, 150000, (B, T), device=device)
-    # Compile and autotune for this batch's chunk shapes (a first chunk, then one over a cached window) untimed.
+    graphs = PrefillGraphs(lm) if args.prefill == "cuda_graph" else None
+
+    def prefill(cache, a):
+        chunk = ids[:, a : a + args.prefill_chunk]
+        if graphs is None:
+            return lm.hidden_states(chunk, cache=cache)
+        positions = torch.arange(a, a + chunk.shape[1], device=device).expand(3, B, -1)
+        return graphs(cache, lm.embed_tokens(chunk), positions)
+
+    # Untimed: compile and autotune for this batch's chunk shapes (a first chunk, then ones over a cached window),
+    # and capture the graph of a chunk over a full window.
     warm = lm.new_cache()
-    for a in range(0, min(T, 2 * args.prefill_chunk), args.prefill_chunk):
-        lm.hidden_states(ids[:, a : a + args.prefill_chunk], cache=warm)
+    for a in range(0, min(T, (lm.config.window or 0) + 2 * args.prefill_chunk), args.prefill_chunk):
+        prefill(warm, a)
     del warm
     _reset(device)
     _sync(device)
     start = time.perf_counter()
     cache = lm.new_cache()
     for a in range(0, T, args.prefill_chunk):
-        hidden = lm.hidden_states(ids[:, a : a + args.prefill_chunk], cache=cache)
+        hidden = prefill(cache, a)
     logits = lm.lm_head(hidden[:, -1])
     _sync(device)
     prefill = time.perf_counter() - start
@@ -286,6 +314,7 @@ def run(args: argparse.Namespace) -> None:
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"# {name} | torch {torch.__version__} | {dtype} | {datetime.date.today()} | decoder {args.decoder}\n")
+    variants = list(itertools.product(args.prefill, args.decode_kernel))
     print("| model | batch | context | prefill s | decode ms/token | peak GiB | decode roofline ms (fraction) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     rows = []
@@ -301,18 +330,21 @@ def run(args: argparse.Namespace) -> None:
         model = build_infinitevl(args.shapes, args.device, dtype, mixer)  # alone on the device: its peak is its own
         weight_bytes = sum(p.numel() * p.element_size() for p in model.lm.parameters())
         state_bytes = {B: _state_bytes(model, B) for B in args.batch}
-        for B in args.batch:
+        for B, (prefill_mode, kernel) in itertools.product(args.batch, variants):
+            window_attention.DECODE_KERNEL = kernel  # read when the decode step compiles (a guard: it recompiles)
+            run_args = argparse.Namespace(**{**vars(args), "prefill": prefill_mode})
+            name = label if len(variants) == 1 else f"{label} (prefill {prefill_mode}, ring {kernel})"
             for T in [t for t in args.contexts if B * t <= args.max_batch_tokens]:
                 try:
-                    prefill, decode, peak = time_infinitevl(model, B, T, args)
+                    prefill, decode, peak = time_infinitevl(model, B, T, run_args)
                 except torch.OutOfMemoryError:
-                    print(f"| {label} | {B} | {T} | OOM | OOM | OOM | |", flush=True)
+                    print(f"| {name} | {B} | {T} | OOM | OOM | OOM | |", flush=True)
                     break
                 roofline = ""
                 if bandwidth == bandwidth:
                     bound = (weight_bytes + state_bytes[B]) / bandwidth
                     roofline = f"{bound * 1e3:.2f} ({bound / decode:.0%})"
-                report(label, B, T, prefill, decode, peak, roofline)
+                report(name, B, T, prefill, decode, peak, roofline)
         del model
         _reset(args.device)
     if args.baseline_max_context <= 0:

@@ -80,6 +80,7 @@ class HybridLM(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         cache: HybridCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        token_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-normed hidden states [B, T, hidden].
 
@@ -91,13 +92,16 @@ class HybridLM(nn.Module):
             cache: a ``HybridCache`` from ``new_cache()``: the call continues the cached stream and extends it.
             attention_mask: [B, T], 0 at padding tokens (left-padded prompts), which no other token sees. Right
                 padding needs no mask: causality already hides it.
+            token_index: [T], the tokens' indices in the stream (default: from ``cache.seen_tokens`` on). A captured
+                CUDA graph passes it as a tensor, so that a replay reads the new indices instead of baked-in ones.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = h.shape
         start = cache.seen_tokens if cache is not None else 0
-        token_index = torch.arange(start, start + T, device=h.device)
+        if token_index is None:
+            token_index = torch.arange(start, start + T, device=h.device)
         if position_ids is None:
             position_ids = default_position_ids(B, T, start, cu_seqlens, h.device)
         if position_ids.dim() == 2:

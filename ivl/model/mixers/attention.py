@@ -9,10 +9,10 @@ import torch.nn as nn
 
 from ivl.kernels.gemv import linear
 from ivl.kernels.packed_bounds import FLA_CHUNK
-from ivl.kernels.precision import at_least_float32
 from ivl.kernels.window_attention import (
     attention_at_positions,
     padded_window_attention,
+    ring_decode_attention,
     sliding_window_attention,
     sliding_window_attention_after_prefix,
 )
@@ -178,7 +178,8 @@ class SlidingWindowAttention(TokenMixer):
         valid[rows, slot] = True
         now = token_index[:, None]
         in_window = (positions > now - window) & (positions <= now)  # [B, S]
-        return linear(_decode_attention(q, keys, values, in_window & valid), weights["w_o"])
+        out = ring_decode_attention(q, keys, values, in_window & valid)
+        return linear(out.reshape(B, 1, Hq * D), weights["w_o"])
 
     # ---- the mixer contract: cost ------------------------------------------------------------------------------
     def decode_matrices(self) -> list[DecodeMatrix]:
@@ -198,19 +199,3 @@ def mean_keys_seen(length: int, window: int | None) -> float:
     ``window`` of them."""
     w = length if window is None else min(window, length)
     return (w * (w + 1) / 2 + (length - w) * w) / length
-
-
-def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One query per row over the ring: q [B, 1, Hq, D], keys/values [B, Hkv, S, D], mask [B, S] -> [B, 1, Hq * D].
-
-    Two batched matrix products around a softmax, with the query heads of a key/value head as the rows of one
-    product. SDPA's kernels run a single masked query per (row, head) block without splitting the keys, which
-    reads the window at a small fraction of memory bandwidth.
-    """
-    B, _, Hq, D = q.shape
-    Hkv = keys.shape[1]
-    grouped = q.view(B, Hkv, Hq // Hkv, D)  # query head h reads key/value head h // (Hq / Hkv)
-    scores = at_least_float32(grouped @ keys.transpose(-1, -2)) * D**-0.5  # [B, Hkv, G, S]
-    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-    out = scores.softmax(-1).to(values.dtype) @ values  # [B, Hkv, G, D]
-    return out.reshape(B, 1, Hq * D)
