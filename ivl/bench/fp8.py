@@ -1,16 +1,24 @@
-"""The prefill chunk's matrix products in FP8 against bf16, at the preset's weight shapes: what FP8 could save.
+"""The prefill's matrix products in FP8 against bf16: what FP8 could save (GPU) and what it costs (``--accuracy``).
 
-Every weight a prefill chunk multiplies (each mixer's projections, the MLPs; the LM head runs on one row) is timed
-over a chunk of tokens as ``F.linear`` in bf16 and as ``torch._scaled_mm`` in float8 e4m3 with row-wise scales
-(per token for the activations, per output channel for the weights, both computed in float32), the activations'
-quantisation included and the weights quantised once beforehand. Also printed: the relative error of each FP8
-product against the bf16 one on random inputs (a model's activations have outliers that random data lacks, so
-this is a floor, not the accuracy on a real model).
+Speed, on a GPU: every weight a prefill chunk multiplies (each mixer's projections, the MLPs; the LM head runs on
+one row) is timed over a chunk of tokens as ``F.linear`` in bf16 and as ``torch._scaled_mm`` in float8 e4m3 with
+row-wise scales (per token for the activations, per output channel for the weights, both computed in float32), the
+activations' quantisation included and the weights quantised once beforehand. Also printed: the relative error of
+each FP8 product against the bf16 one on random inputs (a model's activations have outliers that random data
+lacks, so this is a floor, not the accuracy on a real model).
+
+Accuracy (``--accuracy``, on the CPU, where torch runs the same row-wise ``torch._scaled_mm``): a real pretrained
+model converted into ivl's model code (SmolLM2-135M-Instruct as a Qwen2.5-VL-shaped teacher, converted with every
+layer kept as attention, so that it answers as the pretrained model does) prefills chat prompts with every product
+of its blocks in FP8 (the LM head stays bf16) and then decodes greedily in bf16, as an FP8 prefill would be used;
+printed per prompt: the prefill logits' relative error against bf16's (and bf16's own against float32, for scale)
+and whether the greedy answer is the bf16 one.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 
 import torch
@@ -26,6 +34,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="infinitevl-4b")
     parser.add_argument("--tokens", type=int, default=8192, help="rows of the activations: one prefill chunk")
     parser.add_argument("--replays", type=int, default=10)
+    parser.add_argument("--accuracy", action="store_true", help="the accuracy check on the CPU instead of timings")
+    parser.add_argument("--new-tokens", type=int, default=48, help="greedy tokens per prompt (--accuracy)")
+
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a Python function that returns the square of a number.",
+    "Explain in one sentence what a sliding window attention layer does.",
+    "List three primary colors.",
+    "What is 12 times 7?",
+    "Summarize the plot of Romeo and Juliet in two sentences.",
+]
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +54,89 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).to(torch.float8_e4m3fn), scale
 
 
+@contextlib.contextmanager
+def fp8_products():
+    """Inside: every ``F.linear`` whose weight has both sides a multiple of 16 runs as a row-wise e4m3
+    ``torch._scaled_mm`` (each weight quantised once, per output channel)."""
+    original = F.linear
+    weights: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def linear(x, weight, bias=None):
+        N, K = weight.shape
+        if N % 16 or K % 16:
+            return original(x, weight, bias)
+        key = (weight.data_ptr(), N, K, weight._version)
+        if key not in weights:
+            weights[key] = quantize_rows(weight)
+        w8, w_scale = weights[key]
+        x8, x_scale = quantize_rows(x.reshape(-1, K))
+        y = torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale.t(), out_dtype=x.dtype)
+        return (y if bias is None else y + bias).view(*x.shape[:-1], N)
+
+    torch.nn.functional.linear = linear
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = original
+
+
+@torch.no_grad()
+def _answer(lm, ids: torch.Tensor, new_tokens: int, stop: set[int], fp8: bool) -> tuple[torch.Tensor, list[int]]:
+    """Prefill logits [T, vocab] (float32) and the greedy answer's token ids; the prefill's block products in FP8
+    if ``fp8``, the LM head and every decode step as the model's dtype."""
+    cache = lm.new_cache()
+    with fp8_products() if fp8 else contextlib.nullcontext():
+        hidden = lm.hidden_states(ids, cache=cache)
+    logits = lm.lm_head(hidden)[0].float()
+    answer = [int(logits[-1].argmax())]
+    while len(answer) < new_tokens and answer[-1] not in stop:
+        step = lm(torch.tensor([[answer[-1]]]), cache=cache)[0, -1]
+        answer.append(int(step.argmax()))
+    return logits, answer
+
+
+def accuracy(args: argparse.Namespace) -> None:
+    from ivl.model import convert_qwen2_5_vl
+    from ivl.teachers.llama import llama_as_qwen2_5_vl, load_llama, smollm2_gguf
+
+    torch.manual_seed(0)
+    llama, tokenizer = load_llama(smollm2_gguf())
+    teacher, tokenizer = llama_as_qwen2_5_vl(llama, tokenizer)
+    exact, _ = convert_qwen2_5_vl(teacher, hybrid_ratio=1.0, window=None, dtype=torch.float32)
+    exact = exact.lm.eval()
+    model, _ = convert_qwen2_5_vl(teacher, hybrid_ratio=1.0, window=None, dtype=torch.bfloat16)
+    model = model.lm.eval()
+    stop = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+    print(
+        f"# {datetime.date.today()} CPU torch {torch.__version__}: SmolLM2-135M-Instruct converted (all attention), "
+        f"prefill products in e4m3 (row-wise scales) against bf16, greedy {args.new_tokens} tokens"
+    )
+    print("| prompt | tokens | FP8 vs bf16 logits | bf16 vs float32 logits | same answer | answer (bf16) |")
+    print("|---|---|---|---|---|---|")
+    same = 0
+    for prompt in PROMPTS:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        reference, answer = _answer(model, ids, args.new_tokens, stop, fp8=False)
+        quantized, fp8_answer = _answer(model, ids, args.new_tokens, stop, fp8=True)
+        full = exact.lm_head(exact.hidden_states(ids))[0].float()
+        fp8_err = ((quantized - reference).norm() / reference.norm()).item()
+        bf16_err = ((reference - full).norm() / full.norm()).item()
+        same += answer == fp8_answer
+        shown = tokenizer.decode(answer, skip_special_tokens=True).replace("\n", " ").replace("|", "/")[:60]
+        print(
+            f"| {prompt} | {ids.shape[1]} | {fp8_err:.2e} | {bf16_err:.2e} | {'yes' if answer == fp8_answer else 'no'} "
+            f"| {shown} |",
+            flush=True,
+        )
+    print(f"\nsame greedy answer: {same} of {len(PROMPTS)}")
+
+
 def run(args: argparse.Namespace) -> None:
+    if args.accuracy:
+        return accuracy(args)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
         raise SystemExit("ivl.bench fp8 needs a GPU with FP8 tensor cores (Ada or Hopper)")
     config = HybridConfig.preset(args.preset)
