@@ -17,11 +17,12 @@ import torch
 
 ENABLED = importlib.util.find_spec("triton") is not None
 BLOCK_N = 64  # keys per tile
-TARGET_PROGRAMS = 528  # about four per SM of an H100: enough loads in flight to stream the ring
+TARGET_PROGRAMS = 528  # four per SM of an H100, where the ring is long enough (at least 128 keys per slice)
 
 
 def slices_for(rows: int, kv_heads: int, keys: int) -> int:
-    """Key slices per (row, key/value head): enough programs to fill the GPU, at least 128 keys each."""
+    """Key slices per (row, key/value head): up to ``TARGET_PROGRAMS`` programs in all, at least 128 keys each
+    (at 4B shapes and batch 1: 64 slices of 128 keys, 128 programs)."""
     wanted = -(-TARGET_PROGRAMS // (rows * kv_heads))
     return max(1, min(wanted, keys // 128))
 
@@ -40,7 +41,7 @@ def split_key_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     G = Hq // Hkv
     acc, m, s = acc[..., :G, :], m[..., :G], s[..., :G]  # [B, Hkv, slices, G(, D)]
     top = m.amax(2, keepdim=True)
-    weight = torch.exp(m - top).nan_to_num(0.0)  # a slice that saw no visible key has m = -inf
+    weight = torch.exp(m - top)  # a slice that saw no visible key has m = -inf: weight 0
     out = (acc * weight[..., None]).sum(2) / (s * weight).sum(2)[..., None]  # [B, Hkv, G, D]
     return out.reshape(B, 1, Hq, D).to(q.dtype)
 

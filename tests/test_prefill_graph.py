@@ -50,13 +50,15 @@ def _prefill_both_ways(model, B: int, T: int, chunks: int, vocab: int):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("T", [128, 40])
 @pytest.mark.parametrize("linear_mixer", LINEAR_MIXERS)
-def test_chunks_over_a_full_window_replay_a_graph_that_continues_the_stream_as_eager_prefill(linear_mixer):
-    """Chunks of 128 tokens over a window of 16: the first fills the rings, the second runs eagerly (compiling),
-    the third is captured and replayed, later ones replay; the stream they leave decodes as the eager one."""
+def test_chunks_over_a_full_window_replay_a_graph_that_continues_the_stream_as_eager_prefill(linear_mixer, T):
+    """Chunks over a window of 16: the first fills the rings, the second runs eagerly (compiling), the third is
+    captured and replayed, later ones replay; the stream they leave decodes as the eager one. 128 tokens take the
+    block-sparse band; 40 (not a multiple of the window, so each chunk writes other ring slots) the masked path."""
     torch.manual_seed(0)
     model = tiny_lm(linear_mixer=linear_mixer).cuda().eval()
-    B, T = 2, 128
+    B = 2
     graphs, cache, reference, pairs = _prefill_both_ways(model, B, T, chunks=6, vocab=256)
     assert len(graphs._graphs) == 1 and not graphs._failed
     for got, expected in pairs:

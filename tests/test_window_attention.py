@@ -193,7 +193,9 @@ def test_split_key_kernel_in_tritons_interpreter_matches_a_naive_loop():
         torch.manual_seed(0)
         for B, Hq, Hkv, S, D in [(3, 16, 2, 1000, 32), (1, 4, 2, 16, 16), (2, 8, 8, 300, 16)]:
             q, keys, values, visible = _ring(B=B, Hq=Hq, Hkv=Hkv, S=S, D=D)
-            visible[1:2, 200:] = False
+            visible[1:2, 200:] = False  # a row that sees no key of most slices
+            visible[:1, : S // 3] = False  # a slice that starts with tiles it does not see, then sees keys
+            visible[:, 150 % S] = True  # every row sees a key
             out = ring_decode.split_key_attention(q, keys, values, visible)
             torch.testing.assert_close(out, _naive_ring_decode(q, keys, values, visible).float())
         """
