@@ -17,9 +17,13 @@ def test_token_indices_given_as_a_tensor_are_the_ones_the_cache_would_count():
         counted, given = model.new_cache(), model.new_cache()
         model.hidden_states(ids[:, :24], cache=counted)
         model.hidden_states(ids[:, :24], cache=given, token_index=torch.arange(24))
+        shifted = given.clone()
         expected = model.hidden_states(ids[:, 24:], cache=counted)
         got = model.hidden_states(ids[:, 24:], cache=given, token_index=torch.arange(24, 40))
+        # Read, not recomputed: indices 3 further on put the chunk's keys in other ring slots, over other keys.
+        other = model.hidden_states(ids[:, 24:], cache=shifted, token_index=torch.arange(27, 43))
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not torch.allclose(other, expected)
 
 
 def test_on_a_cpu_every_chunk_runs_eagerly():

@@ -31,10 +31,7 @@ def plot(rows: list[dict], keys: list[str], metric: str, path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    name = {}
-    for key in keys:
-        values = list(dict.fromkeys(row[key] for row in rows))
-        name[key] = dict(zip(values, tick_labels(values)))
+    name = _labels(rows, keys)
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys):
         others = [k for k in keys if k != key]
@@ -77,10 +74,7 @@ def plot_tasks(rows: list[dict], keys: list[str], tasks: list[str], path: Path) 
     import matplotlib.pyplot as plt
     import numpy as np
 
-    name = {}
-    for key in keys:
-        values = list(dict.fromkeys(row[key] for row in rows))
-        name[key] = dict(zip(values, tick_labels(values)))
+    name = _labels(rows, keys)
     fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(tasks) + 2), 3.8))
     for point in dict.fromkeys(tuple(row[k] for k in keys) for row in rows):
         group = [row for row in rows if tuple(row[k] for k in keys) == point]
@@ -105,3 +99,12 @@ def plot_tasks(rows: list[dict], keys: list[str], tasks: list[str], path: Path) 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _labels(rows: list[dict], keys: list[str]) -> dict[str, dict]:
+    """Per key, each of its values (in order of first appearance) -> its tick label."""
+    name = {}
+    for key in keys:
+        values = list(dict.fromkeys(row[key] for row in rows))
+        name[key] = dict(zip(values, tick_labels(values)))
+    return name

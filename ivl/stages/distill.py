@@ -17,7 +17,7 @@ import torch
 from torchmetrics.aggregation import MeanMetric
 
 from ivl.stages import host_batch
-from ivl.stages.base import StageModule
+from ivl.stages.base import MODEL_INPUTS, StageModule
 from ivl.stages.flops import Flops, hybrid_batch_flops, transformer_batch_flops
 from ivl.stages.models import load_teacher
 
@@ -177,19 +177,8 @@ class DistillModule(StageModule):
 
             hooks.append(layers[i].register_forward_hook(hook, with_kwargs=True))
         ids = batch["input_ids"]
-        inputs = {
-            k: batch[k]
-            for k in (
-                "input_ids",
-                "attention_mask",
-                "pixel_values",
-                "image_grid_thw",
-                "pixel_values_videos",
-                "video_grid_thw",
-                "second_per_grid_ts",
-            )
-            if k in batch
-        }
+        # transformers' teacher takes the student's inputs except packed boundaries (it is never run packed).
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch and k != "cu_seqlens"}
         config = self.teacher.config
         inputs["mm_token_type_ids"] = (ids == config.image_token_id).int() + 2 * (ids == config.video_token_id).int()
         try:
