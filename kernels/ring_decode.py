@@ -93,7 +93,7 @@ if ENABLED:
             inside = n < S
             seen = tl.load(visible_ptr + b * S + n, mask=inside, other=0) != 0
             k = tl.load(k_base + n[:, None] * D + d[None, :], mask=inside[:, None], other=0.0)
-            scores = tl.dot(q, tl.trans(k)) * scale  # [G_PAD, BLOCK_N], float32
+            scores = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32)  # [G_PAD, BLOCK_N] (scale may come as fp64)
             scores = tl.where(seen[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, 1))
             shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: keep exp() finite

@@ -17,10 +17,13 @@ from ivl.kernels._fla import flash_attn_varlen
 from ivl.kernels.packed_bounds import host_bounds, to_device
 from ivl.kernels.precision import at_least_float32
 
-DECODE_KERNEL = "matmul"
+DECODE_KERNEL = "auto"
 """How a decode step reads the ring on CUDA, read when the step is compiled: "matmul" (two batched products
-around a softmax) or "split" (``ivl.kernels.ring_decode``'s split-key Triton kernel, checked against a naive loop
-in Triton's interpreter; ``python -m ivl.bench ring`` times both)."""
+around a softmax), "split" (``ivl.kernels.ring_decode``'s split-key Triton kernel) or "auto": split where the
+rows' key/value heads alone would leave most of the GPU idle (fewer than ``SPLIT_BELOW``), matmul above. On an
+H100 at 4B shapes (``python -m ivl.bench ring``): split 13.1 against 22.7 us per layer at batch 1, and 2-4% slower
+than matmul at batch 8 and 32."""
+SPLIT_BELOW = 16  # rows x key/value heads: at 4B shapes (2 key/value heads), batches below 8
 
 
 def sliding_window_attention(
@@ -154,10 +157,11 @@ def ring_decode_attention(
     products around a softmax, with the query heads of a key/value head as the rows of one product, or on CUDA
     the split-key kernel (``DECODE_KERNEL``).
     """
-    if q.is_cuda and DECODE_KERNEL == "split" and ring_decode.supports(q.shape[-1]):
-        return ring_decode.split_key_attention(q, keys, values, visible)
     B, _, Hq, D = q.shape
     Hkv = keys.shape[1]
+    split = DECODE_KERNEL == "split" or (DECODE_KERNEL == "auto" and B * Hkv < SPLIT_BELOW)
+    if q.is_cuda and split and ring_decode.supports(D):
+        return ring_decode.split_key_attention(q, keys, values, visible)
     grouped = q.view(B, Hkv, Hq // Hkv, D)  # query head h reads key/value head h // (Hq / Hkv)
     scores = at_least_float32(grouped @ keys.transpose(-1, -2)) * D**-0.5  # [B, Hkv, G, S]
     scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))

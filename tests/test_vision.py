@@ -1,4 +1,4 @@
-"""The vision tower's batched window attention against transformers' own layer schedule."""
+"""The vision tower's schedule (batched window attention, fused elementwise chains) against transformers' own."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from teacher import tiny_teacher_config
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
-from ivl.model.vision import WindowBatchedAttention, build_vision_tower, vision_config_dict
+from ivl.model.vision import PatchEmbedAsProduct, VisionBlock, build_vision_tower, vision_config_dict
 
 
 @pytest.mark.parametrize(
@@ -17,16 +17,8 @@ from ivl.model.vision import WindowBatchedAttention, build_vision_tower, vision_
         [[1, 6, 10], [2, 4, 6], [1, 2, 2]],  # clipped windows at the edges, images and a video of several sizes
     ],
 )
-def test_batched_window_attention_equals_transformers_tower(grids):
-    vision = vision_config_dict(tiny_teacher_config(2).vision_config)
-    torch.manual_seed(0)
-    ours = build_vision_tower(vision).eval()
-    theirs = Qwen2_5_VisionTransformerPretrainedModel._from_config(
-        Qwen2_5_VLVisionConfig(**vision), attn_implementation="sdpa"
-    ).eval()
-    theirs.load_state_dict(ours.state_dict())
-    assert all(isinstance(b.attn, WindowBatchedAttention) for b in ours.blocks)
-    assert not any(isinstance(b.attn, WindowBatchedAttention) for b in theirs.blocks)
+def test_scheduled_tower_equals_transformers_tower(grids):
+    ours, theirs = _towers("cpu", torch.float32)
     grid = torch.tensor(grids)
     pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14)
     with torch.no_grad():
@@ -34,3 +26,36 @@ def test_batched_window_attention_equals_transformers_tower(grids):
         got = ours(pixels, grid_thw=grid).pooler_output
         exact = theirs.double()(pixels.double(), grid_thw=grid).pooler_output
     assert_as_accurate(got, expected, exact)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grids", [[[4, 16, 16]], [[1, 6, 10], [2, 4, 6]]])
+def test_compiled_tower_on_cuda_equals_transformers_tower(grids):
+    """On CUDA the fused chains run compiled (bf16, as served); each tower is held to the float64 result."""
+    ours, theirs = _towers("cuda", torch.bfloat16)
+    grid = torch.tensor(grids, device="cuda")
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14, device="cuda")
+    with torch.no_grad():
+        expected = theirs(pixels.bfloat16(), grid_thw=grid).pooler_output
+        got = ours(pixels.bfloat16(), grid_thw=grid).pooler_output
+        exact = theirs.double()(pixels.double(), grid_thw=grid).pooler_output
+    assert_as_accurate(got, expected, exact, factor=1.5)
+
+
+def _towers(device, dtype):
+    """ivl's tower and transformers' own with the same random weights (tiny teacher shapes)."""
+    vision = vision_config_dict(tiny_teacher_config(2).vision_config)
+    torch.manual_seed(0)
+    with torch.device(device):
+        ours = build_vision_tower(vision).to(dtype).eval()
+        theirs = (
+            Qwen2_5_VisionTransformerPretrainedModel._from_config(
+                Qwen2_5_VLVisionConfig(**vision), attn_implementation="sdpa"
+            )
+            .to(dtype)
+            .eval()
+        )
+    theirs.load_state_dict(ours.state_dict())
+    assert all(isinstance(b, VisionBlock) for b in ours.blocks) and isinstance(ours.patch_embed, PatchEmbedAsProduct)
+    assert not any(isinstance(m, (VisionBlock, PatchEmbedAsProduct)) for m in theirs.modules())
+    return ours, theirs

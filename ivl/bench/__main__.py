@@ -1,9 +1,24 @@
-"""`python -m ivl.bench {layers,gemv,ring,fp8,convert,data,inference,stream,profile,train,host,serve,release}`: the
-benchmarks behind docs/benchmarks.md."""
+"""`python -m ivl.bench {layers,gemv,ring,fp8,convert,data,inference,stream,vision,profile,train,host,serve,
+release}`: the benchmarks behind docs/benchmarks.md."""
 
 import argparse
 
-from ivl.bench import convert, data, fp8, gemv, host, inference, layers, profile, release, ring, serve, stream, train
+from ivl.bench import (
+    convert,
+    data,
+    fp8,
+    gemv,
+    host,
+    inference,
+    layers,
+    profile,
+    release,
+    ring,
+    serve,
+    stream,
+    train,
+    vision,
+)
 from ivl.cuda_allocator import expandable_segments
 
 
@@ -18,6 +33,7 @@ def main() -> None:
     data.add_arguments(sub.add_parser("data", help=data.__doc__.splitlines()[0]))
     inference.add_arguments(sub.add_parser("inference", help=inference.__doc__.splitlines()[0]))
     stream.add_arguments(sub.add_parser("stream", help=stream.__doc__.splitlines()[0]))
+    vision.add_arguments(sub.add_parser("vision", help=vision.__doc__.splitlines()[0]))
     profile.add_arguments(sub.add_parser("profile", help=profile.__doc__.splitlines()[0]))
     train.add_arguments(sub.add_parser("train", help=train.__doc__.splitlines()[0]))
     host.add_arguments(sub.add_parser("host", help=host.__doc__.splitlines()[0]))
@@ -34,6 +50,7 @@ def main() -> None:
         "data": data.run,
         "inference": inference.run,
         "stream": stream.run,
+        "vision": vision.run,
         "profile": profile.run,
         "train": train.run,
         "host": host.run,

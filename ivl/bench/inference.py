@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--decode-kernel",
         nargs="+",
         default=[window_attention.DECODE_KERNEL],
-        choices=["matmul", "split"],
+        choices=["matmul", "split", "auto"],
         help="how a decode step reads the attention ring (ivl.kernels.window_attention.DECODE_KERNEL); several "
         "values: one row each, on the same machine",
     )
