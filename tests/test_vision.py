@@ -39,7 +39,7 @@ def test_compiled_tower_on_cuda_equals_transformers_tower(grids):
         expected = theirs(pixels.bfloat16(), grid_thw=grid).pooler_output
         got = ours(pixels.bfloat16(), grid_thw=grid).pooler_output
         exact = theirs.double()(pixels.double(), grid_thw=grid).pooler_output
-    assert_as_accurate(got, expected, exact, factor=1.5)
+    assert_as_accurate(got, expected, exact, factor=2.0)
 
 
 def _towers(device, dtype):
@@ -55,6 +55,12 @@ def _towers(device, dtype):
             .to(dtype)
             .eval()
         )
+    with torch.no_grad():  # transformers starts biases at 0 and norms at 1: randomise them, so that each is read
+        for name, p in ours.named_parameters():
+            if p.dim() == 1:
+                p.normal_(1.0 if "norm" in name or "ln_q" in name else 0.0, 0.3)
+            else:
+                p.mul_(5)  # attention far from uniform within each window
     theirs.load_state_dict(ours.state_dict())
     assert all(isinstance(b, VisionBlock) for b in ours.blocks) and isinstance(ours.patch_embed, PatchEmbedAsProduct)
     assert not any(isinstance(m, (VisionBlock, PatchEmbedAsProduct)) for m in theirs.modules())

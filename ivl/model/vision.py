@@ -159,8 +159,8 @@ def _batched_attention(q, k, v, length: int, scale: float) -> torch.Tensor:
 
 class PatchEmbedAsProduct(Qwen2_5_VisionPatchEmbed):
     """transformers' patch embedding, a Conv3d whose kernel is its stride over inputs of exactly one patch, as the
-    matrix product it is: cuDNN runs that Conv3d as an implicit-GEMM kernel about ten times slower (3.9 ms per
-    32K patches on an H100)."""
+    matrix product it is: cuDNN runs that Conv3d as an implicit-GEMM kernel, 3.9 ms for 32K patches on an H100
+    against the product's 0.15 ms."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         weight = self.proj.weight
