@@ -21,7 +21,7 @@ DECODE_KERNEL = "auto"
 """How a decode step reads the ring on CUDA, read when the step is compiled: "matmul" (two batched products
 around a softmax), "split" (``ivl.kernels.ring_decode``'s split-key Triton kernel) or "auto": split where the
 rows' key/value heads alone would leave most of the GPU idle (fewer than ``SPLIT_BELOW``), matmul above. On an
-H100 at 4B shapes (``python -m ivl.bench ring``): split 13.1 against 22.7 us per layer at batch 1, and 2-4% slower
+H100 at 4B shapes (``python -m ivl.bench ring``): split 13.1 against 22.7 us per layer at batch 1, and 2-5% slower
 than matmul at batch 8 and 32."""
 SPLIT_BELOW = 16  # rows x key/value heads: at 4B shapes (2 key/value heads), batches below 8
 

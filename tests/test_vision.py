@@ -1,4 +1,5 @@
-"""The vision tower's schedule (batched window attention, fused elementwise chains) against transformers' own."""
+"""The vision tower's schedule (batched window attention, compiled block regions, the patch embedding as a product)
+against transformers' own tower."""
 
 import pytest
 import torch
