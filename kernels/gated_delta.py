@@ -31,8 +31,14 @@ from ivl.kernels._fla import (
 )
 from ivl.kernels.packed_bounds import FLA_CHUNK, chunk_indices, host_bounds
 from ivl.kernels.precision import at_least_float32
+from ivl.kernels.value_heads import merge_value_heads, split_value_heads, splits
 
 CHUNK_SIZE = 64
+
+VALUE_HEAD_WIDTH: int | None = None
+"""On CUDA, run fla's chunked kernel with each value head split into heads of this width (``ivl.kernels.
+value_heads``; exact). 128 makes InfiniteVL's heads (K 128, V 256) the K = V = 128 shape that fla hands to FlashQLA
+when flash-qla is installed. None (the default): fla's own layout, V = 256 per head."""
 
 
 def gated_delta_rule(
@@ -65,33 +71,13 @@ def gated_delta_rule(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if q.is_cuda and fla_gated_delta() is not None:
-        chunk, recurrent = fla_gated_delta()
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state)
-        )
-        if needs_grad and fla_gated_backward_is_refused():
-            # fla refuses its backward here (#640): run it anyway where the tile is correct (K > 64), and
-            # differentiate the PyTorch path only where the miscompiled BK = 64 tile would run.
-            if fla_backward_is_miscompiled(q.shape[-1]) or fla_chunk_function() is None:
-                o, state = _FlaForwardTorchBackward.apply(q, k, v, g, beta, initial_state, scale, cu_seqlens)
-            else:
-                o, state = _FlaRefusalLifted.apply(q, k, v, g, beta, initial_state, scale, cu_seqlens)
-            return o, (state if output_final_state else None)
-        # fla's recurrent kernel is the fast one for decoding single tokens; the chunked one for everything else.
-        fn = recurrent if q.shape[1] == 1 and cu_seqlens is None else chunk
-        o, state = fn(
-            q,
-            k,
-            v,
-            g=g,
-            beta=beta,
-            scale=scale,
-            initial_state=initial_state,
-            output_final_state=output_final_state,
-            cu_seqlens=cu_seqlens,
-            **_fla_chunks(cu_seqlens),
-        )
-        return o, (state.float() if state is not None else None)
+        chunked = q.shape[1] > 1 or cu_seqlens is not None
+        if chunked and splits(v.shape[-1], VALUE_HEAD_WIDTH) and not fla_backward_is_miscompiled(q.shape[-1]):
+            heads = v.shape[2]
+            v, g, beta, initial_state = split_value_heads(v, g, beta, initial_state, VALUE_HEAD_WIDTH)
+            o, state = _through_fla(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
+            return merge_value_heads(o, state, heads)
+        return _through_fla(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
     if cu_seqlens is not None:
         return _varlen(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
     if q.shape[1] == 1:
@@ -99,6 +85,37 @@ def gated_delta_rule(
     else:
         o, state = _chunked(q, k, v, g, beta, scale, initial_state)
     return o, (state if output_final_state else None)
+
+
+def _through_fla(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
+    """fla's kernels (fla's value heads may be grouped: v, g, beta and the state with HV = a multiple of H heads)."""
+    chunk, recurrent = fla_gated_delta()
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state)
+    )
+    if needs_grad and fla_gated_backward_is_refused():
+        # fla refuses its backward here (#640): run it anyway where the tile is correct (K > 64), and
+        # differentiate the PyTorch path only where the miscompiled BK = 64 tile would run.
+        if fla_backward_is_miscompiled(q.shape[-1]) or fla_chunk_function() is None:
+            o, state = _FlaForwardTorchBackward.apply(q, k, v, g, beta, initial_state, scale, cu_seqlens)
+        else:
+            o, state = _FlaRefusalLifted.apply(q, k, v, g, beta, initial_state, scale, cu_seqlens)
+        return o, (state if output_final_state else None)
+    # fla's recurrent kernel is the fast one for decoding single tokens; the chunked one for everything else.
+    fn = recurrent if q.shape[1] == 1 and cu_seqlens is None else chunk
+    o, state = fn(
+        q,
+        k,
+        v,
+        g=g,
+        beta=beta,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        **_fla_chunks(cu_seqlens),
+    )
+    return o, (state.float() if state is not None else None)
 
 
 class _FlaRefusalLifted(torch.autograd.Function):

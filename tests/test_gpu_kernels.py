@@ -111,6 +111,22 @@ def test_fla_backward_at_k128_matches_float32_chunked_reference_up_to_32k(T, dty
         assert rel_err(a, b) < 2 * tol, name
 
 
+@pytest.mark.parametrize("varlen", [False, True])
+def test_value_heads_of_128_match_naive_float32_recurrence(monkeypatch, varlen):
+    """InfiniteVL's heads (K 128, V 256) through fla as 2 value heads of 128 each (the layout FlashQLA takes when
+    installed): outputs, states and gradients against the per-token float32 loop."""
+    import ivl.kernels.gated_delta as gated_delta
+
+    monkeypatch.setattr(gated_delta, "VALUE_HEAD_WIDTH", 128)
+    inputs, cu, w = gdn_case(512, 128, torch.bfloat16, varlen)
+    outs, grads = gdn_grads(ours, inputs, cu, w)
+    outs_ref, grads_ref = gdn_grads(naive_float32, inputs, cu, w)
+    for name, a, b in zip(["o", "state"], outs, outs_ref):
+        assert rel_err(a, b) < 2e-2, name
+    for name, a, b in zip("q k v g beta h0".split(), grads, grads_ref):
+        assert rel_err(a, b) < 4e-2, name
+
+
 def test_training_path_is_fla_backward_exactly_where_its_tile_is_correct():
     """K = 128 never takes the slow PyTorch backward; K = 64 takes it only where fla's BK = 64 tile is miscompiled."""
     for K in (128, 64):

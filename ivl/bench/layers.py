@@ -3,7 +3,8 @@
 Times one mixer layer of the `infinitevl-4b` preset (hidden 2048) on a [1, T, 2048] input, with CUDA events,
 after warm-up (which also absorbs FlexAttention's compilation), as the median of several repeats. ``conv`` and
 ``conv-fla`` time a Gated DeltaNet layer's short convolution over its q, k and v channels at once (as Stage II runs
-it), with ivl's backward kernel and with fla's.
+it), with ivl's backward kernel and with fla's. ``gdn-core`` times the gated delta rule alone by implementation
+(fla, value heads of 128 for FlashQLA, FlashInfer; ``ivl.bench.gdn_core``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import statistics
 
 import torch
 
+import ivl.kernels.gated_delta as gated_delta
+from ivl.bench import gdn_core
 from ivl.model import HybridConfig
 from ivl.model.layers import MultimodalRotaryEmbedding
 from ivl.model.mixers import ALIASES, LINEAR_MIXERS, canonical_name, mixer_class
@@ -30,7 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--mixers",
         nargs="+",
         default=["gated_deltanet", "swa", "full"],
-        choices=[*LINEAR_MIXERS, *ALIASES, "swa", "full", "conv", "conv-fla"],
+        choices=[*LINEAR_MIXERS, *ALIASES, "swa", "full", "conv", "conv-fla", "gdn-core"],
+    )
+    parser.add_argument(
+        "--value-head-width",
+        type=int,
+        default=None,
+        help="run Gated DeltaNet's value heads as heads of this width (128: FlashQLA's shape when installed)",
     )
     parser.add_argument(
         "--conv-channels",
@@ -84,8 +93,11 @@ def run(args: argparse.Namespace) -> None:
         "swa": (f"SWA (window {config.window})", lambda: SlidingWindowAttention(config, 0)),
         "full": ("full attention", lambda: SlidingWindowAttention(HybridConfig.preset(args.preset, window=None), 0)),
     }
+    gated_delta.VALUE_HEAD_WIDTH = args.value_head_width
     mixers = {}
     for m in args.mixers:
+        if m == "gdn-core":
+            continue
         if m not in ("conv", "conv-fla"):
             label, build = builders[canonical_name(m) if m in ALIASES else m]
             mixers[label] = build()
@@ -126,3 +138,5 @@ def run(args: argparse.Namespace) -> None:
             x.grad = None
             torch.cuda.empty_cache()
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    if "gdn-core" in args.mixers:
+        gdn_core.run(config, args.lengths, dtype, args.repeats, time_ms)
