@@ -1,8 +1,9 @@
 """The gated delta rule alone at InfiniteVL's shapes, by implementation: the rows of ``ivl.bench layers --mixers
 gdn-core``.
 
-One packed batch of four sequences (1/8, 3/8, 1/4 and 1/4 of T), 16 heads, K 128, V 256, bf16, with the initial
-state and the final state, as prefill and training call it. Rows:
+Two shapes per implementation, 16 heads, K 128, V 256, bf16, with an initial state and the final state: one packed
+row of four sequences (1/8, 3/8, 1/4 and 1/4 of T), as training calls it, and one sequence of T tokens, as a prefill
+chunk calls it (``cu_seqlens`` None). Implementations:
 
 - fla: ivl's ``gated_delta_rule`` with fla's own layout (V 256 per head).
 - value heads of 128: the same call with each head as two value heads of 128 (``ivl.kernels.value_heads``), the
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import logging
 
 import torch
@@ -27,8 +29,10 @@ import ivl.kernels.gated_delta as gated_delta
 from ivl.kernels.value_heads import merge_value_heads, split_value_heads
 from ivl.model import HybridConfig
 
+SHAPES = ("4 packed sequences", "1 sequence")
 
-def inputs(config: HybridConfig, T: int, dtype: torch.dtype):
+
+def inputs(config: HybridConfig, T: int, dtype: torch.dtype, shape: str = SHAPES[0]):
     H, K, V = config.linear_num_heads, config.linear_head_k_dim, config.linear_head_v_dim
     q = F.normalize(torch.randn(1, T, H, K, device="cuda"), dim=-1).to(dtype)
     k = F.normalize(torch.randn(1, T, H, K, device="cuda"), dim=-1).to(dtype)
@@ -36,7 +40,9 @@ def inputs(config: HybridConfig, T: int, dtype: torch.dtype):
     g = F.logsigmoid(torch.randn(1, T, H, device="cuda") + 4)
     beta = torch.rand(1, T, H, device="cuda", dtype=dtype)
     cu = torch.tensor([0, T // 8, T // 2, 3 * T // 4, T], dtype=torch.int32, device="cuda")
-    h0 = torch.randn(4, H, K, V, device="cuda") / 8
+    if shape == "1 sequence":
+        cu = None
+    h0 = torch.randn(1 if cu is None else 4, H, K, V, device="cuda") / 8
     return [t.requires_grad_() for t in (q, k, v, g, beta, h0)], cu
 
 
@@ -64,6 +70,8 @@ def flashinfer_rule(q, k, v, g, beta, h0, cu):
     from flashinfer.gdn_prefill import chunk_gated_delta_rule
 
     heads, width = q.shape[2], q.shape[-1]
+    if cu is None:
+        cu = torch.tensor([0, q.shape[1]], device=q.device)
     v, g, beta, h0 = split_value_heads(v, g, beta, h0, width)
     o, state = chunk_gated_delta_rule(
         q[0].contiguous(),
@@ -81,6 +89,8 @@ def flashinfer_rule(q, k, v, g, beta, h0, cu):
 
 def reference(q, k, v, g, beta, h0, cu):
     q, k, v, g, beta = (t.float() for t in (q, k, v, g, beta))
+    if cu is None:
+        return gated_delta._chunked(q, k, v, g, beta, q.shape[-1] ** -0.5, h0)
     return gated_delta._varlen(q, k, v, g, beta, q.shape[-1] ** -0.5, h0, True, cu)
 
 
@@ -106,8 +116,8 @@ def rows(config: HybridConfig) -> dict:
     return found
 
 
-def relative_error(call, config: HybridConfig, T: int, dtype: torch.dtype) -> float:
-    (q, k, v, g, beta, h0), cu = inputs(config, T, dtype)
+def relative_error(call, config: HybridConfig, T: int, dtype: torch.dtype, shape: str) -> float:
+    (q, k, v, g, beta, h0), cu = inputs(config, T, dtype, shape)
     with torch.no_grad():
         o, s = call(q, k, v, g, beta, h0, cu)
         o_ref, s_ref = reference(q, k, v, g, beta, h0, cu)
@@ -120,12 +130,12 @@ def run(config: HybridConfig, lengths: list[int], dtype: torch.dtype, repeats: i
     fla_logger = logging.getLogger("fla.backends")
     fla_logger.addHandler(log)
     fla_logger.setLevel(logging.INFO)
-    for label, (call, differentiable) in rows(config).items():
+    for (label, (call, differentiable)), shape in itertools.product(rows(config).items(), SHAPES):
         log.backend = None
-        error = relative_error(call, config, lengths[0], dtype)
+        error = relative_error(call, config, lengths[0], dtype, shape)
         cells = []
         for T in lengths:
-            (q, k, v, g, beta, h0), cu = inputs(config, T, dtype)
+            (q, k, v, g, beta, h0), cu = inputs(config, T, dtype, shape)
             w = torch.randn(1, T, q.shape[2], v.shape[-1], device="cuda", dtype=dtype)
 
             def forward():
@@ -145,5 +155,5 @@ def run(config: HybridConfig, lengths: list[int], dtype: torch.dtype, repeats: i
             torch.cuda.empty_cache()
         backend = f"; fla picked {log.backend}" if log.backend else ""
         note = f" (rel. error {error:.1e} at {lengths[0] // 1024}K{backend})"
-        print(f"| {label}{note} | " + " | ".join(cells) + " |", flush=True)
+        print(f"| {label}, {shape}{note} | " + " | ".join(cells) + " |", flush=True)
     fla_logger.removeHandler(log)

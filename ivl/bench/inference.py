@@ -20,7 +20,7 @@ import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from ivl.bench.hf_cache import cache_of, with_cache
-from ivl.kernels import window_attention
+from ivl.kernels import gated_delta, window_attention
 from ivl.model import HybridConfig, InfiniteVL, InfiniteVLConfig
 from ivl.model.decoding.generation import SlotDecoder
 from ivl.model.decoding.prefill_graph import PrefillGraphs
@@ -56,6 +56,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["matmul", "split", "auto"],
         help="how a decode step reads the attention ring (ivl.kernels.window_attention.DECODE_KERNEL); several "
         "values: one row each, on the same machine",
+    )
+    parser.add_argument(
+        "--value-head-width",
+        type=int,
+        nargs="+",
+        default=[gated_delta.VALUE_HEAD_WIDTH],
+        help="run Gated DeltaNet's chunked rule with its value heads split into heads of this width "
+        "(ivl.kernels.gated_delta.VALUE_HEAD_WIDTH; 128: FlashQLA's shape when installed); several values: one row "
+        "each, on the same machine",
     )
     parser.add_argument(
         "--prefill",
@@ -318,7 +327,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"# {name} | torch {torch.__version__} | {dtype} | {datetime.date.today()} | decoder {args.decoder}\n")
     # The dynamic decoder reads the cache through attention_at_positions, not through a ring kernel.
     kernels = args.decode_kernel if args.decoder != "dynamic" else args.decode_kernel[:1]
-    variants = list(itertools.product(args.prefill, kernels))
+    variants = list(itertools.product(args.prefill, kernels, args.value_head_width))
     print("| model | batch | context | prefill s | decode ms/token | peak GiB | decode roofline ms (fraction) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     rows = []
@@ -334,10 +343,12 @@ def run(args: argparse.Namespace) -> None:
         model = build_infinitevl(args.shapes, args.device, dtype, mixer)  # alone on the device: its peak is its own
         weight_bytes = sum(p.numel() * p.element_size() for p in model.lm.parameters())
         state_bytes = {B: _state_bytes(model, B) for B in args.batch}
-        for B, (prefill_mode, kernel) in itertools.product(args.batch, variants):
+        for B, (prefill_mode, kernel, width) in itertools.product(args.batch, variants):
             window_attention.DECODE_KERNEL = kernel  # read when the decode step compiles (a guard: it recompiles)
+            gated_delta.VALUE_HEAD_WIDTH = width
             run_args = argparse.Namespace(**{**vars(args), "prefill": prefill_mode})
-            name = label if len(variants) == 1 else f"{label} (prefill {prefill_mode}, ring {kernel})"
+            heads = f"value heads of {width}" if width else "value heads as built"
+            name = label if len(variants) == 1 else f"{label} (prefill {prefill_mode}, ring {kernel}, {heads})"
             for T in [t for t in args.contexts if B * t <= args.max_batch_tokens]:
                 try:
                     prefill, decode, peak = time_infinitevl(model, B, T, run_args)

@@ -37,6 +37,7 @@ from ivl.bench.baseline_stage import TransformerStage
 from ivl.bench.hybrid_stages import BenchDistill, BenchInstruct, BenchLongContext
 from ivl.bench.random_models import build_teacher, teacher_config
 from ivl.bench.step_callbacks import StepProfiler, StepTimer, SyncCounter
+from ivl.kernels import gated_delta
 from ivl.stages import FSDP2Strategy
 from ivl.stages.flops import hybrid_flops, transformer_flops
 
@@ -108,6 +109,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=0.0,
         help="Stage III's LoRA dropout (experiments/stage3_long.yaml trains with 0.05)",
+    )
+    parser.add_argument(
+        "--value-head-width",
+        type=int,
+        default=gated_delta.VALUE_HEAD_WIDTH,
+        help="run Gated DeltaNet's chunked rule with its value heads split into heads of this width "
+        "(ivl.kernels.gated_delta.VALUE_HEAD_WIDTH; 128: FlashQLA's shape when installed)",
     )
     parser.add_argument("--shapes", default="4b", choices=["4b", "tiny"], help="tiny: a CPU smoke run")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -270,6 +278,7 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit(
             "ivl.bench train times GPU steps; no CUDA device is visible (--shapes tiny --device cpu for a smoke run)"
         )
+    gated_delta.VALUE_HEAD_WIDTH = args.value_head_width  # every rank parses the same arguments
     rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", rank) if args.device == "cuda" else torch.device("cpu")
     rows = []
