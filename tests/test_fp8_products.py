@@ -1,11 +1,11 @@
 """The FP8 products of ``ivl.bench fp8 --accuracy``: e4m3 with row-wise scales, the real ``torch._scaled_mm`` on the
-CPU, held to a product of the rounded operands computed in float64."""
+CPU, and with block-wise scales, each held to a product of operands rounded block by block in a naive loop."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ivl.bench.fp8 import E4M3_MAX, fp8_products, quantize_rows
+from ivl.bench.fp8 import BLOCKS, E4M3_MAX, fp8_products, quantize_rows, round_blocks
 
 
 def test_rows_are_scaled_to_the_e4m3_range_and_rounded_to_its_three_mantissa_bits():
@@ -36,3 +36,33 @@ def test_linear_inside_runs_scaled_mm_on_the_rounded_operands_and_is_restored_af
     with pytest.raises(RuntimeError), fp8_products():
         raise RuntimeError("an error inside")
     assert torch.nn.functional.linear is original
+
+
+def rounded_block_by_block(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    out = torch.empty_like(x, dtype=torch.float64)
+    for i in range(0, x.shape[0], rows):
+        for j in range(0, x.shape[1], cols):
+            block = x[i : i + rows, j : j + cols].float()  # scales are float32, as the FP8 kernels take them
+            scale = block.abs().max() / E4M3_MAX
+            out[i : i + rows, j : j + cols] = (block / scale).to(torch.float8_e4m3fn).double() * scale.double()
+    return out
+
+
+@pytest.mark.parametrize("rows, cols", [(1, 128), (128, 128)])
+def test_each_block_has_its_own_scale_and_edge_blocks_are_cut_short(rows, cols):
+    torch.manual_seed(0)
+    x = torch.randn(130, 200) * torch.logspace(-3, 3, 130)[:, None] * torch.logspace(0, 2, 200)
+    torch.testing.assert_close(round_blocks(x, rows, cols).double(), rounded_block_by_block(x, rows, cols))
+
+
+@pytest.mark.parametrize("scales", ["block", "tile"])
+def test_block_scaled_linear_is_the_product_of_the_rounded_operands(scales):
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 7, 256, dtype=torch.bfloat16), torch.randn(144, 256, dtype=torch.bfloat16)
+    (xr, xc), (wr, wc) = BLOCKS[scales]
+    expected = rounded_block_by_block(x.reshape(-1, 256), xr, xc) @ rounded_block_by_block(w, wr, wc).T
+    with fp8_products(scales):
+        got = torch.nn.functional.linear(x, w)
+    assert got.shape == (2, 7, 144) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), expected.view(2, 7, 144), rtol=2e-2, atol=2e-2)
+    assert not torch.allclose(got.double(), (x.double() @ w.double().T), rtol=2e-3, atol=2e-3)  # it did round
