@@ -9,6 +9,8 @@ chunk calls it (``cu_seqlens`` None). Implementations:
 - value heads of 128: the same call with each head as two value heads of 128 (``ivl.kernels.value_heads``), the
   K = V = 128 shape at which fla hands the call to FlashQLA when flash-qla is installed; the row names the backend
   fla's dispatch picked.
+- FlashQLA without its intra-card split: flash_qla called directly with ``auto_cp=False`` (fla's dispatch always
+  passes True, which splits one long sequence across the card), when flash-qla is installed.
 - FlashInfer: ``flashinfer.gdn_prefill.chunk_gated_delta_rule`` on the same grouped layout (forward only; its gate
   is exp(g) and its state [N, H, V, K]), when flashinfer is installed.
 
@@ -66,6 +68,19 @@ def ivl_rule(width: int | None):
     return call
 
 
+def flash_qla_whole_sequences(q, k, v, g, beta, h0, cu):
+    """FlashQLA called directly with its intra-card split of long sequences off (fla's dispatch passes
+    ``auto_cp=True``)."""
+    import flash_qla
+
+    heads, width = q.shape[2], q.shape[-1]
+    v, g, beta, h0 = split_value_heads(v, g, beta, h0, width)
+    o, state = flash_qla.chunk_gated_delta_rule(
+        q, k, v, g, beta, scale=width**-0.5, initial_state=h0, output_final_state=True, cu_seqlens=cu, auto_cp=False
+    )
+    return merge_value_heads(o, state.float(), heads)
+
+
 def flashinfer_rule(q, k, v, g, beta, h0, cu):
     from flashinfer.gdn_prefill import chunk_gated_delta_rule
 
@@ -111,6 +126,8 @@ def rows(config: HybridConfig) -> dict:
     """label -> (call, differentiable)."""
     found = {f"gated delta rule, fla (V {config.linear_head_v_dim} per head)": (ivl_rule(None), True)}
     found["gated delta rule, value heads of 128"] = (ivl_rule(128), True)
+    if importlib.util.find_spec("flash_qla") is not None:
+        found["gated delta rule, FlashQLA without its intra-card split"] = (flash_qla_whole_sequences, True)
     if importlib.util.find_spec("flashinfer") is not None:
         found["gated delta rule, FlashInfer (value heads of 128; forward only)"] = (flashinfer_rule, False)
     return found
