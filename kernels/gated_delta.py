@@ -39,7 +39,7 @@ VALUE_HEAD_WIDTH: int | None = None
 """On CUDA, run fla's chunked kernel with each value head split into heads of this width (``ivl.kernels.
 value_heads``; exact). 128 makes InfiniteVL's heads (K 128, V 256) the K = V = 128 shape that fla hands to FlashQLA
 when flash-qla is installed. None (the default): fla's own layout, V = 256 per head. Measured on an H100
-(docs/benchmarks.md, FlashQLA): FlashQLA's rule alone is 1.1-2.1x faster, but a 128K prefill is 6% slower."""
+(docs/benchmarks.md, FlashQLA): FlashQLA's rule alone is 1.1-2.3x faster, but a 128K prefill is 6% slower."""
 
 
 def gated_delta_rule(

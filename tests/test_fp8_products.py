@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ivl.bench.fp8 import BLOCKS, E4M3_MAX, fp8_products, quantize_rows, round_blocks
+from ivl.bench.fp8 import E4M3_MAX, fp8_products, quantize_rows, round_blocks
 
 
 def test_rows_are_scaled_to_the_e4m3_range_and_rounded_to_its_three_mantissa_bits():
@@ -55,14 +55,15 @@ def test_each_block_has_its_own_scale_and_edge_blocks_are_cut_short(rows, cols):
     torch.testing.assert_close(round_blocks(x, rows, cols).double(), rounded_block_by_block(x, rows, cols))
 
 
-@pytest.mark.parametrize("scales", ["block", "tile"])
-def test_block_scaled_linear_is_the_product_of_the_rounded_operands(scales):
+@pytest.mark.parametrize("scales, x_block, w_block", [("block", (1, 128), (128, 128)), ("tile", (1, 128), (1, 128))])
+def test_block_scaled_linear_is_the_product_of_the_rounded_operands(scales, x_block, w_block):
     torch.manual_seed(0)
     x, w = torch.randn(2, 7, 256, dtype=torch.bfloat16), torch.randn(144, 256, dtype=torch.bfloat16)
-    (xr, xc), (wr, wc) = BLOCKS[scales]
+    (xr, xc), (wr, wc) = x_block, w_block
     expected = rounded_block_by_block(x.reshape(-1, 256), xr, xc) @ rounded_block_by_block(w, wr, wc).T
     with fp8_products(scales):
         got = torch.nn.functional.linear(x, w)
     assert got.shape == (2, 7, 144) and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.double(), expected.view(2, 7, 144), rtol=2e-2, atol=2e-2)
-    assert not torch.allclose(got.double(), (x.double() @ w.double().T), rtol=2e-3, atol=2e-3)  # it did round
+    exact = x.double() @ w.double().T
+    assert (got.double() - exact).norm() / exact.norm() > 1e-2  # e4m3's rounding shows, bf16's alone would not

@@ -19,6 +19,7 @@ Each row also gives its largest relative error against ivl's float32 PyTorch pat
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.util
 import itertools
@@ -42,10 +43,18 @@ def inputs(config: HybridConfig, T: int, dtype: torch.dtype, shape: str = SHAPES
     g = F.logsigmoid(torch.randn(1, T, H, device="cuda") + 4)
     beta = torch.rand(1, T, H, device="cuda", dtype=dtype)
     cu = torch.tensor([0, T // 8, T // 2, 3 * T // 4, T], dtype=torch.int32, device="cuda")
-    if shape == "1 sequence":
+    if shape == SHAPES[1]:
         cu = None
     h0 = torch.randn(1 if cu is None else 4, H, K, V, device="cuda") / 8
     return [t.requires_grad_() for t in (q, k, v, g, beta, h0)], cu
+
+
+def head_width(text: str) -> int:
+    """--value-head-width's values: a positive width (one that does not divide a head's V leaves it as built)."""
+    width = int(text)
+    if width <= 0:
+        raise argparse.ArgumentTypeError(f"a value head width is a positive number of channels, not {width}")
+    return width
 
 
 @contextlib.contextmanager
@@ -86,7 +95,7 @@ def flashinfer_rule(q, k, v, g, beta, h0, cu):
 
     heads, width = q.shape[2], q.shape[-1]
     if cu is None:
-        cu = torch.tensor([0, q.shape[1]], device=q.device)
+        cu = torch.arange(2, device=q.device) * q.shape[1]  # [0, T], made on the device: no copy in the timing
     v, g, beta, h0 = split_value_heads(v, g, beta, h0, width)
     o, state = chunk_gated_delta_rule(
         q[0].contiguous(),
@@ -126,7 +135,8 @@ def rows(config: HybridConfig) -> dict:
     """label -> (call, differentiable)."""
     found = {f"gated delta rule, fla (V {config.linear_head_v_dim} per head)": (ivl_rule(None), True)}
     found["gated delta rule, value heads of 128"] = (ivl_rule(128), True)
-    if importlib.util.find_spec("flash_qla") is not None:
+    # flash_qla refuses to import on GPUs other than SM90, SM100/103 and SM120/121.
+    if importlib.util.find_spec("flash_qla") is not None and torch.cuda.get_device_capability()[0] in (9, 10, 12):
         found["gated delta rule, FlashQLA without its intra-card split"] = (flash_qla_whole_sequences, True)
     if importlib.util.find_spec("flashinfer") is not None:
         found["gated delta rule, FlashInfer (value heads of 128; forward only)"] = (flashinfer_rule, False)

@@ -19,8 +19,10 @@ from pathlib import Path
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+from ivl.bench.gdn_core import head_width
 from ivl.bench.hf_cache import cache_of, with_cache
 from ivl.kernels import gated_delta, window_attention
+from ivl.kernels.value_heads import splits
 from ivl.model import HybridConfig, InfiniteVL, InfiniteVLConfig
 from ivl.model.decoding.generation import SlotDecoder
 from ivl.model.decoding.prefill_graph import PrefillGraphs
@@ -59,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--value-head-width",
-        type=int,
+        type=head_width,
         nargs="+",
         default=[gated_delta.VALUE_HEAD_WIDTH],
         help="run Gated DeltaNet's chunked rule with its value heads split into heads of this width "
@@ -324,7 +326,11 @@ def hbm_bandwidth(device: str) -> float:
 def run(args: argparse.Namespace) -> None:
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-    print(f"# {name} | torch {torch.__version__} | {dtype} | {datetime.date.today()} | decoder {args.decoder}\n")
+    widths = ", ".join(str(w) if w else "as built" for w in args.value_head_width)
+    print(
+        f"# {name} | torch {torch.__version__} | {dtype} | {datetime.date.today()} | decoder {args.decoder} | "
+        f"Gated DeltaNet value heads: {widths}\n"
+    )
     # The dynamic decoder reads the cache through attention_at_positions, not through a ring kernel.
     kernels = args.decode_kernel if args.decoder != "dynamic" else args.decode_kernel[:1]
     variants = list(itertools.product(args.prefill, kernels, args.value_head_width))
@@ -347,7 +353,8 @@ def run(args: argparse.Namespace) -> None:
             window_attention.DECODE_KERNEL = kernel  # read when the decode step compiles (a guard: it recompiles)
             gated_delta.VALUE_HEAD_WIDTH = width
             run_args = argparse.Namespace(**{**vars(args), "prefill": prefill_mode})
-            heads = f"value heads of {width}" if width else "value heads as built"
+            split = splits(model.lm.config.linear_head_v_dim, width)
+            heads = f"value heads of {width}" if split else "value heads as built"
             name = label if len(variants) == 1 else f"{label} (prefill {prefill_mode}, ring {kernel}, {heads})"
             for T in [t for t in args.contexts if B * t <= args.max_batch_tokens]:
                 try:

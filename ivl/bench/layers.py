@@ -4,7 +4,8 @@ Times one mixer layer of the `infinitevl-4b` preset (hidden 2048) on a [1, T, 20
 after warm-up (which also absorbs FlexAttention's compilation), as the median of several repeats. ``conv`` and
 ``conv-fla`` time a Gated DeltaNet layer's short convolution over its q, k and v channels at once (as Stage II runs
 it), with ivl's backward kernel and with fla's. ``gdn-core`` times the gated delta rule alone by implementation
-(fla, value heads of 128 for FlashQLA, FlashInfer; ``ivl.bench.gdn_core``).
+(fla; value heads of 128, which fla hands to FlashQLA; FlashQLA without its intra-card split; FlashInfer;
+``ivl.bench.gdn_core``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--value-head-width",
-        type=int,
+        type=gdn_core.head_width,
         default=None,
         help="run Gated DeltaNet's value heads as heads of this width (128: FlashQLA's shape when installed)",
     )

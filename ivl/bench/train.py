@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ivl.bench.baseline_stage import TransformerStage
+from ivl.bench.gdn_core import head_width
 from ivl.bench.hybrid_stages import BenchDistill, BenchInstruct, BenchLongContext
 from ivl.bench.random_models import build_teacher, teacher_config
 from ivl.bench.step_callbacks import StepProfiler, StepTimer, SyncCounter
@@ -112,7 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--value-head-width",
-        type=int,
+        type=head_width,
         default=gated_delta.VALUE_HEAD_WIDTH,
         help="run Gated DeltaNet's chunked rule with its value heads split into heads of this width "
         "(ivl.kernels.gated_delta.VALUE_HEAD_WIDTH; 128: FlashQLA's shape when installed)",
@@ -251,6 +252,8 @@ def measure(case: str, model: str, length: int, args, teacher) -> dict:
     )
     if case == "stage3" and args.lora_dropout:
         row["lora_dropout"] = args.lora_dropout
+    if model == "infinitevl" and args.value_head_width:
+        row["value_head_width"] = args.value_head_width
     try:
         trainer.fit(module, data)
     except torch.OutOfMemoryError:
@@ -327,7 +330,8 @@ def table(rows: list[dict], device: str) -> str:
             f"| {r['case']} | {r['model']} | {r['devices']} | {tokens} | {r['checkpointing']}"
             f"{', kept gathered' if r.get('keep_gathered') else ''}"
             f"{', cheap ones held' if r.get('recompute_cheap') is False else ''}"
-            f"{f', LoRA dropout {d}' if (d := r.get('lora_dropout')) else ''} | {r.get('adamw', '')} |"
+            f"{f', LoRA dropout {d}' if (d := r.get('lora_dropout')) else ''}"
+            f"{f', value heads of {w}' if (w := r.get('value_head_width')) else ''} | {r.get('adamw', '')} |"
         )
         if r["status"] != "ok":
             lines.append(f"{head} {r['status']} | | | | |")
