@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import importlib.util
 import os
 import sys
 
@@ -70,15 +69,17 @@ def fla_gated_backward_is_refused() -> bool:
     fla raises in ``chunk_bwd_dqkwg`` there (fla issue #640, https://github.com/fla-org/flash-linear-attention/
     issues/640) for every block width, but the bisection in #640 pins the miscompile to the BK = 64 tile alone;
     see ``fla_backward_is_miscompiled`` for the narrower test. With tilelang installed, fla's own dispatch picks
-    its tilelang kernel and nothing is refused. The GPU machines ship Triton 3.6.
+    its tilelang kernel and nothing is refused, unless fla would not use it (FLA_TILELANG=0, or no nvcc for
+    TileLang to compile with): fla's own backend answers that. The GPU machines ship Triton 3.6.
     """
     try:
+        from fla.ops.common.backends.tilelang import CommonTileLangBackend
         from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
     except ImportError:
         return False
     if not (IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1):
         return False
-    return importlib.util.find_spec("tilelang") is None
+    return not CommonTileLangBackend.can_use()
 
 
 def fla_backward_is_miscompiled(head_k_dim: int) -> bool:

@@ -136,6 +136,31 @@ def test_training_path_is_fla_backward_exactly_where_its_tile_is_correct():
         assert slow == (K == 64 and fla_gated_backward_is_refused()), K
 
 
+def test_fla_backward_runs_with_tilelang_turned_off():
+    """FLA_TILELANG=0 (or TileLang without nvcc) sends fla's backward to its Triton kernel even with tilelang
+    installed; fla then refuses it on Hopper (#640) unless ivl lifts the refusal, so ivl must ask fla's own backend
+    whether TileLang will run rather than whether it is installed."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, torch.nn.functional as F\n"
+        "from ivl.kernels.gated_delta import gated_delta_rule\n"
+        "q, k = (F.normalize(torch.randn(1, 256, 2, 128, device='cuda'), dim=-1).bfloat16().requires_grad_() "
+        "for _ in range(2))\n"
+        "v = torch.randn(1, 256, 2, 128, device='cuda', dtype=torch.bfloat16, requires_grad=True)\n"
+        "g = F.logsigmoid(torch.randn(1, 256, 2, device='cuda') + 4).requires_grad_()\n"
+        "beta = torch.rand(1, 256, 2, device='cuda', dtype=torch.bfloat16, requires_grad=True)\n"
+        "o, _ = gated_delta_rule(q, k, v, g, beta)\n"
+        "o.float().square().sum().backward()\n"
+        "assert all(t.grad is not None and t.grad.isfinite().all() for t in (q, k, v, g, beta))\n"
+    )
+    env = {**os.environ, "FLA_TILELANG": "0"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_gated_delta_decode_step_on_gpu():
     q, k, v, g, beta, h0 = (t.detach() for t in gdn_inputs(3, 1, 4, 128, 256, torch.float32))
     o, s = gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
