@@ -353,8 +353,12 @@ def run(args: argparse.Namespace) -> None:
             window_attention.DECODE_KERNEL = kernel  # read when the decode step compiles (a guard: it recompiles)
             gated_delta.VALUE_HEAD_WIDTH = width
             run_args = argparse.Namespace(**{**vars(args), "prefill": prefill_mode})
-            split = splits(model.lm.config.linear_head_v_dim, width)
-            heads = f"value heads of {width}" if split else "value heads as built"
+            if mixer != "gated_deltanet":
+                heads = "no value heads to split"  # VALUE_HEAD_WIDTH acts on Gated DeltaNet alone
+            elif splits(model.lm.config.linear_head_v_dim, width):
+                heads = f"value heads of {width}"
+            else:
+                heads = "value heads as built"
             name = label if len(variants) == 1 else f"{label} (prefill {prefill_mode}, ring {kernel}, {heads})"
             for T in [t for t in args.contexts if B * t <= args.max_batch_tokens]:
                 try:
