@@ -63,14 +63,17 @@ def fla_causal_conv1d():
 
 
 @functools.cache
-def fla_gated_backward_is_refused() -> bool:
-    """True where fla 0.6 refuses its gated chunk backward: Hopper with Triton 3.4 up to 3.7.1, without tilelang.
+def fla_gated_backward_is_refused(tilelang_can_take_it: bool = True) -> bool:
+    """True where fla 0.6 refuses its gated chunk backward: Hopper with Triton 3.4 up to 3.7.1, unless fla runs that
+    kernel (``chunk_bwd_dqkwg``) in TileLang instead.
 
     fla raises in ``chunk_bwd_dqkwg`` there (fla issue #640, https://github.com/fla-org/flash-linear-attention/
     issues/640) for every block width, but the bisection in #640 pins the miscompile to the BK = 64 tile alone;
-    see ``fla_backward_is_miscompiled`` for the narrower test. With tilelang installed, fla's own dispatch picks
-    its tilelang kernel and nothing is refused, unless fla would not use it (FLA_TILELANG=0, or no nvcc for
-    TileLang to compile with): fla's own backend answers that. The GPU machines ship Triton 3.6.
+    see ``fla_backward_is_miscompiled`` for the narrower test. fla's dispatch hands the kernel to TileLang where its
+    backend is usable (tilelang installed, nvcc found, FLA_TILELANG not 0; fla's own backend answers) and the call's
+    states are in the inputs' dtype: Gated DeltaNet's are, so nothing is refused there; simple GLA's backward keeps
+    them in float32, TileLang never takes it, and its callers pass ``tilelang_can_take_it=False``. The GPU machines
+    ship Triton 3.6.
     """
     try:
         from fla.ops.common.backends.tilelang import CommonTileLangBackend
@@ -79,15 +82,15 @@ def fla_gated_backward_is_refused() -> bool:
         return False
     if not (IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1):
         return False
-    return not CommonTileLangBackend.can_use()
+    return not (tilelang_can_take_it and CommonTileLangBackend.can_use())
 
 
-def fla_backward_is_miscompiled(head_k_dim: int) -> bool:
+def fla_backward_is_miscompiled(head_k_dim: int, tilelang_can_take_it: bool = True) -> bool:
     """True where fla's gated backward would run the miscompiled tile: refused (above) and a key width that makes
     ``chunk_bwd_dqkwg`` pick BK = min(max(next_pow2(K), 16), 128) <= 64 on Hopper, i.e. K <= 64. At K = 128
     (InfiniteVL's) BK is 128, which #640 found correct and our GPU tests check against a float32 reference.
     """
-    return fla_gated_backward_is_refused() and head_k_dim <= 64
+    return fla_gated_backward_is_refused(tilelang_can_take_it) and head_k_dim <= 64
 
 
 @functools.cache

@@ -131,7 +131,8 @@ def _chunked(q, k, v, g, scale, initial_state):
 
 
 def _fla_may_run(q, k, v, g, initial_state) -> bool:
-    """fla 0.6 refuses the backward of a per-head decay on Hopper with Triton 3.4 to 3.7.0 (#640). Training steps
+    """fla 0.6 refuses the backward of a per-head decay on Hopper with Triton 3.4 to 3.7.0 (#640), tilelang installed
+    or not (fla's TileLang kernel does not take the float32 states this backward keeps). Training steps
     take the PyTorch path only where fla would run its miscompiled BK = 64 tile (K <= 64); at K = 128 (Mamba2's
     state width at 4B) fla's own backward runs with the refusal lifted (``_SimpleGlaRefusalLifted``). Inference,
     and GLA's per-channel kernels (no gated ``chunk_bwd_dqkwg``), always run fla, except below fla's smallest tiles.
@@ -143,7 +144,7 @@ def _fla_may_run(q, k, v, g, initial_state) -> bool:
         return False
     if g is None or g.dim() == 4 or not _needs_grad(q, k, v, g, initial_state):
         return True
-    return not fla_backward_is_miscompiled(q.shape[-1])
+    return not fla_backward_is_miscompiled(q.shape[-1], tilelang_can_take_it=False)
 
 
 def _needs_grad(*tensors) -> bool:
@@ -165,7 +166,7 @@ def _fla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
         )
     elif (
         g is not None
-        and fla_gated_backward_is_refused()
+        and fla_gated_backward_is_refused(tilelang_can_take_it=False)
         and fla_simple_gla_function() is not None
         and _needs_grad(q, k, v, g, initial_state)
     ):

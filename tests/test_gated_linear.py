@@ -84,12 +84,17 @@ def test_gradients_match_the_token_loop():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_only_a_trained_per_head_decay_at_the_miscompiled_tile_avoids_fla(monkeypatch):
+@pytest.mark.parametrize("tilelang_usable", [False, True])
+def test_only_a_trained_per_head_decay_at_the_miscompiled_tile_avoids_fla(monkeypatch, tilelang_usable):
     """Where fla refuses its gated backward (Hopper, Triton < 3.7.1), training Mamba2's per-head decay takes the
-    PyTorch path only at K <= 64 (the miscompiled BK = 64 tile); inference and per-channel decays always run fla."""
+    PyTorch path only at K <= 64 (the miscompiled BK = 64 tile); inference and per-channel decays always run fla.
+    A usable TileLang changes nothing: fla's TileLang kernel never takes simple GLA's float32 states."""
     from ivl.kernels import _fla, gated_linear
 
-    monkeypatch.setattr(_fla, "fla_gated_backward_is_refused", lambda: True)
+    def refused(tilelang_can_take_it=True):
+        return not (tilelang_usable and tilelang_can_take_it)
+
+    monkeypatch.setattr(_fla, "fla_gated_backward_is_refused", refused)
 
     def may_run(K, g_shape, grad):
         q, k, v = (torch.zeros(1, 4, 2, K, requires_grad=grad) for _ in range(3))
